@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (set up, build, run the main job) and `make test`.
+# Both work from a fresh machine: they install what is needed and build the extension first.
+PY ?= python3
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: setup build demo test test-all bench check-cuda clean
+
+setup:
+	$(PY) -m pip install -q -r requirements.txt
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) python_examples/selfcheck.py
+
+# The CUDA sources are compiled with nvcc wherever nvcc is on the PATH (they need no torch).
+test: build
+	@if command -v nvcc >/dev/null 2>&1; then scripts/check_cuda.sh; else echo "nvcc not on PATH: CUDA compile check skipped"; fi
+	$(PY) -m pytest -q
+
+test-all: build
+	$(PY) -m pytest -q -m ""
+
+bench: build
+	$(PY) -m pytest -q benchmarks
+
+check-cuda:
+	scripts/check_cuda.sh
+
+clean:
+	rm -rf build noisekernels/*.so .benchmarks

@@ -1,0 +1,64 @@
+// CUDA registrations: unpack tensors, call the torch-free launchers in csrc/cuda on the current
+// stream. Built only when torch has CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <noisekernels/cuda_launchers.h>
+
+#include "ops.h"
+
+namespace noisekernels::cuda {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "noisekernels: unsupported dtype ", t);
+  }
+}
+
+at::Tensor philox4x32(const at::Tensor& counter, const at::Tensor& key) {
+  TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong,
+              "philox4x32: counter and key must be int64 tensors of 32-bit words");
+  TORCH_CHECK(counter.dim() >= 1 && counter.size(-1) == 4,
+              "philox4x32: counter must have shape (..., 4), got ", counter.sizes());
+  TORCH_CHECK(key.numel() == 2 && key.device() == counter.device(),
+              "philox4x32: key must hold 2 words on counter's device");
+  const c10::cuda::CUDAGuard guard(counter.device());
+  const at::Tensor c = counter.contiguous(), k = key.contiguous();
+  at::Tensor out = at::empty_like(c);
+  C10_CUDA_CHECK(launch_philox4x32(out.data_ptr<int64_t>(), c.const_data_ptr<int64_t>(),
+                                   k.const_data_ptr<int64_t>(), c.numel() / 4,
+                                   c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+template <bool kNormal>
+at::Tensor philox_fill(const at::Tensor& seed, const at::Tensor& offset, at::IntArrayRef size,
+                       at::ScalarType dtype) {
+  check_stream_args(seed, offset);
+  check_floating(dtype, "dtype");
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor out = at::empty(size, seed.options().dtype(dtype));
+  C10_CUDA_CHECK(launch_philox_fill(out.data_ptr(), to_dtype(dtype), out.numel(),
+                                    seed.const_data_ptr<int64_t>(),
+                                    offset.const_data_ptr<int64_t>(), kNormal,
+                                    c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
+  m.impl("philox4x32", &philox4x32);
+  m.impl("philox_uniform", &philox_fill<false>);
+  m.impl("philox_normal", &philox_fill<true>);
+}
+
+}  // namespace noisekernels::cuda

@@ -1,0 +1,20 @@
+// Argument checks shared by the CPU and CUDA registrations of every op.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace noisekernels {
+
+// A stream's seed and offset arrive as one-element int64 tensors (module buffers) on the op's
+// device; the kernel reads them there, so nothing syncs with the host.
+void check_stream_args(const at::Tensor& seed, const at::Tensor& offset);
+
+// The dtypes the noise kernels read and write (computed in float32 inside the kernels).
+void check_floating(at::ScalarType dtype, const char* name);
+
+// Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
+std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);
+
+}  // namespace noisekernels

@@ -1,0 +1,22 @@
+// Host launchers of the CUDA kernels: raw pointers, sizes and a cudaStream_t, no torch types, so
+// csrc/cuda compiles with nvcc alone. Stream tensors (seed, offset) are device pointers read by
+// the kernels. Each launcher returns the launch's cudaError_t.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace noisekernels::cuda {
+
+// Floating dtypes the kernels read and write; arithmetic is float32 inside.
+enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// out[i, 0..3] = Philox4x32-10(counter[i, 0..3], key[0..1]) for n counters (int64 words).
+cudaError_t launch_philox4x32(int64_t* out, const int64_t* counter, const int64_t* key,
+                              int64_t n, cudaStream_t stream);
+
+// out[i] = U(w0) (normal = false) or the contract's normal (normal = true) of counter
+// *offset + i under key *seed, i < n.
+cudaError_t launch_philox_fill(void* out, DType dtype, int64_t n, const int64_t* seed,
+                               const int64_t* offset, bool normal, cudaStream_t stream);
+
+}  // namespace noisekernels::cuda

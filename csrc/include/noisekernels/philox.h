@@ -1,0 +1,76 @@
+// Philox4x32-10 and the stream contract's conversions (ARCHITECTURE.md section 2).
+// Shared by the CPU and CUDA kernels; no torch headers so nvcc compiles it anywhere.
+#pragma once
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define NK_HD __host__ __device__ __forceinline__
+#else
+#define NK_HD inline __attribute__((always_inline))
+#endif
+
+namespace noisekernels {
+
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr int kPhiloxRounds = 10;
+// Largest float32 scale with INT32_MAX * scale < 1 (Triton's uint_to_uniform_float).
+constexpr float kUniformScale = 4.6566127342e-10f;
+constexpr float kTwoPi = 6.283185307179586f;
+constexpr float kMinUniformForLog = 1.0e-7f;
+
+struct Philox4 {
+  uint32_t w0, w1, w2, w3;
+};
+
+// Philox4x32-10 on counter (c0, c1, c2, c3) and key (k0, k1), the Random123 rounds.
+NK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                            uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0;
+    const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return Philox4{c0, c1, c2, c3};
+}
+
+// The words of element `index` of a call that reserved counters from `offset`:
+// counter = offset + index as a 64-bit integer split into (low, high, 0, 0).
+NK_HD Philox4 philox_at(uint64_t seed, uint64_t offset, uint64_t index) {
+  const uint64_t counter = offset + index;
+  return philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u,
+                       0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// U(w): w as int32 s, s = ~s when negative, float32(s) * 4.6566127342e-10 (in [0, 1)).
+NK_HD float uniform_from_word(uint32_t w) {
+  int32_t s = static_cast<int32_t>(w);
+  s = s < 0 ? ~s : s;
+  return static_cast<float>(s) * kUniformScale;
+}
+
+// Box-Muller on the first two uniforms, cosine branch (Triton's tl.randn).
+NK_HD float normal_from_words(uint32_t w0, uint32_t w1) {
+  float u1 = uniform_from_word(w0);
+  u1 = u1 < kMinUniformForLog ? kMinUniformForLog : u1;
+  const float theta = kTwoPi * uniform_from_word(w1);
+#if defined(__CUDA_ARCH__)
+  return sqrtf(-2.0f * logf(u1)) * cosf(theta);
+#else
+  return __builtin_sqrtf(-2.0f * __builtin_logf(u1)) * __builtin_cosf(theta);
+#endif
+}
+
+}  // namespace noisekernels

@@ -1,0 +1,15 @@
+"""noisekernels: fused kernels for stochastic neural-network defenses."""
+
+from ._extension import BUILD_INFO, REFERENCE_ONLY  # loads noisekernels._C first
+from . import random
+from .stream import Stream, for_rank
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """How the loaded extension was built: source hash, torch version, CUDA, AVX-512 path."""
+    return dict(BUILD_INFO, reference_only=REFERENCE_ONLY)
+
+
+__all__ = ["Stream", "build_info", "for_rank", "random"]

@@ -1,0 +1,115 @@
+"""Loads noisekernels._C, checks it matches the sources and torch, and picks a backend per call.
+
+NOISEKERNELS_BACKEND=reference skips the extension: the pure-PyTorch reference ops are then
+registered under the same torch.ops.noisekernels schemas, so every layer above ops/ runs
+unchanged. Nothing falls back to the reference silently.
+"""
+
+import importlib
+import os
+
+import torch
+
+from ._source_hash import source_hash
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+BUILD_HELP = (
+    "build it from the repository root with `make build` "
+    "(pip install --no-build-isolation -e .), or set NOISEKERNELS_BACKEND=reference "
+    "to run the pure-PyTorch reference ops instead"
+)
+
+_mode = os.environ.get("NOISEKERNELS_BACKEND", "auto")
+if _mode not in ("auto", "reference"):
+    raise ImportError(f"NOISEKERNELS_BACKEND must be 'auto' or 'reference', got {_mode!r}")
+REFERENCE_ONLY = _mode == "reference"
+
+
+def _load():
+    try:
+        ext = importlib.import_module("noisekernels._C")
+    except ImportError as e:
+        raise ImportError(f"noisekernels._C could not be loaded ({e}); {BUILD_HELP}") from e
+    info = ext.build_info()
+    if info["torch_version"] != torch.__version__:
+        raise ImportError(
+            f"noisekernels._C is stale: built against torch {info['torch_version']}, "
+            f"running torch {torch.__version__}; {BUILD_HELP}"
+        )
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    if os.path.isdir(csrc) and source_hash(csrc) != info["source_hash"]:
+        raise ImportError(f"noisekernels._C is stale: csrc/ changed since it was built; {BUILD_HELP}")
+    return info
+
+
+BUILD_INFO = {"source_hash": None, "torch_version": None, "cuda": False, "avx512": False}
+if not REFERENCE_ONLY:
+    BUILD_INFO = _load()
+
+# Schemas come from C++ (TORCH_LIBRARY); Python adds fake kernels, autograd, and the reference or
+# Triton kernels where C++ has none.
+LIB = torch.library.Library("noisekernels", "DEF" if REFERENCE_ONLY else "IMPL")
+
+
+def _triton_available():
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+_PYTHON_KERNELS = {}
+_SCHEMAS = {}  # what reference mode defines; a test checks it against the C++ schemas
+
+
+def register_op(name, schema, *, reference, triton=None):
+    """Registers Python kernels for op `name`: the reference everywhere when the extension is not
+    loaded (defining the schema), and Triton for CUDA tensors when C++ CUDA kernels are not built.
+    `triton` is a zero-argument callable returning the Triton kernel, imported on first use."""
+    _PYTHON_KERNELS[name] = (reference, triton)
+    _SCHEMAS[name] = schema
+    if REFERENCE_ONLY:
+        LIB.define(schema)
+        LIB.impl(name, reference, "CompositeExplicitAutograd")
+    elif not BUILD_INFO["cuda"] and triton is not None and _triton_available():
+        LIB.impl(name, lambda *args: triton()(*args), "CUDA")
+
+
+def resolve_backend(backend, device):
+    """The backend that runs a call on `device`: `backend` if given and valid there, else the
+    device's native one (reference when the extension is not loaded)."""
+    device = torch.device(device)
+    if backend is None:
+        if REFERENCE_ONLY:
+            return "reference"
+        if device.type == "cuda" and not BUILD_INFO["cuda"]:
+            return "triton"
+        return device.type if device.type in ("cpu", "cuda") else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend in ("cpu", "cuda"):
+        if REFERENCE_ONLY:
+            raise RuntimeError(f"backend={backend!r} needs noisekernels._C, which NOISEKERNELS_BACKEND=reference skips")
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got tensors on {device}")
+        if backend == "cuda" and not BUILD_INFO["cuda"]:
+            raise RuntimeError("backend='cuda': noisekernels._C was built without CUDA; rebuild where torch has CUDA and nvcc")
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton is imported")
+    return backend
+
+
+def call_op(name, backend, device, *args):
+    """Runs op `name` on the backend resolve_backend picks; native backends go through
+    torch.ops.noisekernels so the dispatcher (and torch.compile) see the op."""
+    chosen = resolve_backend(backend, device)
+    reference, triton = _PYTHON_KERNELS[name]
+    if chosen == "reference":
+        return reference(*args)
+    if chosen == "triton":
+        return triton()(*args)
+    return getattr(torch.ops.noisekernels, name)(*args)

@@ -1,0 +1,84 @@
+"""Streams: where every noise op takes its (seed, offset) from (ARCHITECTURE.md section 2).
+
+A Stream is a module with two int64 buffers, so a model's state_dict restores its exact noise
+sequence and .to(device) moves it with the model. reserve(n) hands out a disjoint counter range
+and advances the offset in place on the device: no host sync, and under torch.compile the
+advance happens inside the graph, so compiled steps never freeze their noise.
+"""
+
+import torch
+from torch import nn
+
+from . import philox
+
+# Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
+_DERIVE_TAG = 0x6E6B7264
+
+
+def _random_seed():
+    """A 64-bit seed from torch's default generator, as an int64 tensor (torch.manual_seed
+    reproduces it)."""
+    lo, hi = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    return (hi - (hi >= 2**31).long() * 2**32) * 2**32 + lo
+
+
+def derive_seed(seed, index):
+    """A seed for sub-stream `index` of `seed`: Philox of (index, DERIVE_TAG) under key seed."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**64:
+        raise ValueError(f"index must be an int in [0, 2**64), got {index!r}")
+    lo = torch.tensor(index & philox.MASK32, dtype=torch.int64, device=seed.device)
+    hi = torch.tensor(index >> 32, dtype=torch.int64, device=seed.device)
+    k0, k1 = philox.key_words(seed)
+    w0, w1, _, _ = philox.philox4x32_10(lo, hi, torch.full_like(lo, _DERIVE_TAG), torch.zeros_like(lo), k0, k1)
+    return (w1 - (w1 >= 2**31).long() * 2**32) * 2**32 + w0
+
+
+class Stream(nn.Module):
+    """A Philox stream: a 64-bit seed and the next unused counter, both int64 buffers.
+
+    seed: an int in [0, 2**64), or None to draw one from torch's default generator.
+    """
+
+    def __init__(self, seed=None):
+        super().__init__()
+        if seed is None:
+            value = _random_seed()
+        else:
+            from .ops._args import stream_tensors
+
+            value, _ = stream_tensors(seed, 0)
+        self.register_buffer("seed", value.clone())
+        self.register_buffer("offset", torch.zeros((), dtype=torch.int64, device=value.device))
+
+    def reserve(self, n):
+        """Reserves counters [offset, offset + n) and returns (seed, start offset) for an op call.
+        The start offset is a new tensor, so later reservations never change it."""
+        if isinstance(n, int) and n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        start = self.offset.clone()
+        self.offset.add_(n)
+        return self.seed, start
+
+    def fork(self, index):
+        """A new Stream for sub-stream `index` (e.g. a data-loader worker), starting at offset 0."""
+        child = Stream(0).to(self.seed.device)
+        child.seed.copy_(derive_seed(self.seed, index))
+        return child
+
+    def extra_repr(self):
+        return f"device={self.seed.device}"
+
+
+def for_rank(module, rank=None):
+    """Gives every Stream in `module` its own sequence for this distributed rank (call once, after
+    construction and before training). rank defaults to torch.distributed's rank."""
+    if rank is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("for_rank: pass rank=, or initialise torch.distributed first")
+        rank = torch.distributed.get_rank()
+    streams = [m for m in module.modules() if isinstance(m, Stream)]
+    seeds = [derive_seed(s.seed, rank) for s in streams]  # all computed before any is changed
+    with torch.no_grad():
+        for s, seed in zip(streams, seeds):
+            s.seed.copy_(seed)
+    return module

@@ -1,0 +1,1 @@
+"""Triton kernels: the second GPU path; under TRITON_INTERPRET=1 they run on CPU tensors."""

@@ -1,0 +1,78 @@
+"""Builds noisekernels._C: CPU kernels always; CUDA kernels when torch has CUDA and nvcc exists.
+
+Environment switches:
+  NOISEKERNELS_PORTABLE=1   no -march=native (a wheel that runs on any x86-64 / aarch64 CPU)
+  NOISEKERNELS_NO_CUDA=1    skip the CUDA kernels even where they could be built
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "noisekernels"))
+from _source_hash import source_hash  # noqa: E402  (the same hash the package checks at import)
+
+sys.path.pop(0)
+
+
+def flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not flag("NOISEKERNELS_NO_CUDA")
+portable = flag("NOISEKERNELS_PORTABLE")
+
+# The build's identity, compiled into _C so a stale extension is caught at import.
+generated = os.path.join(ROOT, "build", "generated")
+os.makedirs(generated, exist_ok=True)
+info = (
+    f'#define NOISEKERNELS_SOURCE_HASH "{source_hash(os.path.join(ROOT, "csrc"))}"\n'
+    f'#define NOISEKERNELS_TORCH_VERSION "{torch.__version__}"\n'
+    f"#define NOISEKERNELS_WITH_CUDA {int(with_cuda)}\n"
+)
+info_path = os.path.join(generated, "noisekernels_build_info.h")
+if not os.path.exists(info_path) or open(info_path).read() != info:
+    with open(info_path, "w") as f:
+        f.write(info)
+
+sources = sorted(glob.glob("csrc/bindings/ops.cpp") + glob.glob("csrc/cpu/*.cpp"))
+# -fopenmp: at::parallel_for is an inline `omp parallel` with torch's OpenMP backend; the runtime
+# is torch's own libgomp.so.1 (same soname, already loaded). -Wno-maybe-uninitialized: GCC 12 false
+# positive on _mm512_undefined_* inside the intrinsics headers.
+cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+if not portable:
+    cxx.append("-march=native")
+extra_link = ["-fopenmp"] + (["-lmvec"] if sys.platform.startswith("linux") else [])
+kwargs = dict(
+    include_dirs=[os.path.join(ROOT, "csrc", "include"), generated],
+    extra_compile_args={"cxx": cxx},
+    extra_link_args=extra_link,
+)
+if with_cuda:
+    sources += ["csrc/bindings/cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
+    kwargs["extra_compile_args"]["nvcc"] = [
+        "-O3",
+        "-std=c++17",
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+    ]
+    ext = CUDAExtension("noisekernels._C", sources, **kwargs)
+else:
+    ext = CppExtension("noisekernels._C", sources, **kwargs)
+
+setup(
+    name="noisekernels",
+    version="0.1.0",
+    description="Fused kernels for stochastic neural-network defenses: noise layers, MC ensembles, EOT",
+    packages=find_packages(include=["noisekernels", "noisekernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "triton"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

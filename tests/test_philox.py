@@ -1,0 +1,223 @@
+"""The stream contract: Philox4x32-10 known answers and uniform/normal fills on every backend,
+checked against the pure-PyTorch reference and Triton's own tl.randint4x / tl.rand / tl.randn."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import HAS_CUDA, KERNEL_BACKENDS
+from noisekernels import philox, random
+
+# Random123's kat_vectors for philox4x32_10: (counter, key, expected words).
+KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+ORACLE_DEVICE = "cuda" if HAS_CUDA else "cpu"
+SEEDS = [0, 1, 0x0123456789ABCDEF, 2**63 + 5, 2**64 - 1]
+# Offsets whose counters cross 2**32 (carry into the high word), 2**63 and 2**64 (wrap to 0).
+OFFSETS = [0, 12345, 2**32 - 700, 2**63 - 100, 2**64 - 300]
+SIZES = [0, 1, 7, 47, 48, 49, 1537, 4099, (3, 5, 7), (2, 0, 3)]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@triton.jit
+def _oracle_kernel(words_ptr, uniform_ptr, normal_ptr, seed, offset_ptr, n, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < n
+    counter = tl.load(offset_ptr) + idx
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    for j, w in enumerate((w0, w1, w2, w3)):
+        tl.store(words_ptr + 4 * idx + j, w.to(tl.uint32, bitcast=True).to(tl.int64), mask=mask)
+    tl.store(uniform_ptr + idx, tl.rand(seed, counter), mask=mask)
+    tl.store(normal_ptr + idx, tl.randn(seed, counter), mask=mask)
+
+
+def oracle(seed, offset, n):
+    """Triton's own generator for counters offset + i: (words (n, 4), tl.rand, tl.randn)."""
+    words = torch.empty(n, 4, dtype=torch.int64, device=ORACLE_DEVICE)
+    u = torch.empty(n, device=ORACLE_DEVICE)
+    z = torch.empty(n, device=ORACLE_DEVICE)
+    off = torch.tensor(offset - 2**64 if offset >= 2**63 else offset, device=ORACLE_DEVICE)
+    if n:
+        seed_arg = seed - 2**64 if seed >= 2**63 else seed  # passed as a 64-bit integer
+        _oracle_kernel[(triton.cdiv(n, 256),)](words, u, z, seed_arg, off, n, BLOCK=256)
+    return words.cpu(), u.cpu(), z.cpu()
+
+
+def t64(value, device="cpu"):
+    return torch.tensor(value - 2**64 if value >= 2**63 else value, dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS)
+def test_known_answers_reference(counter, key, expected):
+    got = random.philox4x32(torch.tensor([counter]), torch.tensor(key), backend="reference")
+    assert got[0].tolist() == list(expected)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS)
+def test_known_answers_kernels(backend, device, counter, key, expected):
+    got = random.philox4x32(torch.tensor([counter] * 3, device=device), torch.tensor(key, device=device),
+                            backend=backend)
+    assert got.cpu().tolist() == [list(expected)] * 3
+
+
+def test_reference_words_equal_triton_randint4x():
+    for seed in SEEDS:
+        for offset in OFFSETS:
+            w = philox.words(t64(seed), t64(offset), 1000)
+            expected, _, _ = oracle(seed, offset, 1000)
+            assert torch.equal(torch.stack(w, dim=-1), expected), (seed, offset)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", id="kernel")])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_uniform_equals_triton_rand(backend, seed, offset):
+    _, expected, _ = oracle(seed, offset, 3001)
+    be = "reference" if backend == "reference" else None
+    got = random.uniform(3001, seed, offset, backend=be)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_uniform_kernels_equal_reference(backend, device, size, offset):
+    seed = 0x9E3779B97F4A7C15
+    expected = random.uniform(size, seed, offset, backend="reference")
+    got = random.uniform(size, seed, offset, device=device, backend=backend)
+    assert got.device.type == device and got.shape == expected.shape
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_uniform_dtypes_bit_exact(backend, device, dtype):
+    expected = random.uniform(5003, 77, 2**32 - 2000, backend="reference").to(dtype)
+    got = random.uniform(5003, 77, 2**32 - 2000, dtype=dtype, device=device, backend=backend)
+    assert got.dtype == dtype
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_normal_within_few_ulp_of_triton_randn(backend, device, offset):
+    _, _, expected = oracle(7, offset, 20011)
+    got = random.normal(20011, 7, offset, device=device, backend=backend).cpu()
+    # Transcendentals differ by a few ulp between libm, libmvec, CUDA and numpy; the largest normal
+    # here is about 5.5, so 8 ulp of it is under 4e-6.
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_normal_dtypes(backend, device, dtype):
+    expected = random.normal((31, 33), 5, 99, backend="reference").to(torch.float64)
+    got = random.normal((31, 33), 5, 99, dtype=dtype, device=device, backend=backend)
+    assert got.dtype == dtype
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 4e-6)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fill", [random.uniform, random.normal])
+def test_cpu_result_independent_of_thread_count(fill, threads):
+    n = 1_000_003  # several tiles per thread and an odd tail
+    threads(1)
+    one = fill(n, 42, 2**32 - 99)
+    threads(2)
+    two = fill(n, 42, 2**32 - 99)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("fill", [random.uniform, random.normal])
+def test_fill_is_the_concatenation_of_its_parts(fill):
+    """Counters are positions: a fill of a + b equals fills of a and b at consecutive offsets."""
+    whole = fill(10_000, 3, 2**32 - 5000)
+    parts = torch.cat([fill(3333, 3, 2**32 - 5000), fill(6667, 3, 2**32 - 5000 + 3333)])
+    assert torch.equal(whole, parts)
+
+
+def test_different_offsets_and_seeds_differ():
+    base = random.uniform(4096, 1, 0)
+    assert not torch.equal(base, random.uniform(4096, 1, 1))
+    assert not torch.equal(base, random.uniform(4096, 2, 0))
+    # A shifted offset is the same sequence shifted: no element is reused within a reservation.
+    assert torch.equal(base[1:], random.uniform(4095, 1, 1))
+
+
+def _ks_statistic(sorted_samples, cdf):
+    n = sorted_samples.numel()
+    f = cdf(sorted_samples.double())
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return torch.maximum(i / n - f, f - (i - 1) / n).max().item()
+
+
+def test_uniform_statistics_1e7():
+    n = 10_000_000
+    u = random.uniform(n, 2024, 0).double()
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(u.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # var of (u - 1/2)^2 is 1/180
+    # Kolmogorov-Smirnov: 1.95 / sqrt(n) is the 0.1% critical value.
+    assert _ks_statistic(u.sort().values, lambda x: x) < 1.95 / n**0.5
+
+
+def test_normal_statistics_1e7():
+    n = 10_000_000
+    z = random.normal(n, 2025, 0).double()
+    assert abs(z.mean().item()) < 5 / n**0.5
+    assert abs(z.var().item() - 1) < 5 * (2 / n) ** 0.5
+    phi = lambda x: 0.5 * (1 + torch.special.erf(x / 2**0.5))  # noqa: E731
+    assert _ks_statistic(z.sort().values, phi) < 1.95 / n**0.5
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="size must be non-negative"):
+        random.uniform((3, -1), 0, 0)
+    with pytest.raises(TypeError, match="size must be an int"):
+        random.uniform(2.5, 0, 0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        random.uniform(4, 1.5, 0)
+    with pytest.raises(TypeError, match="seed must be an int.*float32 tensor"):
+        random.uniform(4, torch.tensor(1.0), 0)
+    with pytest.raises(ValueError, match="seed must hold exactly one element"):
+        random.uniform(4, torch.tensor([1, 2]), 0)
+    with pytest.raises(ValueError, match=r"offset must be in \[0, 2\*\*64\)"):
+        random.uniform(4, 0, 2**64)
+    with pytest.raises(ValueError, match=r"offset must be in \[0, 2\*\*64\)"):
+        random.uniform(4, 0, -1)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        random.uniform(4, 0, 0, dtype=torch.int32)
+    with pytest.raises(ValueError, match="seed and offset must be on one device"):
+        random.uniform(4, torch.tensor(0, device="meta"), torch.tensor(0))
+    with pytest.raises(ValueError, match="device is meta but seed/offset tensors are on cpu"):
+        random.uniform(4, torch.tensor(0), 0, device="meta")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        random.uniform(4, 0, 0, backend="numpy")
+    with pytest.raises(ValueError, match="backend='cuda' runs on cuda tensors"):
+        random.uniform(4, 0, 0, backend="cuda")
+    with pytest.raises(TypeError, match="counter must be an int64 tensor"):
+        random.philox4x32(torch.zeros(1, 4), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"counter must have shape \(..., 4\)"):
+        random.philox4x32(torch.zeros(1, 3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+
+
+def test_op_level_checks_name_the_argument():
+    """Calling torch.ops directly (as compiled graphs do) still gets checked arguments."""
+    with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
+        torch.ops.noisekernels.philox_uniform(torch.tensor(1.0), torch.tensor(0), [4], torch.float32)
+    with pytest.raises(RuntimeError, match="offset must hold exactly one element"):
+        torch.ops.noisekernels.philox_uniform(torch.tensor(1), torch.zeros(2, dtype=torch.int64), [4], torch.float32)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float64, float16 or bfloat16"):
+        torch.ops.noisekernels.philox_uniform(torch.tensor(1), torch.tensor(0), [4], torch.int64)
+
+
+@pytest.mark.parametrize("op", ["philox_uniform", "philox_normal"])
+def test_opcheck(op):
+    seed, offset = torch.tensor(5), torch.tensor(2**32 - 3)
+    torch.library.opcheck(getattr(torch.ops.noisekernels, op), (seed, offset, [3, 5], torch.float32))
