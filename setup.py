@@ -44,7 +44,8 @@ sources = sorted(glob.glob("csrc/bindings/ops.cpp") + glob.glob("csrc/cpu/*.cpp"
 # -fopenmp: at::parallel_for is an inline `omp parallel` with torch's OpenMP backend; the runtime
 # is torch's own libgomp.so.1 (same soname, already loaded). -Wno-maybe-uninitialized: GCC 12 false
 # positive on _mm512_undefined_* inside the intrinsics headers.
-cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+# -ffp-contract=off: no fused multiply-adds, so noise values round exactly as on every backend.
+cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 if not portable:
     cxx.append("-march=native")
 extra_link = ["-fopenmp"] + (["-lmvec"] if sys.platform.startswith("linux") else [])
@@ -58,6 +59,7 @@ if with_cuda:
     kwargs["extra_compile_args"]["nvcc"] = [
         "-O3",
         "-std=c++17",
+        "-fmad=false",
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90",
     ]

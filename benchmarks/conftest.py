@@ -37,3 +37,7 @@ def pytest_terminal_summary(terminalreporter, config):
                 goal = goals.get(impl)
                 status = "" if goal is None else f"  goal >= {goal}x: {'met' if ratio >= goal else 'MISSED'}"
                 write(f"  {group}: {mine.extra_info.get('impl', mine.name)} vs {impl}: {ratio:.2f}x{status}")
+        for bench in benches:
+            if "saved_bytes_per_element" in bench.extra_info:
+                write(f"  {group}: {bench.extra_info.get('impl', bench.name)} saves "
+                      f"{bench.extra_info['saved_bytes_per_element']:.4g} bytes per element for backward")

@@ -1,7 +1,8 @@
 """noisekernels: fused kernels for stochastic neural-network defenses."""
 
 from ._extension import BUILD_INFO, REFERENCE_ONLY  # loads noisekernels._C first
-from . import random
+from . import functional, nn, random
+from .replicas import replicas
 from .stream import Stream, for_rank
 
 __version__ = "0.1.0"
@@ -12,4 +13,4 @@ def build_info():
     return dict(BUILD_INFO, reference_only=REFERENCE_ONLY)
 
 
-__all__ = ["Stream", "build_info", "for_rank", "random"]
+__all__ = ["Stream", "build_info", "for_rank", "functional", "nn", "random", "replicas"]

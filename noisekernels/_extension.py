@@ -63,6 +63,11 @@ _PYTHON_KERNELS = {}
 _SCHEMAS = {}  # what reference mode defines; a test checks it against the C++ schemas
 
 
+def triton_kernel(module, name):
+    """A loader of noisekernels.triton.<module>.<name>, imported on first use (Triton is optional)."""
+    return lambda: getattr(importlib.import_module(f"noisekernels.triton.{module}"), name)
+
+
 def register_op(name, schema, *, reference, triton=None):
     """Registers Python kernels for op `name`: the reference everywhere when the extension is not
     loaded (defining the schema), and Triton for CUDA tensors when C++ CUDA kernels are not built.

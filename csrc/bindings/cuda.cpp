@@ -53,9 +53,38 @@ at::Tensor philox_fill(const at::Tensor& seed, const at::Tensor& offset, at::Int
   return out;
 }
 
+at::Tensor random_spike(const at::Tensor& x, double p, const at::Tensor& seed,
+                        const at::Tensor& offset, int64_t groups) {
+  check_random_spike_args(x, p, seed, offset, groups);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor workspace = at::empty({2 * groups}, xc.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_random_spike(
+      xc.const_data_ptr(), out.data_ptr(), to_dtype(xc.scalar_type()), xc.numel(), groups,
+      static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
+      reinterpret_cast<uint32_t*>(workspace.data_ptr<int32_t>()), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor random_spike_backward(const at::Tensor& grad, double p, const at::Tensor& seed,
+                                 const at::Tensor& offset) {
+  check_random_spike_args(grad, p, seed, offset, 1);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor gc = grad.contiguous();
+  at::Tensor out = at::empty_like(gc);
+  C10_CUDA_CHECK(launch_random_spike_backward(
+      gc.const_data_ptr(), out.data_ptr(), to_dtype(gc.scalar_type()), gc.numel(),
+      static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
+      c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
+  m.impl("random_spike", &random_spike);
+  m.impl("random_spike_backward", &random_spike_backward);
   m.impl("philox4x32", &philox4x32);
   m.impl("philox_uniform", &philox_fill<false>);
   m.impl("philox_normal", &philox_fill<true>);

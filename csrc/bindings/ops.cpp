@@ -29,6 +29,17 @@ void check_floating(at::ScalarType dtype, const char* name) {
               dtype);
 }
 
+void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& seed,
+                             const at::Tensor& offset, int64_t groups) {
+  check_stream_args(seed, offset);
+  check_floating(x.scalar_type(), "x");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "random_spike: p must be in [0, 1], got ", p);
+  TORCH_CHECK(groups >= 1 && x.numel() % groups == 0, "random_spike: groups must be >= 1 and ",
+              "divide x.numel()=", x.numel(), ", got ", groups);
+  TORCH_CHECK(seed.device() == x.device(), "random_spike: seed/offset must be on x's device, got ",
+              seed.device(), " and ", x.device());
+}
+
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset) {
   return {static_cast<uint64_t>(*seed.const_data_ptr<int64_t>()),
           static_cast<uint64_t>(*offset.const_data_ptr<int64_t>())};
@@ -43,6 +54,11 @@ TORCH_LIBRARY(noisekernels, m) {
   // offset + i (i in logical order).
   m.def("philox_uniform(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype) -> Tensor");
   m.def("philox_normal(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype) -> Tensor");
+  // Random Spiking: keep x where U(w0) < p, else a uniform value in the finite [min, max] of its
+  // group (x split into `groups` equal contiguous groups: 1 = batch, n = replicas, B = samples).
+  m.def("random_spike(Tensor x, float p, Tensor seed, Tensor offset, int groups) -> Tensor");
+  // Its gradient: grad where U(w0) < p, else 0 (the mask is recomputed from seed and offset).
+  m.def("random_spike_backward(Tensor grad, float p, Tensor seed, Tensor offset) -> Tensor");
 }
 
 // The Python module: importing it loads the library above; build_info() lets the package

@@ -14,6 +14,10 @@ void check_stream_args(const at::Tensor& seed, const at::Tensor& offset);
 // The dtypes the noise kernels read and write (computed in float32 inside the kernels).
 void check_floating(at::ScalarType dtype, const char* name);
 
+// random_spike's and random_spike_backward's arguments; the stream must be on x's device.
+void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& seed,
+                             const at::Tensor& offset, int64_t groups);
+
 // Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);
 

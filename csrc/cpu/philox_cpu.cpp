@@ -35,9 +35,13 @@ constexpr int kChains = 6;
 constexpr int64_t kStep = 8 * kChains;
 static_assert(kTile % kStep == 0 && kTile % 16 == 0, "tile must hold whole SIMD steps");
 
-// Philox4x32-10 of counters (lo, hi, 0, 0) for 8*kChains lanes; returns w0 in c0 and w1 in c1.
-// Each element sits in a 64-bit lane: _mm512_mul_epu32 reads only the low 32 bits, so a product
-// is its own low word and its high word is one shift away, with no masking between rounds.
+// Philox4x32-10 of counters (lo, hi, 0, 0) for 8*kChains lanes; returns w0 in c0 and w1 in c1
+// (no op uses w2 and w3, so the last round skips their product). Each element sits in a 64-bit
+// lane: _mm512_mul_epu32 reads only the low 32 bits, so a product is its own low word and its
+// high word is one shift away, with no masking between rounds. kSharedHigh: every lane has the
+// same counter high word, so after round 0 c0 = hi ^ k0 is lane-invariant and round 1's product
+// with ROUND_A is computed once.
+template <bool kSharedHigh>
 __attribute__((always_inline)) inline void philox_lanes(const PhiloxKeys& keys, __m512i* c0,
                                                         __m512i* c1) {
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
@@ -48,11 +52,22 @@ __attribute__((always_inline)) inline void philox_lanes(const PhiloxKeys& keys, 
       const __m512i pa = _mm512_mul_epu32(c0[j], ma);
       c0[j] = _mm512_xor_si512(c1[j], k0);
       c2[j] = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), k1);
-      c1[j] = _mm512_setzero_si512();
       c3[j] = pa;
     }
   }
-  for (int r = 1; r < kPhiloxRounds; ++r) {
+  {  // Round 1 with c1 = 0.
+    const __m512i k0 = _mm512_set1_epi64(keys.k0[1]), k1 = _mm512_set1_epi64(keys.k1[1]);
+    const __m512i shared_pa = _mm512_mul_epu32(c0[0], ma);
+    for (int j = 0; j < kChains; ++j) {
+      const __m512i pa = kSharedHigh ? shared_pa : _mm512_mul_epu32(c0[j], ma);
+      const __m512i pb = _mm512_mul_epu32(c2[j], mb);
+      c0[j] = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), k0);
+      c2[j] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[j], k1, 0x96);
+      c1[j] = pb;
+      c3[j] = pa;
+    }
+  }
+  for (int r = 2; r < kPhiloxRounds - 1; ++r) {
     const __m512i k0 = _mm512_set1_epi64(keys.k0[r]), k1 = _mm512_set1_epi64(keys.k1[r]);
     for (int j = 0; j < kChains; ++j) {
       const __m512i pa = _mm512_mul_epu32(c0[j], ma);
@@ -61,6 +76,14 @@ __attribute__((always_inline)) inline void philox_lanes(const PhiloxKeys& keys, 
       c2[j] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[j], k1, 0x96);
       c1[j] = pb;
       c3[j] = pa;
+    }
+  }
+  {  // Last round: w0 and w1 only.
+    const __m512i k0 = _mm512_set1_epi64(keys.k0[kPhiloxRounds - 1]);
+    for (int j = 0; j < kChains; ++j) {
+      const __m512i pb = _mm512_mul_epu32(c2[j], mb);
+      c0[j] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[j], k0, 0x96);
+      c1[j] = pb;
     }
   }
 }
@@ -82,7 +105,11 @@ __attribute__((always_inline)) inline void uniform_step(const PhiloxKeys& keys, 
     c0[j] = ctr;
     c1[j] = _mm512_srli_epi64(ctr, 32);
   }
-  philox_lanes(keys, c0, c1);
+  if ((first >> 32) == ((first + kStep - 1) >> 32)) {
+    philox_lanes<true>(keys, c0, c1);
+  } else {
+    philox_lanes<false>(keys, c0, c1);
+  }
   for (int j = 0; j < kChains; ++j) {
     _mm256_storeu_ps(u0 + 8 * j, uniform_lanes(c0[j]));
     if (u1 != nullptr) _mm256_storeu_ps(u1 + 8 * j, uniform_lanes(c1[j]));

@@ -55,3 +55,41 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
 }
 
 }  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+constexpr float kInf = __builtin_huge_valf();
+
+// Order-preserving float <-> uint32 keys, so atomicMin/atomicMax on keys order the floats.
+__device__ __forceinline__ uint32_t float_key(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float key_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
+// Min and max over the block (blockDim.x a multiple of 32, at most 1024); thread 0 gets the result.
+__device__ __forceinline__ void block_minmax(float& mn, float& mx) {
+  __shared__ float smin[32], smax[32];
+  for (int d = 16; d > 0; d >>= 1) {
+    mn = fminf(mn, __shfl_xor_sync(0xFFFFFFFFu, mn, d));
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, d));
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (lane == 0) {
+    smin[warp] = mn;
+    smax[warp] = mx;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    mn = lane < warps ? smin[lane] : kInf;
+    mx = lane < warps ? smax[lane] : -kInf;
+    for (int d = 16; d > 0; d >>= 1) {
+      mn = fminf(mn, __shfl_xor_sync(0xFFFFFFFFu, mn, d));
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, d));
+    }
+  }
+}
+
+}  // namespace noisekernels::cuda

@@ -55,3 +55,18 @@ def stream_tensors(seed, offset, device=None):
         device = found
     device = torch.device("cpu") if device is None else torch.device(device)
     return _word64_tensor(seed, "seed", device), _word64_tensor(offset, "offset", device)
+
+
+def check_probability(p, name="p"):
+    """A probability as a float in [0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(p).__name__}")
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
+    return float(p)
+
+
+def check_floating_tensor(x, name="x"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    check_floating_dtype(x.dtype, f"{name}.dtype")

@@ -9,7 +9,7 @@ nearest (so a uniform may round up to 1.0 there).
 import torch
 
 from .. import philox
-from .._extension import call_op, register_op
+from .._extension import call_op, register_op, triton_kernel
 from ._args import check_floating_dtype, check_size, stream_tensors
 
 def philox4x32_reference(counter, key):
@@ -30,21 +30,12 @@ def philox_normal_reference(seed, offset, size, dtype):
     return philox.normal_from_words(w0, w1).to(dtype).reshape(size)
 
 
-def _triton(name):
-    def load():
-        from ..triton import random_fill
-
-        return getattr(random_fill, name)
-
-    return load
-
-
 register_op("philox4x32", "philox4x32(Tensor counter, Tensor key) -> Tensor",
-            reference=philox4x32_reference, triton=_triton("philox4x32"))
+            reference=philox4x32_reference, triton=triton_kernel("random_fill", "philox4x32"))
 register_op("philox_uniform", "philox_uniform(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype) -> Tensor",
-            reference=philox_uniform_reference, triton=_triton("philox_uniform"))
+            reference=philox_uniform_reference, triton=triton_kernel("random_fill", "philox_uniform"))
 register_op("philox_normal", "philox_normal(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype) -> Tensor",
-            reference=philox_normal_reference, triton=_triton("philox_normal"))
+            reference=philox_normal_reference, triton=triton_kernel("random_fill", "philox_normal"))
 
 
 @torch.library.register_fake("noisekernels::philox4x32")

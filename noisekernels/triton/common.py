@@ -15,9 +15,15 @@ def _bfloat16_rne(value):
 
 
 @triton.jit
-def store_float(ptr, value, mask):
-    """Stores float32 `value` in ptr's dtype, rounding to nearest even like torch and C++."""
-    if tl.constexpr(ptr.dtype.element_ty == tl.bfloat16):
-        tl.store(ptr, _bfloat16_rne(value), mask=mask)
+def round_to(value, dtype: tl.constexpr):
+    """float32 `value` in `dtype`, rounded to nearest even like torch and the C++ kernels."""
+    if dtype == tl.bfloat16:
+        return _bfloat16_rne(value)
     else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+        return value.to(dtype)
+
+
+@triton.jit
+def store_float(ptr, value, mask):
+    """Stores float32 `value` in ptr's dtype (round_to)."""
+    tl.store(ptr, round_to(value, ptr.dtype.element_ty), mask=mask)

@@ -20,3 +20,19 @@ cudaError_t launch_philox_fill(void* out, DType dtype, int64_t n, const int64_t*
                                const int64_t* offset, bool normal, cudaStream_t stream);
 
 }  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+// Random Spiking forward: finite min/max of each of `groups` equal contiguous groups of x into
+// `workspace` (2 * groups words, order-preserving keys, no host round trip), then out[i] = x[i]
+// where U(w0) < p, else lo + U(w1) * (hi - lo) clamped to hi, for counter *offset + i.
+cudaError_t launch_random_spike(const void* x, void* out, DType dtype, int64_t n, int64_t groups,
+                                float p, const int64_t* seed, const int64_t* offset,
+                                uint32_t* workspace, cudaStream_t stream);
+
+// Random Spiking backward: out[i] = grad[i] where U(w0) < p, else 0.
+cudaError_t launch_random_spike_backward(const void* grad, void* out, DType dtype, int64_t n,
+                                         float p, const int64_t* seed, const int64_t* offset,
+                                         cudaStream_t stream);
+
+}  // namespace noisekernels::cuda

@@ -1,0 +1,256 @@
+"""random_spike against its reference on every backend (outputs, masks, gradients, bit for bit),
+its statistics, replica mode, NaN/Inf policy, strides, errors, the module and torch.compile."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import KERNEL_BACKENDS
+import noisekernels as nk
+from noisekernels import philox
+from noisekernels.ops.random_spike import random_spike, random_spike_backward
+
+SHAPES = [(1,), (7,), (3, 5), (4, 3, 5, 7), (6, 2, 1, 1), (2, 1537), (9, 4, 11)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MODES = [("batch", 1), ("sample", 1), ("batch", 2), ("sample", 2)]  # replicas=2 needs an even batch
+OFFSET = 2**32 - 1000  # counters cross into the high word
+
+
+def _input(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+
+
+def _mask(p, seed, offset, n):
+    w0, _, _, _ = philox.words(torch.tensor(seed), torch.tensor(offset), n)
+    return philox.uniform_from_word(w0) < torch.tensor(p, dtype=torch.float32)
+
+
+def _cases():
+    for shape in SHAPES:
+        for range_, replicas in MODES:
+            if replicas > 1 and shape[0] % replicas:
+                continue
+            yield shape, range_, replicas
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,range_,replicas", list(_cases()))
+def test_forward_and_backward_equal_reference(backend, device, dtype, shape, range_, replicas):
+    x = _input(shape, dtype)
+    kw = dict(range=range_, replicas=replicas)
+    expected = random_spike(x, 0.6, 77, OFFSET, backend="reference", **kw)
+    got = random_spike(x.to(device), 0.6, 77, OFFSET, backend=backend, **kw)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.cpu(), expected)
+    g = _input(shape, dtype, seed=1)
+    expected_grad = random_spike_backward(g, 0.6, 77, OFFSET, backend="reference")
+    got_grad = random_spike_backward(g.to(device), 0.6, 77, OFFSET, backend=backend)
+    assert torch.equal(got_grad.cpu(), expected_grad)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.25, 1.0])
+def test_edge_probabilities_and_empty(backend, device, p):
+    x = _input((5, 33), torch.float32).to(device)
+    y = random_spike(x, p, 3, 0, backend=backend).cpu()
+    assert torch.equal(y, random_spike(x.cpu(), p, 3, 0, backend="reference"))
+    if p == 1.0:
+        assert torch.equal(y, x.cpu())
+    if p == 0.0:
+        assert (y != x.cpu()).all() and y.min() >= x.min().item() and y.max() <= x.max().item()
+    empty = torch.empty(0, 4, device=device)
+    assert random_spike(empty, p, 3, 0, backend=backend).shape == (0, 4)
+    assert random_spike_backward(empty, p, 3, 0, backend=backend).shape == (0, 4)
+
+
+def test_mask_and_gradient_follow_the_stream():
+    """Kept units are exactly where U(w0) < p; their gradient is grad, spiked units get exactly 0."""
+    x = _input((8, 3, 10, 10), torch.float32).requires_grad_()
+    y = random_spike(x, 0.8, 11, OFFSET)
+    keep = _mask(0.8, 11, OFFSET, x.numel()).view(x.shape)
+    assert torch.equal(y[keep], x[keep]) and (y[~keep] != x[~keep]).all()
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(keep, g, torch.zeros(())))
+    # Autograd through the reference agrees: min/max get no gradient.
+    xr = x.detach().clone().requires_grad_()
+    random_spike(xr, 0.8, 11, OFFSET, backend="reference").backward(g)
+    assert torch.equal(xr.grad, x.grad)
+
+
+def test_double_backward_is_the_mask():
+    """The gradient is linear in grad_output with the mask as its coefficient (and constant in x)."""
+    x = _input((4, 9), torch.float64).requires_grad_()
+    y = random_spike(x, 0.5, 2, 0)
+    go = torch.ones_like(y).requires_grad_()
+    (gx,) = torch.autograd.grad(y, x, go, create_graph=True)
+    v = torch.randn_like(gx)
+    (gg,) = torch.autograd.grad(gx, go, v)
+    assert torch.equal(gg, random_spike_backward(v, 0.5, 2, 0))
+
+
+def test_nothing_per_element_is_saved_for_backward():
+    x = torch.randn(64, 32, 14, 14, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        random_spike(x, 0.8, *nk.Stream(seed=1).reserve(x.numel()))
+    assert sum(t.numel() * t.element_size() for t in saved) == 16  # seed and offset
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x.transpose(0, 2),
+    lambda x: x.to(memory_format=torch.channels_last),
+    lambda x: x[:, ::2, 1:, :],
+    lambda x: x[:, :1].expand(-1, 6, -1, -1),
+], ids=["transposed", "channels_last", "sliced", "expanded"])
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_strided_inputs_equal_their_contiguous_copy(make, backend, device):
+    x = make(_input((4, 6, 5, 3), torch.float32).to(device))
+    assert not x.is_contiguous()
+    got = random_spike(x, 0.5, 9, 0, range="sample", backend=backend)
+    assert torch.equal(got, random_spike(x.contiguous(), 0.5, 9, 0, range="sample", backend=backend))
+
+
+def test_replicas_reproduce_separate_calls():
+    """n replicas in one call equal n separate calls at consecutive offsets: min/max per replica."""
+    n, rows = 4, (5, 3, 8, 8)
+    parts = [_input(rows, torch.float32, seed=r) * (r + 1) + 10 * r for r in range(n)]
+    per = parts[0].numel()
+    together = random_spike(torch.cat(parts), 0.7, 21, OFFSET, replicas=n)
+    for r, part in enumerate(parts):
+        alone = random_spike(part, 0.7, 21, OFFSET + r * per)
+        assert torch.equal(together[r * 5:(r + 1) * 5], alone)
+    # Not per replica, the whole batch's range would be used: a different result.
+    assert not torch.equal(together, random_spike(torch.cat(parts), 0.7, 21, OFFSET))
+
+
+def test_sample_range_uses_each_rows_min_max():
+    x = torch.stack([torch.linspace(-1, 1, 500), torch.linspace(100, 200, 500)])
+    y = random_spike(x, 0.0, 4, 0, range="sample")
+    assert y[0].min() >= -1 and y[0].max() <= 1 and y[1].min() >= 100 and y[1].max() <= 200
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, interpreted
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_nan_inf_policy(backend, device):
+    x = _input((2, 1000), torch.float32)
+    x[0, 3], x[0, 4], x[0, 5] = math.nan, math.inf, -math.inf
+    x[1] = math.nan  # no finite value at all in this sample
+    expected = random_spike(x, 0.5, 8, 0, range="sample", backend="reference")
+    y = random_spike(x.to(device), 0.5, 8, 0, range="sample", backend=backend).cpu()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.nan_to_num(), expected.nan_to_num())
+    keep = _mask(0.5, 8, 0, x.numel()).view(x.shape)
+    finite = x[0].isfinite()
+    lo, hi = x[0][finite].min(), x[0][finite].max()
+    assert ((y[0][~keep[0]] >= lo) & (y[0][~keep[0]] <= hi)).all()  # finite noise despite NaN/inf
+    for j in (3, 4, 5):
+        assert keep[0, j] == (y[0, j].isnan() or y[0, j].isinf())  # kept as is unless spiked
+    assert y[1].isnan().all()
+
+
+def test_spike_statistics_1e7():
+    n, p = 10_000_000, 0.8
+    x = torch.linspace(-2.0, 3.0, n)
+    y = random_spike(x, p, 123, 0)
+    spiked = y != x
+    count = spiked.sum().item()
+    mean, sd = n * (1 - p), (n * p * (1 - p)) ** 0.5
+    assert abs(count - mean) < 5 * sd
+    values = y[spiked].double()
+    assert values.min() >= -2.0 and values.max() <= 3.0
+    u = ((values - -2.0) / 5.0).sort().values  # uniform on [0, 1] if spikes are uniform on [min, max]
+    i = torch.arange(1, u.numel() + 1, dtype=torch.float64)
+    ks = torch.maximum(i / u.numel() - u, u - (i - 1) / u.numel()).max().item()
+    assert ks < 1.95 / u.numel() ** 0.5
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(4, 3)
+    for p in (1.5, -0.1, math.nan):
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+            random_spike(x, p, 0, 0)
+    with pytest.raises(TypeError, match="p must be a float"):
+        random_spike(x, "0.5", 0, 0)
+    with pytest.raises(TypeError, match="x.dtype must be one of"):
+        random_spike(torch.ones(3, dtype=torch.int64), 0.5, 0, 0)
+    with pytest.raises(ValueError, match="range must be one of"):
+        random_spike(x, 0.5, 0, 0, range="channel")
+    with pytest.raises(ValueError, match=r"replicas=3 must divide x.shape\[0\]=4"):
+        random_spike(x, 0.5, 0, 0, replicas=3)
+    with pytest.raises(ValueError, match="needs x with a batch dimension"):
+        random_spike(torch.tensor(1.0), 0.5, 0, 0, range="sample")
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        nk.nn.RandomSpike(p=2.0)
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\], got 2"):
+        torch.ops.noisekernels.random_spike(x, 2.0, torch.tensor(0), torch.tensor(0), 1)
+    with pytest.raises(RuntimeError, match="groups must be >= 1 and divide x.numel"):
+        torch.ops.noisekernels.random_spike(x, 0.5, torch.tensor(0), torch.tensor(0), 5)
+
+
+def test_opcheck():
+    seed, offset = torch.tensor(3), torch.tensor(2**32 - 7)
+    for x, groups in ((torch.randn(4, 3, 5, requires_grad=True), 1), (torch.randn(6, 7, requires_grad=True), 3),
+                      (torch.randn(2, 3, 4).transpose(0, 2).requires_grad_(), 4)):
+        torch.library.opcheck(torch.ops.noisekernels.random_spike, (x, 0.7, seed, offset, groups))
+        torch.library.opcheck(torch.ops.noisekernels.random_spike_backward, (x.detach(), 0.7, seed, offset))
+
+
+def test_module_train_eval_and_mc():
+    layer = nk.nn.RandomSpike(p=0.5, seed=7)
+    x = torch.randn(4, 8, 6, 6)
+    y1, y2 = layer(x), layer(x)
+    assert not torch.equal(y1, y2) and layer.stream.offset.item() == 2 * x.numel()
+    layer.eval()
+    assert layer(x) is x and layer.stream.offset.item() == 2 * x.numel()
+    layer.mc = True
+    assert not torch.equal(layer(x), x)
+    assert set(layer.state_dict()) == {"stream.seed", "stream.offset"}
+    assert "p=0.5" in repr(layer)
+
+
+def test_module_per_replica_inside_replicas_block():
+    layer = nk.nn.RandomSpike(p=0.6, seed=3)
+    x = torch.cat([torch.randn(2, 50), 100 + torch.randn(2, 50)])
+    with nk.replicas(2):
+        y = layer(x)
+    assert torch.equal(y, random_spike(x, 0.6, 3, 0, replicas=2))
+    assert not torch.equal(y, random_spike(x, 0.6, 3, 0))
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.spike = nk.nn.RandomSpike(p=0.8, seed=5)
+        self.head = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(self.spike(self.conv(x)).flatten(1))
+
+
+def test_compile_fullgraph_fresh_noise_each_step():
+    torch.manual_seed(0)
+    eager = Net()
+    compiled_net = Net()
+    compiled_net.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled_net, fullgraph=True)
+    x = torch.randn(3, 1, 8, 8)
+    outs = []
+    for _ in range(3):
+        out = step(x)
+        out.sum().backward()
+        outs.append(out.detach())
+        torch.testing.assert_close(out, eager(x))  # conv/linear round differently under inductor
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert compiled_net.spike.stream.offset.item() == eager.spike.stream.offset.item()
+
+
+def test_compiled_layer_is_bit_exact():
+    eager, compiled = nk.nn.RandomSpike(0.8, seed=1), nk.nn.RandomSpike(0.8, seed=1)
+    step = torch.compile(compiled, fullgraph=True)
+    h = torch.randn(3, 4, 6, 6)
+    for _ in range(2):
+        assert torch.equal(step(h), eager(h))
