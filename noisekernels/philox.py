@@ -58,3 +58,47 @@ def normal_from_words(w0, w1):
     u0 = uniform_from_word(w0).clamp_min(MIN_UNIFORM_FOR_LOG)
     theta = uniform_from_word(w1) * torch.tensor(TWO_PI, dtype=torch.float32, device=w0.device)
     return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
+
+
+_LOG_COEFFS = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+               -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+
+
+def exact_log(x):
+    """The kernels' exact_log (philox.h): Cephes logf from float32 + - * and bit operations, so it
+    rounds identically on every backend. For positive normal float32 x."""
+    bits = x.view(torch.int32).to(torch.int64) & MASK32
+    e = ((bits >> 23) & 0xFF) - 126
+    m = ((bits & 0x807FFFFF) | 0x3F000000).to(torch.int32).view(torch.float32)
+    small = m < 0.707106781186547524
+    e = e - small.long()
+    m = torch.where(small, m + m - 1.0, m - 1.0)
+    z = m * m
+    y = torch.full_like(m, _LOG_COEFFS[0])
+    for c in _LOG_COEFFS[1:]:
+        y = y * m + c
+    y = y * m * z
+    fe = e.to(torch.float32)
+    y = y + -2.12194440e-4 * fe
+    y = y + -0.5 * z
+    return (m + y) + 0.693359375 * fe
+
+
+def laplace_from_uniform(u):
+    """Standard Laplace from U(w0): -sign(u - 1/2) * log(max(1e-7, 1 - 2|u - 1/2|))."""
+    c = u - 0.5
+    a = c.abs()
+    t = (1.0 - (a + a)).clamp_min(MIN_UNIFORM_FOR_LOG)
+    lg = exact_log(t)
+    return torch.where(c < 0, lg, -lg)
+
+
+GAUSSIAN, UNIFORM, LAPLACE = 0, 1, 2
+
+
+def noise_from_words(dist, w0, w1):
+    """eps from an element's words: N(0, 1), U(-1, 1) or Laplace(0, 1), float32."""
+    if dist == GAUSSIAN:
+        return normal_from_words(w0, w1)
+    u = uniform_from_word(w0)
+    return (u + u) - 1.0 if dist == UNIFORM else laplace_from_uniform(u)

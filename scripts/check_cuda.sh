@@ -10,7 +10,7 @@ PY="${PY:-python3}"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for f in csrc/cuda/*.cu; do
-  nvcc -c "$f" -o "$out/$(basename "$f").o" -std=c++17 -O3 -Icsrc/include \
+  nvcc -c "$f" -o "$out/$(basename "$f").o" -std=c++17 -O3 -fmad=false -Icsrc/include \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
   echo "check_cuda: $f ok (sm_80, sm_90)"

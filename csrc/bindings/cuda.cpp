@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <vector>
+
 #include <noisekernels/cuda_launchers.h>
 
 #include "ops.h"
@@ -80,9 +83,41 @@ at::Tensor random_spike_backward(const at::Tensor& grad, double p, const at::Ten
   return out;
 }
 
+at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
+                     const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
+                     int64_t replicas, std::optional<double> lo, std::optional<double> hi) {
+  check_noise_add_args(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  std::vector<int64_t> size(xc.sizes().begin(), xc.sizes().end());
+  if (replicas != 1) size[0] *= replicas;
+  at::Tensor out = at::empty(size, xc.options());
+  C10_CUDA_CHECK(launch_noise_add(
+      xc.const_data_ptr(), sc.const_data_ptr(), out.data_ptr(), to_dtype(xc.scalar_type()),
+      xc.numel(), replicas, inner, channels, static_cast<int>(dist), lo.has_value(),
+      lo.value_or(0.0), hi.value_or(0.0), seed.const_data_ptr<int64_t>(),
+      offset.const_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                     int64_t dist) {
+  check_noise_mul_args(g, seed, offset, dist);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out = at::empty_like(gc);
+  C10_CUDA_CHECK(launch_noise_mul(gc.const_data_ptr(), out.data_ptr(), to_dtype(gc.scalar_type()),
+                                  gc.numel(), static_cast<int>(dist),
+                                  seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
+                                  c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
+  m.impl("noise_add", &noise_add);
+  m.impl("noise_mul", &noise_mul);
   m.impl("random_spike", &random_spike);
   m.impl("random_spike_backward", &random_spike_backward);
   m.impl("philox4x32", &philox4x32);

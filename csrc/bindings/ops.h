@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 
 namespace noisekernels {
@@ -17,6 +18,14 @@ void check_floating(at::ScalarType dtype, const char* name);
 // random_spike's and random_spike_backward's arguments; the stream must be on x's device.
 void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& seed,
                              const at::Tensor& offset, int64_t groups);
+
+// noise_add's arguments: scale holds `channels` values in x's compute dtype (float64 for float64 x,
+// else float32); element i of replica r of x uses scale[(i / inner) % channels].
+void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
+                          const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
+                          int64_t replicas, std::optional<double> lo, std::optional<double> hi);
+void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                          int64_t dist);
 
 // Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);

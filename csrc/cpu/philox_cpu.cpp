@@ -173,4 +173,19 @@ void normal_tile(const PhiloxKeys& keys, uint64_t first, int64_t n, float* z) {
 
 #endif
 
+void noise_tile(int dist, const PhiloxKeys& keys, uint64_t first, int64_t n, float* eps) {
+  if (dist == kGaussian) {
+    normal_tile(keys, first, n, eps);
+    return;
+  }
+  uniform_tile(keys, first, n, eps, nullptr);
+  if (dist == kUniform) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) eps[i] = (eps[i] + eps[i]) - 1.0f;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) eps[i] = laplace_from_uniform(eps[i]);
+  }
+}
+
 }  // namespace noisekernels::cpu

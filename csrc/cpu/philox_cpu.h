@@ -24,6 +24,10 @@ void uniform_tile(const PhiloxKeys& keys, uint64_t first, int64_t n, float* u0, 
 // same (vector) code path whatever n is, so results never depend on how work was split.
 void normal_tile(const PhiloxKeys& keys, uint64_t first, int64_t n, float* z);
 
+// eps[i] = noise_from_words(dist, ...) of counter `first + i`, i < n: N(0, 1), U(-1, 1) or
+// Laplace(0, 1) (NoiseDist in philox.h).
+void noise_tile(int dist, const PhiloxKeys& keys, uint64_t first, int64_t n, float* eps);
+
 // Whether this build uses the AVX-512 path (reported by noisekernels.build_info()).
 bool has_avx512_path();
 

@@ -93,3 +93,41 @@ __device__ __forceinline__ void block_minmax(float& mn, float& mx) {
 }
 
 }  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+// The compute type of a stored type: double for double, float otherwise.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(to_float(v));
+}
+template <>
+__device__ __forceinline__ double to_acc<double>(double v) {
+  return v;
+}
+
+// Round-to-nearest add and multiply that nvcc never fuses into an FMA.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename Acc<T>::type v) {
+  return from_float<T>(v);
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) {
+  return v;
+}
+
+}  // namespace noisekernels::cuda

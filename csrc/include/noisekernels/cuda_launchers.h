@@ -36,3 +36,19 @@ cudaError_t launch_random_spike_backward(const void* grad, void* out, DType dtyp
                                          cudaStream_t stream);
 
 }  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+// Additive noise (noise_add): out[i] = x[i % numel_x] + scale[((i % numel_x) / inner) % channels]
+// * eps_i for i < numel_x * replicas, eps of `dist` (NoiseDist); clipped to [lo, hi] when clamp.
+// scale is double for kFloat64 x, else float.
+cudaError_t launch_noise_add(const void* x, const void* scale, void* out, DType dtype,
+                             int64_t numel_x, int64_t replicas, int64_t inner, int64_t channels,
+                             int dist, bool clamp, double lo, double hi, const int64_t* seed,
+                             const int64_t* offset, cudaStream_t stream);
+
+// out[i] = grad[i] * eps_i (noise_mul): the learnable scale's gradient before its reduction.
+cudaError_t launch_noise_mul(const void* grad, void* out, DType dtype, int64_t n, int dist,
+                             const int64_t* seed, const int64_t* offset, cudaStream_t stream);
+
+}  // namespace noisekernels::cuda

@@ -73,4 +73,57 @@ NK_HD float normal_from_words(uint32_t w0, uint32_t w1) {
 #endif
 }
 
+// Natural log from + - * and bit operations only (Cephes logf, ~1 ulp on normal positive x), so
+// with no FMA contraction it rounds identically on every backend: the Laplace noise built on it
+// is bit-identical on CPU, CUDA, Triton and the reference. Not for x <= 0, inf or NaN.
+NK_HD float exact_log(float x) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  int e = static_cast<int>((bits >> 23) & 0xFFu) - 126;  // x = m * 2^e, m in [0.5, 1)
+  bits = (bits & 0x807FFFFFu) | 0x3F000000u;
+  float m;
+  __builtin_memcpy(&m, &bits, sizeof(m));
+  if (m < 0.707106781186547524f) {
+    e -= 1;
+    m = m + m - 1.0f;
+  } else {
+    m = m - 1.0f;
+  }
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m + -1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m + -1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m + -1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m + -2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y = y + -2.12194440e-4f * fe;
+  y = y + -0.5f * z;
+  return (m + y) + 0.693359375f * fe;
+}
+
+// Standard Laplace from U(w0): u = U - 1/2, -sign(u) * log(max(1e-7, 1 - 2|u|)).
+NK_HD float laplace_from_uniform(float uniform) {
+  const float u = uniform - 0.5f;
+  const float a = u < 0.0f ? -u : u;
+  float t = 1.0f - (a + a);
+  t = t < kMinUniformForLog ? kMinUniformForLog : t;
+  const float l = exact_log(t);
+  return u < 0.0f ? l : -l;
+}
+
+// The noise distributions of noise_add (values of its `dist` argument).
+enum NoiseDist : int { kGaussian = 0, kUniform = 1, kLaplace = 2 };
+
+// eps of one element from its words: N(0, 1), U(-1, 1) or Laplace(0, 1).
+NK_HD float noise_from_words(int dist, uint32_t w0, uint32_t w1) {
+  if (dist == kGaussian) return normal_from_words(w0, w1);
+  const float u = uniform_from_word(w0);
+  return dist == kUniform ? (u + u) - 1.0f : laplace_from_uniform(u);
+}
+
 }  // namespace noisekernels

@@ -1,0 +1,138 @@
+// CPU kernels of noise_add and noise_mul: additive Gaussian / uniform / Laplace noise with a fixed
+// or learnable scale (RSE, PNI), N noisy replicas with clipping (Gaussian data augmentation), and
+// grad * eps, the learnable scale's gradient before its reduction (eps regenerated, never saved).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+#include "../bindings/ops.h"
+#include "philox_cpu.h"
+
+namespace noisekernels::cpu {
+namespace {
+
+// float64 tensors are computed in float64 (gradcheck); everything else in float32.
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t, bool kClamp>
+void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t* out,
+                      int64_t numel_x, int64_t replicas, int64_t inner, int64_t channels, int dist,
+                      acc_t<scalar_t> lo, acc_t<scalar_t> hi, uint64_t seed, uint64_t offset) {
+  using acc = acc_t<scalar_t>;
+  const PhiloxKeys keys(seed);
+  at::parallel_for(0, numel_x * replicas, 8 * kTile, [&](int64_t begin, int64_t end) {
+    alignas(64) float eps[kTile];
+    for (int64_t t = begin; t < end; t += kTile) {
+      const int64_t m = std::min(kTile, end - t);
+      noise_tile(dist, keys, offset + t, m, eps);
+      // Runs in which x is contiguous and the scale index is constant (or steps by one when
+      // inner == 1), so each inner loop vectorises.
+      for (int64_t i0 = 0; i0 < m;) {
+        const int64_t j0 = (t + i0) % numel_x;
+        int64_t run = std::min(m - i0, numel_x - j0);
+        int64_t c0 = 0;
+        bool stepping = false;
+        if (channels > 1) {
+          if (inner == 1) {
+            c0 = j0 % channels;
+            run = std::min(run, channels - c0);
+            stepping = true;
+          } else {
+            c0 = (j0 / inner) % channels;
+            run = std::min(run, inner - j0 % inner);
+          }
+        }
+        const scalar_t* __restrict xs = x + j0;
+        scalar_t* __restrict os = out + t + i0;
+        const float* __restrict es = eps + i0;
+        const acc* __restrict sc = scale + c0;
+        const acc s0 = sc[0], a = lo, b = hi;
+#pragma omp simd
+        for (int64_t k = 0; k < run; ++k) {
+          acc v = static_cast<acc>(xs[k]) + (stepping ? sc[k] : s0) * static_cast<acc>(es[k]);
+          if constexpr (kClamp) {
+            v = v < a ? a : v;
+            v = v > b ? b : v;
+          }
+          os[k] = static_cast<scalar_t>(v);
+        }
+        i0 += run;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void noise_mul_kernel(const scalar_t* g, scalar_t* out, int64_t n, int dist, uint64_t seed,
+                      uint64_t offset) {
+  using acc = acc_t<scalar_t>;
+  const PhiloxKeys keys(seed);
+  at::parallel_for(0, n, 8 * kTile, [&](int64_t begin, int64_t end) {
+    alignas(64) float eps[kTile];
+    for (int64_t t = begin; t < end; t += kTile) {
+      const int64_t m = std::min(kTile, end - t);
+      noise_tile(dist, keys, offset + t, m, eps);
+      const scalar_t* __restrict gs = g + t;
+      scalar_t* __restrict os = out + t;
+#pragma omp simd
+      for (int64_t k = 0; k < m; ++k) {
+        os[k] = static_cast<scalar_t>(static_cast<acc>(gs[k]) * static_cast<acc>(eps[k]));
+      }
+    }
+  });
+}
+
+at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
+                     const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
+                     int64_t replicas, std::optional<double> lo, std::optional<double> hi) {
+  check_noise_add_args(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi);
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  std::vector<int64_t> size(xc.sizes().begin(), xc.sizes().end());
+  if (replicas != 1) size[0] *= replicas;
+  at::Tensor out = at::empty(size, xc.options());
+  if (out.numel() == 0) return out;
+  const auto [s, o] = read_cpu_stream(seed, offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noise_add", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* sp = sc.const_data_ptr<acc>();
+    if (lo.has_value()) {
+      noise_add_kernel<scalar_t, true>(xc.const_data_ptr<scalar_t>(), sp, out.data_ptr<scalar_t>(),
+                                       xc.numel(), replicas, inner, channels, static_cast<int>(dist),
+                                       static_cast<acc>(*lo), static_cast<acc>(*hi), s, o);
+    } else {
+      noise_add_kernel<scalar_t, false>(xc.const_data_ptr<scalar_t>(), sp, out.data_ptr<scalar_t>(),
+                                        xc.numel(), replicas, inner, channels, static_cast<int>(dist),
+                                        acc(0), acc(0), s, o);
+    }
+  });
+  return out;
+}
+
+at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                     int64_t dist) {
+  check_noise_mul_args(g, seed, offset, dist);
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out = at::empty_like(gc);
+  if (out.numel() == 0) return out;
+  const auto [s, o] = read_cpu_stream(seed, offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "noise_mul", [&] {
+    noise_mul_kernel(gc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gc.numel(),
+                     static_cast<int>(dist), s, o);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(noisekernels, CPU, m) {
+  m.impl("noise_add", &noise_add);
+  m.impl("noise_mul", &noise_mul);
+}
+
+}  // namespace noisekernels::cpu

@@ -1,0 +1,107 @@
+"""Additive noise layers: fixed Gaussian / uniform / Laplace noise (RSE), learnable noise on
+activations and weights (PNI). Each owns a Stream; noise comes from the fused noise_add op."""
+
+import torch
+from torch import nn
+
+from ..ops.noise_add import DISTS, check_dist, check_scale_value, noise_add
+from ..stream import Stream
+
+
+class _NoiseLayer(nn.Module):
+    """Active in training and, with mc=True, in eval mode too (Monte-Carlo inference, RSE)."""
+
+    def __init__(self, dist, mc, seed):
+        super().__init__()
+        check_dist(dist)
+        self.dist = dist
+        self.mc = bool(mc)
+        self.stream = Stream(seed)
+
+    def active(self):
+        return self.training or self.mc
+
+    def add_noise(self, x, scale):
+        return noise_add(x, scale, *self.stream.reserve(x.numel()), dist=self.dist)
+
+
+class AdditiveNoise(_NoiseLayer):
+    """x + scale * eps with eps ~ N(0, 1) ("gaussian"), U(-1, 1) ("uniform") or Laplace(0, 1)."""
+
+    def __init__(self, scale, dist="gaussian", mc=False, seed=None, name="scale"):
+        super().__init__(dist, mc, seed)
+        self.scale = check_scale_value(scale, name)
+
+    def forward(self, x):
+        return self.add_noise(x, self.scale) if self.active() and self.scale > 0 else x
+
+    def extra_repr(self):
+        return f"scale={self.scale}, dist={self.dist!r}, mc={self.mc}"
+
+
+class GaussianNoise(AdditiveNoise):
+    """x + N(0, sigma^2): RSE's noise layer (random-self-ensemble.txt; mc=True keeps it on at test)."""
+
+    def __init__(self, sigma, mc=False, seed=None):
+        super().__init__(sigma, "gaussian", mc, seed, name="sigma")
+
+
+class UniformNoise(AdditiveNoise):
+    """x + U(-b, b)."""
+
+    def __init__(self, b, mc=False, seed=None):
+        super().__init__(b, "uniform", mc, seed, name="b")
+
+
+class LaplaceNoise(AdditiveNoise):
+    """x + Laplace(0, b)."""
+
+    def __init__(self, b, mc=False, seed=None):
+        super().__init__(b, "laplace", mc, seed, name="b")
+
+
+def _alpha(shape, init):
+    init = check_scale_value(init, "init")
+    if isinstance(shape, int):
+        shape = (shape,)
+    return nn.Parameter(torch.full(tuple(shape), init))
+
+
+class LearnableNoise(_NoiseLayer):
+    """PNI on activations: x + alpha * eps with learnable alpha of shape () (layer-wise), (C,)
+    (channel-wise) or (C, H, W) (element-wise). alpha starts at `init` (0.25 in PNI)."""
+
+    def __init__(self, shape=(), init=0.25, dist="gaussian", mc=False, seed=None):
+        super().__init__(dist, mc, seed)
+        self.alpha = _alpha(shape, init)
+
+    def forward(self, x):
+        return self.add_noise(x, self.alpha) if self.active() else x
+
+    def extra_repr(self):
+        return f"alpha_shape={tuple(self.alpha.shape)}, dist={self.dist!r}, mc={self.mc}"
+
+
+class WeightNoise(_NoiseLayer):
+    """PNI on weights, as a parametrization: w + alpha * std(w) * eps, std taken on the device and
+    not differentiated (as in PNI). alpha: () layer-wise (PNI's default) or (out_channels, 1, ...)
+    per output channel. Register with noisekernels.nn.add_weight_noise or
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", WeightNoise())."""
+
+    def __init__(self, shape=(), init=0.25, dist="gaussian", mc=False, seed=None):
+        super().__init__(dist, mc, seed)
+        self.alpha = _alpha(shape, init)
+
+    def forward(self, w):
+        return self.add_noise(w, self.alpha * w.detach().std()) if self.active() else w
+
+
+def add_weight_noise(module, **kwargs):
+    """Registers WeightNoise(**kwargs) on module.weight and returns the WeightNoise."""
+    noise = WeightNoise(**kwargs)
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", noise)
+    return noise
+
+
+__all__ = ["AdditiveNoise", "GaussianNoise", "UniformNoise", "LaplaceNoise", "LearnableNoise", "WeightNoise",
+           "add_weight_noise", "DISTS"]

@@ -1,0 +1,189 @@
+"""noise_add and noise_mul: additive noise with a fixed or learnable scale, and its replicas.
+
+noise_add(x, scale, ...) = x + scale[(i / inner) % channels] * eps_i with eps_i ~ N(0, 1) (RSE's
+Gaussian layers), U(-1, 1) or Laplace(0, 1), from counter offset + i. The scale is a float (fixed:
+nothing is saved for backward), or a tensor: one value, one per channel (dim 1), or one per element
+of x.shape[1:] (PNI's layer-, channel- and element-wise alpha * ref). With replicas=n it writes n
+noisy copies of x, replica-major, optionally clipped to [lo, hi]: Gaussian data augmentation and
+input-noise replicas for MC/EOT in one pass.
+
+Backward: grad_x is grad (summed over replicas, zero where a clip was active); grad_scale is
+sum(grad * eps) per scale entry, eps regenerated from the stream by noise_mul, never saved.
+Arithmetic is float64 for float64 x, else float32. Uniform and Laplace noise are bit-identical on
+every backend (Laplace uses exact_log); Gaussian agrees to a few ulp.
+"""
+
+import math
+
+import torch
+
+from .. import philox
+from .._extension import call_op, register_op, triton_kernel
+from ._args import check_floating_tensor, stream_tensors
+
+DISTS = {"gaussian": philox.GAUSSIAN, "uniform": philox.UNIFORM, "laplace": philox.LAPLACE}
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale_index(numel_x, inner, channels, replicas, device):
+    return ((torch.arange(numel_x, device=device) // inner) % channels).repeat(replicas)
+
+
+def noise_add_reference(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi):
+    size = (x.shape[0] * replicas, *x.shape[1:]) if replicas != 1 else x.shape
+    n = x.numel() * replicas
+    acc = compute_dtype(x.dtype)
+    w0, w1, _, _ = philox.words(seed, offset, n)
+    eps = philox.noise_from_words(dist, w0, w1).to(acc)
+    v = x.reshape(-1).to(acc).repeat(replicas) + scale[_scale_index(x.numel(), inner, channels, replicas, x.device)] * eps
+    if lo is not None:
+        v = v.clamp(lo, hi)
+    return v.to(x.dtype).reshape(size)
+
+
+def noise_mul_reference(grad, seed, offset, dist):
+    w0, w1, _, _ = philox.words(seed, offset, grad.numel())
+    eps = philox.noise_from_words(dist, w0, w1).to(compute_dtype(grad.dtype))
+    return (grad.reshape(-1).to(eps.dtype) * eps).to(grad.dtype).reshape(grad.shape)
+
+
+register_op("noise_add", "noise_add(Tensor x, Tensor scale, Tensor seed, Tensor offset, int dist, int inner, "
+            "int channels, int replicas, float? lo, float? hi) -> Tensor",
+            reference=noise_add_reference, triton=triton_kernel("noise_add", "noise_add"))
+register_op("noise_mul", "noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist) -> Tensor",
+            reference=noise_mul_reference, triton=triton_kernel("noise_add", "noise_mul"))
+
+
+@torch.library.register_fake("noisekernels::noise_add")
+def _(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi):
+    return x.new_empty((x.shape[0] * replicas, *x.shape[1:]) if replicas != 1 else x.shape)
+
+
+@torch.library.register_fake("noisekernels::noise_mul")
+def _(grad, seed, offset, dist):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _setup_noise_add(ctx, inputs, output):
+    x, _, seed, offset, dist, inner, channels, replicas, lo, hi = inputs
+    ctx.args = (dist, inner, channels, replicas, lo, hi)
+    ctx.x_shape = x.shape
+    # Only a clipped call keeps its output (to know where the clip was active); its own consumer
+    # holds it anyway. Fixed-scale noise saves just the 16 bytes of the stream.
+    ctx.save_for_backward(seed, offset, output if lo is not None else None)
+
+
+def _noise_add_backward(ctx, grad):
+    seed, offset, out = ctx.saved_tensors
+    dist, inner, channels, replicas, lo, hi = ctx.args
+    grad_x = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        g = grad if out is None else torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        grad_x = g if replicas == 1 else g.reshape(replicas, *ctx.x_shape).sum(0)
+    if ctx.needs_input_grad[1]:
+        g = grad if out is None else torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        ge = torch.ops.noisekernels.noise_mul(g.contiguous(), seed, offset, dist)
+        grad_scale = ge.reshape(-1, channels, inner).sum((0, 2), dtype=compute_dtype(grad.dtype))
+    return grad_x, grad_scale, None, None, None, None, None, None, None, None
+
+
+def _setup_noise_mul(ctx, inputs, output):
+    ctx.dist = inputs[3]
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _noise_mul_backward(ctx, grad):
+    seed, offset = ctx.saved_tensors  # linear in grad: the same multiplication by eps
+    return torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, ctx.dist), None, None, None
+
+
+torch.library.register_autograd("noisekernels::noise_add", _noise_add_backward, setup_context=_setup_noise_add)
+torch.library.register_autograd("noisekernels::noise_mul", _noise_mul_backward, setup_context=_setup_noise_mul)
+
+
+def check_dist(dist):
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {tuple(DISTS)}, got {dist!r}")
+    return DISTS[dist]
+
+
+def check_scale_value(value, name):
+    """A fixed noise scale: a float >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return float(value)
+
+
+def _scale_layout(x, scale):
+    """(scale as a flat tensor in x's compute dtype, inner, channels) for a float or tensor scale."""
+    acc = compute_dtype(x.dtype)
+    if not isinstance(scale, torch.Tensor):
+        value = check_scale_value(scale, "scale")
+        return torch.full((1,), value, dtype=acc, device=x.device), 1, 1
+    if not scale.is_floating_point():
+        raise TypeError(f"scale must be a floating tensor, got {scale.dtype}")
+    if scale.device != x.device:
+        raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+    flat = scale.to(acc).reshape(-1)
+    if scale.numel() == 1:
+        return flat, 1, 1
+    if tuple(scale.shape) == tuple(x.shape):
+        return flat, 1, scale.numel()  # one per element (weights)
+    if x.dim() >= 2 and tuple(scale.shape) == tuple(x.shape[1:]):
+        return flat, 1, scale.numel()  # one per element of a sample, shared over the batch
+    if x.dim() >= 2 and scale.dim() == 1 and scale.shape[0] == x.shape[1]:
+        return flat, math.prod(x.shape[2:]), scale.shape[0]  # one per channel (dim 1)
+    if x.dim() >= 1 and tuple(scale.shape) == (x.shape[0],) + (1,) * (x.dim() - 1):
+        return flat, math.prod(x.shape[1:]), scale.shape[0]  # one per dim-0 row (output channel)
+    raise ValueError(f"scale must be a float or a tensor of shape (), (x.shape[1],), x.shape[1:], x.shape or "
+                     f"(x.shape[0], 1, ...) for x of shape {tuple(x.shape)}; got shape {tuple(scale.shape)}")
+
+
+def noise_add(x, scale, seed, offset, *, dist="gaussian", replicas=1, clip=None, backend=None):
+    """x + scale * eps, eps ~ N(0, 1) ("gaussian"), U(-1, 1) ("uniform") or Laplace(0, 1) ("laplace").
+
+    scale: float >= 0, or a tensor (differentiable: PNI) of shape () (one value), (C,) with
+    C = x.shape[1] (per channel), x.shape[1:] (per element, shared over the batch), x.shape (per
+    element) or (x.shape[0], 1, ...) (per output channel of a weight). replicas: n noisy copies of x, replica-major, (n*B, ...).
+    clip: (lo, hi) to clip every value to. Reserve x.numel() * replicas counters.
+    """
+    check_floating_tensor(x)
+    code = check_dist(dist)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+    if replicas > 1 and x.dim() == 0:
+        raise ValueError("replicas > 1 needs x with a batch dimension, got a 0-dim tensor")
+    lo = hi = None
+    if clip is not None:
+        lo, hi = (float(v) for v in clip)
+        if not lo <= hi:
+            raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
+    flat, inner, channels = _scale_layout(x, scale)
+    seed, offset = stream_tensors(seed, offset, x.device)
+    return call_op("noise_add", backend, x.device, x, flat, seed, offset, code, inner, channels, replicas, lo, hi)
+
+
+def noise_mul(grad, seed, offset, *, dist="gaussian", backend=None):
+    """grad * eps with the eps noise_add drew from the same (seed, offset)."""
+    check_floating_tensor(grad, "grad")
+    code = check_dist(dist)
+    seed, offset = stream_tensors(seed, offset, grad.device)
+    return call_op("noise_mul", backend, grad.device, grad, seed, offset, code)
+
+
+def gaussian_augment(x, y, n, sigma, seed, offset, *, clip=(0.0, 1.0), backend=None):
+    """Gaussian data augmentation (efficient-defenses-brelu-gda.txt): n noisy copies of the batch,
+    x + N(0, sigma^2) clipped to `clip`, replica-major (n*B, ...), with labels y repeated to match.
+    Reserve n * x.numel() counters."""
+    sigma = check_scale_value(sigma, "sigma")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"y must have x's batch size {x.shape[0]}, got shape {tuple(y.shape)}")
+    xs = noise_add(x, sigma, seed, offset, replicas=n, clip=clip, backend=backend)
+    return xs, (None if y is None else y.repeat(n, *([1] * (y.dim() - 1))))

@@ -1,0 +1,259 @@
+"""noise_add / noise_mul (RSE, PNI, Gaussian augmentation) against the reference on every backend:
+bit for bit for uniform and Laplace, a few ulp for Gaussian; gradients (float64 gradcheck),
+statistics, replicas, errors, modules and torch.compile."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import KERNEL_BACKENDS
+import noisekernels as nk
+from noisekernels.ops.noise_add import gaussian_augment, noise_add, noise_mul
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+OFFSET = 2**32 - 700
+X_SHAPE = (4, 3, 5, 7)
+# scale layouts: float, one value, per channel, per element of a sample, per element, per row
+SCALES = {
+    "float": lambda: 0.75,
+    "one": lambda: torch.tensor(0.5),
+    "channel": lambda: torch.rand(3) + 0.1,
+    "sample-element": lambda: torch.rand(3, 5, 7),
+    "element": lambda: torch.rand(*X_SHAPE),
+    "row": lambda: torch.rand(4, 1, 1, 1),
+}
+
+
+def _x(dtype, shape=X_SHAPE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2).to(dtype)
+
+
+def _assert_matches(got, expected, dist):
+    if dist == "gaussian":  # transcendentals differ by a few ulp between backends
+        tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(expected.dtype, 4e-6)
+        torch.testing.assert_close(got.cpu().double(), expected.double(), rtol=tol, atol=tol)
+    else:
+        assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
+@pytest.mark.parametrize("layout", list(SCALES))
+def test_noise_add_equals_reference(backend, device, dtype, dist, layout):
+    torch.manual_seed(1)
+    x, scale = _x(dtype), SCALES[layout]()
+    expected = noise_add(x, scale, 9, OFFSET, dist=dist, backend="reference")
+    scale = scale.to(device) if isinstance(scale, torch.Tensor) else scale
+    got = noise_add(x.to(device), scale, 9, OFFSET, dist=dist, backend=backend)
+    assert got.dtype == dtype and got.shape == x.shape
+    _assert_matches(got, expected, dist)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
+def test_replicas_and_clip_equal_reference(backend, device, dtype, dist):
+    x = _x(dtype, (3, 2, 9))
+    kw = dict(dist=dist, replicas=4, clip=(-1.5, 2.25))
+    expected = noise_add(x, 0.8, 3, OFFSET, backend="reference", **kw)
+    got = noise_add(x.to(device), 0.8, 3, OFFSET, backend=backend, **kw)
+    assert got.shape == (12, 2, 9)
+    _assert_matches(got, expected, dist)
+    assert got.min() >= -1.5 and got.max() <= 2.25
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
+def test_noise_mul_equals_reference(backend, device, dtype, dist):
+    g = _x(dtype, (5, 77))
+    expected = noise_mul(g, 4, OFFSET, dist=dist, backend="reference")
+    _assert_matches(noise_mul(g.to(device), 4, OFFSET, dist=dist, backend=backend), expected, dist)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_empty_and_odd_sizes(backend, device):
+    for shape in [(0, 3), (1,), (1537,), (2, 1, 1)]:
+        x = _x(torch.float32, shape).to(device)
+        got = noise_add(x, 0.3, 1, 0, dist="uniform", backend=backend)
+        assert torch.equal(got.cpu(), noise_add(x.cpu(), 0.3, 1, 0, dist="uniform", backend="reference"))
+
+
+def test_fixed_scale_gradient_is_identity_and_saves_only_the_stream():
+    x = _x(torch.float32).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = noise_add(x, 0.5, 1, 0)
+    assert sum(t.numel() * t.element_size() for t in saved) == 16
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+
+
+@pytest.mark.parametrize("layout", ["one", "channel", "sample-element", "element", "row"])
+@pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
+def test_learnable_scale_gradcheck(layout, dist):
+    torch.manual_seed(2)
+    x = _x(torch.float64).requires_grad_()
+    scale = SCALES[layout]().double().requires_grad_()
+    f = lambda x, s: noise_add(x, s, 5, OFFSET, dist=dist)  # noqa: E731  (seed and offset fixed)
+    assert torch.autograd.gradcheck(f, (x, scale))
+
+
+@pytest.mark.parametrize("layout", ["one", "channel", "element"])
+def test_learnable_scale_gradient_equals_reference_autograd(layout):
+    torch.manual_seed(3)
+    x = _x(torch.float32)
+    s1 = SCALES[layout]().requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    g = torch.randn(X_SHAPE)
+    noise_add(x, s1, 5, OFFSET).backward(g)
+    noise_add(x, s2, 5, OFFSET, backend="reference").backward(g)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_replicas_gradient_sums_over_unclipped_replicas():
+    x = _x(torch.float64, (3, 4)).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    g = torch.randn(15, 4, dtype=torch.float64)
+    noise_add(x, 0.7, 2, 0, replicas=5, clip=(-1.0, 1.0)).backward(g)
+    noise_add(xr, 0.7, 2, 0, replicas=5, clip=(-1.0, 1.0), backend="reference").backward(g)
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert torch.autograd.gradcheck(lambda x: noise_add(x, 0.7, 2, 0, replicas=5), (x,))
+
+
+def test_double_backward_of_learnable_scale():
+    x = _x(torch.float64, (2, 6)).requires_grad_()
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, s: noise_add(x, s, 1, 0), (x, s))
+
+
+def _ks(samples, cdf):
+    u = cdf(samples.double().sort().values)
+    i = torch.arange(1, u.numel() + 1, dtype=torch.float64)
+    return torch.maximum(i / u.numel() - u, u - (i - 1) / u.numel()).max().item()
+
+
+@pytest.mark.parametrize("dist,var,cdf", [
+    ("gaussian", 1.0, lambda z: 0.5 * (1 + torch.special.erf(z / 2**0.5))),
+    ("uniform", 1 / 3, lambda z: (z + 1) / 2),
+    ("laplace", 2.0, lambda z: torch.where(z < 0, 0.5 * torch.exp(z), 1 - 0.5 * torch.exp(-z))),
+])
+def test_noise_statistics(dist, var, cdf):
+    n = 4_000_000
+    z = noise_add(torch.zeros(n), 1.0, 77, 0, dist=dist).double()
+    assert abs(z.mean().item()) < 5 * (var / n) ** 0.5
+    assert abs(z.var().item() - var) < 0.01 * var
+    assert _ks(z, cdf) < 1.95 / n**0.5
+
+
+def test_replicas_are_independent():
+    x = torch.zeros(1000, 10)
+    r = noise_add(x, 1.0, 8, 0, replicas=20).view(20, -1)
+    corr = torch.corrcoef(r)
+    off = corr[~torch.eye(20, dtype=torch.bool)]
+    assert off.abs().max() < 5 / math.sqrt(r.shape[1])
+    means = r.mean(1)  # the spread of a mean over k replicas shrinks like 1/sqrt(k)
+    assert abs(means.std().item() - 1 / math.sqrt(r.shape[1])) < 0.35 / math.sqrt(r.shape[1])
+
+
+def test_gaussian_augment():
+    x = torch.rand(6, 1, 4, 4)
+    y = torch.arange(6)
+    xs, ys = gaussian_augment(x, y, 10, 0.3, 5, 0)
+    assert xs.shape == (60, 1, 4, 4) and torch.equal(ys, y.repeat(10))
+    assert xs.min() >= 0 and xs.max() <= 1
+    assert torch.equal(xs, noise_add(x, 0.3, 5, 0, replicas=10, clip=(0, 1)))
+    assert not torch.equal(xs[:6], xs[6:12])
+    with pytest.raises(ValueError, match="y must have x's batch size 6"):
+        gaussian_augment(x, y[:3], 2, 0.3, 5, 0)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="scale must be a finite float >= 0"):
+        noise_add(x, -0.1, 0, 0)
+    with pytest.raises(ValueError, match="sigma must be a finite float >= 0"):
+        nk.nn.GaussianNoise(-1.0)
+    with pytest.raises(ValueError, match="sigma must be a finite float >= 0"):
+        gaussian_augment(x, None, 2, math.nan, 0, 0)
+    with pytest.raises(ValueError, match="dist must be one of"):
+        noise_add(x, 0.1, 0, 0, dist="cauchy")
+    with pytest.raises(ValueError, match=r"scale must be a float or a tensor of shape"):
+        noise_add(x, torch.ones(5), 0, 0)
+    with pytest.raises(ValueError, match="clip must be"):
+        noise_add(x, 0.1, 0, 0, clip=(1.0, -1.0))
+    with pytest.raises(ValueError, match="replicas must be an int >= 1"):
+        noise_add(x, 0.1, 0, 0, replicas=0)
+    with pytest.raises(TypeError, match="x.dtype must be one of"):
+        noise_add(torch.ones(3, dtype=torch.int32), 0.1, 0, 0)
+    with pytest.raises(TypeError, match="scale must be a floating tensor"):
+        noise_add(x, torch.ones((), dtype=torch.int64), 0, 0)
+    with pytest.raises(RuntimeError, match="dist must be 0"):
+        torch.ops.noisekernels.noise_add(x, torch.ones(1), torch.tensor(0), torch.tensor(0), 7, 1, 1, 1, None, None)
+
+
+def test_opcheck():
+    seed, offset = torch.tensor(3), torch.tensor(2**32 - 7)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    for scale, inner, channels in ((torch.rand(1, requires_grad=True), 1, 1), (torch.rand(3, requires_grad=True), 5, 3)):
+        for replicas, lo, hi in ((1, None, None), (3, -1.0, 1.0)):
+            torch.library.opcheck(torch.ops.noisekernels.noise_add, (x, scale, seed, offset, 2, inner, channels, replicas, lo, hi))
+    torch.library.opcheck(torch.ops.noisekernels.noise_mul, (x.detach(), seed, offset, 0))
+
+
+def test_modules_train_eval_mc():
+    x = torch.randn(8, 3, 4, 4)
+    for layer in (nk.nn.GaussianNoise(0.1, seed=1), nk.nn.UniformNoise(0.2, seed=1), nk.nn.LaplaceNoise(0.3, seed=1)):
+        assert not torch.equal(layer(x), x)
+        layer.eval()
+        assert layer(x) is x
+        layer.mc = True
+        assert not torch.equal(layer(x), x) and set(layer.state_dict()) == {"stream.seed", "stream.offset"}
+    assert nk.nn.GaussianNoise(0.0)(x) is x
+
+
+def test_learnable_and_weight_noise_train():
+    torch.manual_seed(0)
+    layer = nk.nn.LearnableNoise((3,), init=0.25, seed=2)
+    y = layer(torch.randn(8, 3, 4, 4))
+    y.square().sum().backward()
+    assert layer.alpha.grad.shape == (3,) and (layer.alpha.grad != 0).all()
+    conv = torch.nn.Conv2d(3, 4, 3)
+    noise = nk.nn.add_weight_noise(conv, seed=3)
+    conv(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert noise.alpha.grad is not None and conv.parametrizations.weight.original.grad is not None
+    w = conv.weight  # noisy in training, clean in eval
+    conv.eval()
+    assert torch.equal(conv.weight, conv.parametrizations.weight.original) and not torch.equal(w, conv.weight)
+
+
+class RSENet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n0 = nk.nn.GaussianNoise(0.2, mc=True, seed=1)
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.n1 = nk.nn.LearnableNoise((4,), seed=2, mc=True)
+        self.head = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(self.n1(self.conv(self.n0(x))).flatten(1))
+
+
+def test_compile_fullgraph_fresh_noise_each_step():
+    torch.manual_seed(0)
+    eager, other = RSENet(), RSENet()
+    other.load_state_dict(eager.state_dict())
+    step = torch.compile(other, fullgraph=True)
+    x = torch.randn(3, 1, 8, 8)
+    outs = []
+    for _ in range(3):
+        out = step(x)
+        out.sum().backward()
+        torch.testing.assert_close(out, eager(x))
+        outs.append(out.detach())
+    assert not torch.equal(outs[0], outs[1])
+    assert other.n1.alpha.grad is not None
