@@ -15,7 +15,7 @@ from ._source_hash import source_hash
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 BUILD_HELP = (
     "build it from the repository root with `make build` "
-    "(pip install --no-build-isolation -e .), or set NOISEKERNELS_BACKEND=reference "
+    "(python setup.py build_ext --inplace), or set NOISEKERNELS_BACKEND=reference "
     "to run the pure-PyTorch reference ops instead"
 )
 

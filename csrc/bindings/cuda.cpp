@@ -113,9 +113,38 @@ at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tens
   return out;
 }
 
+std::vector<at::Tensor> noise_add_foreach(at::TensorList xs, const at::Tensor& scales,
+                                          const at::Tensor& seed, const at::Tensor& offset,
+                                          at::IntArrayRef starts, int64_t dist) {
+  check_noise_add_foreach_args(xs, scales, seed, offset, starts, dist);
+  const c10::cuda::CUDAGuard guard(seed.device());
+  const int64_t k = static_cast<int64_t>(xs.size());
+  std::vector<at::Tensor> inputs, outputs;
+  // The table the kernel reads: input and output pointers, prefix sums, counter starts.
+  at::Tensor meta = at::empty({4 * k + 1}, at::TensorOptions(at::kLong).pinned_memory(true));
+  int64_t* m = meta.data_ptr<int64_t>();
+  m[2 * k] = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    inputs.push_back(xs[i].contiguous());
+    outputs.push_back(at::empty_like(inputs.back()));
+    m[i] = reinterpret_cast<int64_t>(inputs.back().const_data_ptr());
+    m[k + i] = reinterpret_cast<int64_t>(outputs.back().data_ptr());
+    m[2 * k + i + 1] = m[2 * k + i] + xs[i].numel();
+    m[3 * k + 1 + i] = starts[i];
+  }
+  if (k == 0 || m[3 * k] == 0) return outputs;
+  const at::Tensor meta_dev = meta.to(seed.device(), /*non_blocking=*/true);
+  C10_CUDA_CHECK(launch_noise_add_foreach(
+      meta_dev.const_data_ptr<int64_t>(), k, m[3 * k], scales.contiguous().const_data_ptr(),
+      to_dtype(xs[0].scalar_type()), static_cast<int>(dist), seed.const_data_ptr<int64_t>(),
+      offset.const_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
+  return outputs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
+  m.impl("noise_add_foreach", &noise_add_foreach);
   m.impl("noise_add", &noise_add);
   m.impl("noise_mul", &noise_mul);
   m.impl("random_spike", &random_spike);

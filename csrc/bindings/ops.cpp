@@ -79,6 +79,26 @@ void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at:
   TORCH_CHECK(seed.device() == g.device(), "noise_mul: seed and offset must be on grad's device");
 }
 
+void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, const at::Tensor& seed,
+                                  const at::Tensor& offset, at::IntArrayRef starts, int64_t dist) {
+  check_stream_args(seed, offset);
+  check_dist(dist);
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == static_cast<int64_t>(xs.size()) &&
+                  scales.numel() == static_cast<int64_t>(xs.size()),
+              "noise_add_foreach: need one scale and one start per tensor, got ", xs.size(),
+              " tensors, ", scales.numel(), " scales, ", starts.size(), " starts");
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.device() == seed.device(),
+                "noise_add_foreach: all tensors must share one dtype and the stream's device");
+  }
+  if (!xs.empty()) {
+    check_floating(xs[0].scalar_type(), "xs");
+    const auto acc = xs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(scales.scalar_type() == acc && scales.device() == seed.device(),
+                "noise_add_foreach: scales must be ", acc, " on the stream's device");
+  }
+}
+
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset) {
   return {static_cast<uint64_t>(*seed.const_data_ptr<int64_t>()),
           static_cast<uint64_t>(*offset.const_data_ptr<int64_t>())};
@@ -105,6 +125,9 @@ TORCH_LIBRARY(noisekernels, m) {
         "int channels, int replicas, float? lo, float? hi) -> Tensor");
   // grad * eps_i: the learnable scale's gradient before its reduction.
   m.def("noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist) -> Tensor");
+  // Multi-tensor noise_add: xs[k] + scales[k] * eps, tensor k on counters offset + starts[k] + i.
+  m.def("noise_add_foreach(Tensor[] xs, Tensor scales, Tensor seed, Tensor offset, SymInt[] starts, "
+        "int dist) -> Tensor[]");
 }
 
 // The Python module: importing it loads the library above; build_info() lets the package

@@ -27,6 +27,10 @@ void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at
 void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
                           int64_t dist);
 
+// noise_add_foreach's arguments: tensors of one device and dtype, one scale and one counter start each.
+void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, const at::Tensor& seed,
+                                  const at::Tensor& offset, at::IntArrayRef starts, int64_t dist);
+
 // Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);
 

@@ -52,3 +52,15 @@ cudaError_t launch_noise_mul(const void* grad, void* out, DType dtype, int64_t n
                              const int64_t* seed, const int64_t* offset, cudaStream_t stream);
 
 }  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+// Multi-tensor noise_add in one launch. meta (device, int64) holds for k tensors: k input
+// pointers, k output pointers, k + 1 element prefix sums (first[k]) and k counter starts; tensor
+// k's element i becomes x + scales[k] * eps of counter *offset + starts[k] + i.
+cudaError_t launch_noise_add_foreach(const int64_t* meta, int64_t k, int64_t total,
+                                     const void* scales, DType dtype, int dist,
+                                     const int64_t* seed, const int64_t* offset,
+                                     cudaStream_t stream);
+
+}  // namespace noisekernels::cuda

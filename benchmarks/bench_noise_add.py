@@ -1,0 +1,122 @@
+"""Noise injection (issue 4), side by side in one run:
+- Gaussian add forward on (128, 32, 28, 28) float32 against x + sigma * randn_like(x) and its
+  torch.compile (goals: 5x and 3x);
+- PNI (learnable alpha) forward+backward against the eager version that saves eps (goal: 5x);
+- multi-tensor weight noise over a ResNet-18-sized parameter list against a loop of single calls;
+- Gaussian augmentation N=10 against x.repeat + randn_like + clamp."""
+
+import pytest
+import torch
+
+import noisekernels as nk
+from noisekernels.functional import gaussian_augment, noise_add, noise_add_foreach
+
+SHAPE = (128, 32, 28, 28)
+SIGMA = 0.1
+HAS_CUDA = torch.cuda.is_available()
+# The parameter shapes of torchvision's resnet18 (11.7M values in 62 tensors).
+RESNET18_SHAPES = [(64, 3, 7, 7), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (128, 64, 3, 3), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (128, 64, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (256, 128, 3, 3), (256,), (256,), (256, 256, 3, 3), (256,), (256,), (256, 128, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,), (256, 256, 3, 3), (256,), (256,), (512, 256, 3, 3), (512,), (512,), (512, 512, 3, 3), (512,), (512,), (512, 256, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,), (512, 512, 3, 3), (512,), (512,), (1000, 512), (1000,)]
+
+
+def _devices():
+    return [pytest.param("cpu", id="cpu"),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="GPU"))]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _record(benchmark, impl, group, goals=None):
+    benchmark.group = group
+    benchmark.extra_info["impl"] = impl
+    if impl == "noisekernels":
+        benchmark.extra_info["ours"] = True
+        benchmark.extra_info["goals"] = goals or {}
+
+
+def _run(benchmark, fn, device, rounds=20):
+    def run():
+        out = fn()
+        _sync(device)
+        return out
+
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=3, iterations=1)
+
+
+def gaussian_eager(x, sigma):
+    return x + sigma * torch.randn_like(x)
+
+
+_gaussian_compiled = torch.compile(gaussian_eager)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", ["noisekernels", "eager", "compile"])
+def test_gaussian_add_forward(benchmark, impl, device):
+    x = torch.randn(SHAPE, device=device)
+    stream = nk.Stream(seed=1).to(device)
+    _record(benchmark, impl, f"gaussian_add-forward-{device}", {"eager": 5.0, "compile": 3.0})
+    fns = {"noisekernels": lambda: noise_add(x, SIGMA, *stream.reserve(x.numel())),
+           "eager": lambda: gaussian_eager(x, SIGMA), "compile": lambda: _gaussian_compiled(x, SIGMA)}
+    with torch.no_grad():
+        _run(benchmark, fns[impl], device)
+
+
+def pni_eager(x, alpha):
+    eps = torch.randn_like(x)  # autograd keeps eps for alpha's gradient
+    return x + alpha * eps
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", ["noisekernels", "eager"])
+def test_pni_forward_backward(benchmark, impl, device):
+    x = torch.randn(SHAPE, device=device, requires_grad=True)
+    alpha = torch.full((SHAPE[1],), 0.25, device=device, requires_grad=True)
+    g = torch.randn(SHAPE, device=device)
+    stream = nk.Stream(seed=1).to(device)
+    _record(benchmark, impl, f"pni_channel-forward+backward-{device}", {"eager": 5.0})
+    if impl == "noisekernels":
+        fn = lambda: noise_add(x, alpha, *stream.reserve(x.numel())).backward(g)  # noqa: E731
+    else:
+        fn = lambda: pni_eager(x, alpha.view(1, -1, 1, 1)).backward(g)  # noqa: E731
+    _run(benchmark, fn, device)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", ["noisekernels", "loop"])
+def test_weight_noise_resnet18(benchmark, impl, device):
+    params = [torch.randn(s, device=device) for s in RESNET18_SHAPES]
+    stream = nk.Stream(seed=1).to(device)
+    total = sum(p.numel() for p in params)
+    _record(benchmark, impl, f"weight_noise-resnet18-{device}")
+
+    def loop():
+        seed, offset = stream.reserve(total)
+        out, start = [], 0
+        for p in params:
+            out.append(noise_add(p, SIGMA, seed, offset + start))
+            start += p.numel()
+        return out
+
+    fns = {"noisekernels": lambda: noise_add_foreach(params, SIGMA, *stream.reserve(total)), "loop": loop}
+    with torch.no_grad():
+        _run(benchmark, fns[impl], device)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", ["noisekernels", "eager"])
+def test_gaussian_augment_n10(benchmark, impl, device):
+    x = torch.rand(128, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    stream = nk.Stream(seed=1).to(device)
+    _record(benchmark, impl, f"gaussian_augment-N10-{device}")
+
+    def eager():
+        xs = x.repeat(10, 1, 1, 1)
+        return (xs + 0.1 * torch.randn_like(xs)).clamp(0, 1), y.repeat(10)
+
+    fns = {"noisekernels": lambda: gaussian_augment(x, y, 10, 0.1, *stream.reserve(10 * x.numel())), "eager": eager}
+    with torch.no_grad():
+        _run(benchmark, fns[impl], device)
