@@ -4,11 +4,39 @@ measures both sides, so the ratios hold on a noisy shared machine where absolute
 
 import os
 import statistics
+import time
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def paired_ratio(ours, baseline, rounds, sync=lambda: None):
+    """Median over rounds of baseline time / ours time, the two run back to back in each round, so
+    both see the same load on a shared machine (long runs drift far more than short ones)."""
+    ratios = []
+    for _ in range(rounds):
+        times = []
+        for fn in (baseline, ours):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
+def rss_peak_mib(fn):
+    """Peak resident memory while fn runs, above the resident memory before it (Linux), in MiB."""
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current resident size
+    before = status("VmRSS:")
+    fn()
+    return round(status("VmHWM:") - before, 1)
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -23,10 +51,7 @@ def pytest_terminal_summary(terminalreporter, config):
     write("")
     write("noisekernels ratios (baseline median / ours median; > 1 means ours is faster)")
     for group, benches in sorted(groups.items()):
-        ours = [b for b in benches if b.extra_info.get("ours")]
-        if not ours:
-            continue
-        for mine in ours:
+        for mine in [b for b in benches if b.extra_info.get("ours")]:
             mine_t = statistics.median(mine.stats.data)
             goals = mine.extra_info.get("goals", {})
             for other in benches:
@@ -38,6 +63,13 @@ def pytest_terminal_summary(terminalreporter, config):
                 status = "" if goal is None else f"  goal >= {goal}x: {'met' if ratio >= goal else 'MISSED'}"
                 write(f"  {group}: {mine.extra_info.get('impl', mine.name)} vs {impl}: {ratio:.2f}x{status}")
         for bench in benches:
+            for base, (ratio, goal) in bench.extra_info.get("paired", {}).items():
+                status = "" if goal is None else f"  goal >= {goal}x: {'met' if ratio >= goal else 'MISSED'}"
+                write(f"  {group}: {bench.extra_info.get('impl', bench.name)} vs {base} (paired rounds): {ratio:.2f}x{status}")
+            if "peak_memory_mb" in bench.extra_info:
+                loop = bench.extra_info.get("loop_peak_memory_mb")
+                write(f"  {group}: {bench.extra_info.get('impl', bench.name)} peak memory "
+                      f"{bench.extra_info['peak_memory_mb']} MiB" + ("" if loop is None else f" (loop {loop} MiB)"))
             if "saved_bytes_per_element" in bench.extra_info:
                 write(f"  {group}: {bench.extra_info.get('impl', bench.name)} saves "
                       f"{bench.extra_info['saved_bytes_per_element']:.4g} bytes per element for backward")

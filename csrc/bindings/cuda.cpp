@@ -141,9 +141,22 @@ std::vector<at::Tensor> noise_add_foreach(at::TensorList xs, const at::Tensor& s
   return outputs;
 }
 
+at::Tensor replica_reduce(const at::Tensor& logits, int64_t mode) {
+  check_replica_reduce_args(logits, mode);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = logits.contiguous();
+  const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({x.size(1), x.size(2)}, x.options().dtype(out_type));
+  C10_CUDA_CHECK(launch_replica_reduce(x.const_data_ptr(), out.data_ptr(), to_dtype(x.scalar_type()),
+                                       x.size(0), x.size(1), x.size(2), mode == 1,
+                                       c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
+  m.impl("replica_reduce", &replica_reduce);
   m.impl("noise_add_foreach", &noise_add_foreach);
   m.impl("noise_add", &noise_add);
   m.impl("noise_mul", &noise_mul);

@@ -99,6 +99,13 @@ void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, c
   }
 }
 
+void check_replica_reduce_args(const at::Tensor& logits, int64_t mode) {
+  check_floating(logits.scalar_type(), "logits");
+  TORCH_CHECK(logits.dim() == 3, "replica_reduce: logits must have shape (n, B, C), got ", logits.sizes());
+  TORCH_CHECK(logits.size(0) >= 1, "replica_reduce: need at least one replica");
+  TORCH_CHECK(mode == 0 || mode == 1, "replica_reduce: mode must be 0 (mean) or 1 (vote), got ", mode);
+}
+
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset) {
   return {static_cast<uint64_t>(*seed.const_data_ptr<int64_t>()),
           static_cast<uint64_t>(*offset.const_data_ptr<int64_t>())};
@@ -128,6 +135,9 @@ TORCH_LIBRARY(noisekernels, m) {
   // Multi-tensor noise_add: xs[k] + scales[k] * eps, tensor k on counters offset + starts[k] + i.
   m.def("noise_add_foreach(Tensor[] xs, Tensor scales, Tensor seed, Tensor offset, SymInt[] starts, "
         "int dist) -> Tensor[]");
+  // Over the replica axis of (n, B, C) logits: mean softmax (mode 0) or argmax vote counts with
+  // ties to the smaller class index (mode 1); (B, C), float64 for float64 logits else float32.
+  m.def("replica_reduce(Tensor logits, int mode) -> Tensor");
 }
 
 // The Python module: importing it loads the library above; build_info() lets the package

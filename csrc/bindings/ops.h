@@ -31,6 +31,9 @@ void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at:
 void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, const at::Tensor& seed,
                                   const at::Tensor& offset, at::IntArrayRef starts, int64_t dist);
 
+// replica_reduce's arguments: (n, B, C) floating logits, mode 0 (mean softmax) or 1 (votes).
+void check_replica_reduce_args(const at::Tensor& logits, int64_t mode);
+
 // Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);
 

@@ -26,14 +26,21 @@ class _NoiseLayer(nn.Module):
 
 
 class AdditiveNoise(_NoiseLayer):
-    """x + scale * eps with eps ~ N(0, 1) ("gaussian"), U(-1, 1) ("uniform") or Laplace(0, 1)."""
+    """x + scale * eps with eps ~ N(0, 1) ("gaussian"), U(-1, 1) ("uniform") or Laplace(0, 1).
+
+    expand (set by the ensemble engine): the input holds B rows and the output expand*B noisy
+    replicas, made in one fused pass (the counters of repeating the input first)."""
 
     def __init__(self, scale, dist="gaussian", mc=False, seed=None, name="scale"):
         super().__init__(dist, mc, seed)
         self.scale = check_scale_value(scale, name)
+        self.expand = 1
 
     def forward(self, x):
-        return self.add_noise(x, self.scale) if self.active() and self.scale > 0 else x
+        n = self.expand
+        if not self.active() or (self.scale == 0 and n == 1):
+            return x
+        return noise_add(x, self.scale, *self.stream.reserve(x.numel() * n), dist=self.dist, replicas=n)
 
     def extra_repr(self):
         return f"scale={self.scale}, dist={self.dist!r}, mc={self.mc}"

@@ -1,0 +1,101 @@
+"""MC ensembles and EOT gradients (issue 5): the batched engine against the loop of n passes on the
+same model, n and batch. Goals on CPU: MC (n = 50, batch 100): A2SNN-style (noise at the
+penultimate layer) >= 20x (prefix sharing), RS-1 and RSE >= 1.0x (never slower); EOT (n = 20):
+the same models, same goals. On a GPU: RS-1 and RSE >= 3x.
+
+These runs take about a second each and the machine is shared, so the ratio against the loop is
+measured in paired rounds (loop, then batched, back to back; the median of the per-round ratios).
+Peak memory (above what was resident before) is reported for both."""
+
+import pytest
+import torch
+from conftest import paired_ratio, rss_peak_mib
+from torch import nn
+
+import noisekernels as nk
+from noisekernels import ensemble
+
+HAS_CUDA = torch.cuda.is_available()
+ROUNDS = 7
+
+
+class Net(nn.Module):
+    """An MNIST CNN (32 and 64 3x3 convs, 128-unit dense layer) with a defense's noise layers."""
+
+    def __init__(self, defense):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)
+        self.fc1, self.fc2 = nn.Linear(64 * 5 * 5, 128), nn.Linear(128, 10)
+        self.spike = nk.nn.RandomSpike(0.8, mc=True) if defense == "rs1" else nn.Identity()
+        self.n_in = nk.nn.GaussianNoise(0.2, mc=True) if defense == "rse" else nn.Identity()
+        self.n_inner = nk.nn.GaussianNoise(0.1, mc=True) if defense == "rse" else nn.Identity()
+        self.aniso = nk.nn.AnisotropicNoise(128, init_std=0.3) if defense == "a2snn" else nn.Identity()
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(torch.relu(self.spike(self.conv1(self.n_in(x)))), 2)
+        h = nn.functional.max_pool2d(torch.relu(self.conv2(self.n_inner(h))), 2)
+        return self.fc2(self.aniso(torch.relu(self.fc1(h.flatten(1)))))
+
+
+GOALS = {"cpu": {"rs1": 1.0, "rse": 1.0, "a2snn": 20.0}, "cuda": {"rs1": 3.0, "rse": 3.0}}
+
+
+def _devices():
+    return [pytest.param("cpu", id="cpu"),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="GPU"))]
+
+
+def _peak_mib(device, fn):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+    return rss_peak_mib(fn)
+
+
+def _bench(benchmark, group, defense, device, batched, loop):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    benchmark.group = group
+    benchmark.extra_info["impl"] = "batched"
+    batched(), loop()  # warm up (and plan the model)
+    benchmark.extra_info["paired"] = {"loop": (paired_ratio(batched, loop, ROUNDS, sync), GOALS[device].get(defense))}
+    benchmark.extra_info["peak_memory_mb"] = _peak_mib(device, batched)
+    benchmark.extra_info["loop_peak_memory_mb"] = _peak_mib(device, loop)
+    benchmark.pedantic(lambda: (batched(), sync()), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("defense", ["rs1", "rse", "a2snn"])
+def test_mc_predict_n50(benchmark, defense, device):
+    torch.manual_seed(0)
+    model = Net(defense).to(device).eval()
+    x = torch.rand(100, 1, 28, 28, device=device)
+
+    @torch.no_grad()
+    def loop():
+        return torch.stack([torch.softmax(model(x), -1) for _ in range(50)]).mean(0)
+
+    _bench(benchmark, f"mc_predict-n50-B100-{defense}-{device}", defense, device,
+           lambda: ensemble.mc_predict(model, x, 50), loop)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("defense", ["rs1", "rse", "a2snn"])
+def test_eot_grad_n20(benchmark, defense, device):
+    torch.manual_seed(0)
+    model = Net(defense).to(device).eval()
+    x = torch.rand(100, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (100,), device=device)
+
+    def loop():
+        xi = x.clone().requires_grad_()
+        total = 0
+        for _ in range(20):
+            total = total + nn.functional.cross_entropy(model(xi), y) / 20
+        return torch.autograd.grad(total, xi)[0]
+
+    _bench(benchmark, f"eot_grad-n20-B100-{defense}-{device}", defense, device,
+           lambda: ensemble.eot_grad(model, nn.functional.cross_entropy, x, y, 20), loop)

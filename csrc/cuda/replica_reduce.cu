@@ -1,0 +1,69 @@
+// CUDA kernel of replica_reduce: one warp per sample, lanes over classes.
+#include <noisekernels/cuda_launchers.h>
+
+#include "common.cuh"
+
+namespace noisekernels::cuda {
+namespace {
+
+template <typename T>
+__global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* out, int64_t n,
+                                      int64_t b, int64_t c, bool vote) {
+  using A = typename Acc<T>::type;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (i >= b) return;
+  A* acc = out + i * c;
+  for (int64_t k = lane; k < c; k += 32) acc[k] = 0;
+  __syncwarp();
+  for (int64_t r = 0; r < n; ++r) {
+    const T* x = logits + (r * b + i) * c;
+    A best_v = -kInf;
+    int64_t best = c;  // the smallest index of the largest logit (NaN-free rows)
+    for (int64_t k = lane; k < c; k += 32) {
+      const A v = to_acc(x[k]);
+      if (v > best_v || best == c) {
+        best_v = v;
+        best = k;
+      }
+    }
+    for (int d = 16; d > 0; d >>= 1) {
+      const A ov = __shfl_xor_sync(0xFFFFFFFFu, best_v, d);
+      const int64_t ok = __shfl_xor_sync(0xFFFFFFFFu, best, d);
+      if (ov > best_v || (ov == best_v && ok < best)) {
+        best_v = ov;
+        best = ok;
+      }
+    }
+    if (vote) {
+      if (lane == 0) acc[best] += 1;
+      __syncwarp();
+      continue;
+    }
+    A sum = 0;
+    for (int64_t k = lane; k < c; k += 32) sum += exp(to_acc(x[k]) - best_v);
+    for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, d);
+    for (int64_t k = lane; k < c; k += 32) acc[k] += exp(to_acc(x[k]) - best_v) / sum;
+    __syncwarp();
+  }
+  if (!vote) {
+    for (int64_t k = lane; k < c; k += 32) acc[k] /= static_cast<A>(n);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, int64_t n, int64_t b,
+                                  int64_t c, bool vote, cudaStream_t stream) {
+  if (b == 0 || c == 0) return cudaSuccess;
+  constexpr int kWarps = kThreads / 32;
+  const unsigned int blocks = static_cast<unsigned int>((b + kWarps - 1) / kWarps);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    replica_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const T*>(logits), static_cast<typename Acc<T>::type*>(out), n, b, c, vote);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace noisekernels::cuda

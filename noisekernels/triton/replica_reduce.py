@@ -1,0 +1,35 @@
+"""Triton kernel of replica_reduce: one program per sample, the classes in one block, a loop over
+replicas."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _replica_reduce_kernel(logits_ptr, out_ptr, n, b, c, VOTE: tl.constexpr, BLOCK_C: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_C)
+    mask = k < c
+    acc = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+    for r in range(n):
+        x = tl.load(logits_ptr + (r * b + i) * c + k, mask=mask, other=-float("inf")).to(acc.dtype)
+        top = tl.max(x, axis=0)
+        if VOTE:
+            best = tl.min(tl.where(x == top, k, BLOCK_C), axis=0)  # ties to the smaller index
+            acc += (k == best).to(acc.dtype)
+        else:
+            e = tl.exp(x - top)
+            acc += e / tl.sum(e, axis=0)
+    if not VOTE:
+        acc = acc / n
+    tl.store(out_ptr + i * c + k, acc, mask=mask)
+
+
+def replica_reduce(logits, mode):
+    logits = logits.contiguous()
+    n, b, c = logits.shape
+    out = torch.empty((b, c), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32, device=logits.device)
+    if b and c:
+        _replica_reduce_kernel[(b,)](logits, out, n, b, c, VOTE=mode == 1, BLOCK_C=triton.next_power_of_2(c))
+    return out

@@ -1,0 +1,157 @@
+"""Batched MC ensembles and EOT gradients equal the loop of n separate passes (same streams), for
+every defense; replicas are independent; plans, chunks, votes and errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import noisekernels as nk
+from models import MODELS, A2SNN, RS1, SkipNet
+from noisekernels import ensemble
+
+EXPECTED_MODES = {"rs1": "shared", "rse": "shared", "pni": "shared", "a2snn": "shared", "a2snn-batch": "shared",
+                  "skip": "replicate", "weight-noise": "loop"}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return MODELS[name]().eval()
+
+
+def _streams(model):
+    return [s for s in model.modules() if isinstance(s, nk.Stream)]
+
+
+def _snapshot(model):
+    return [s.offset.clone() for s in _streams(model)]
+
+
+def _restore(model, offsets):
+    for s, o in zip(_streams(model), offsets):
+        s.offset.copy_(o)
+
+
+def _loop_logits(model, x, n):
+    with torch.no_grad():
+        return torch.stack([model(x) for _ in range(n)])
+
+
+def _loop_grad(model, x, y, n):
+    grads, losses = [], []
+    for _ in range(n):
+        xi = x.detach().requires_grad_()
+        loss = nn.functional.cross_entropy(model(xi), y)
+        grads.append(torch.autograd.grad(loss, xi)[0])
+        losses.append(loss.detach())
+    return torch.stack(grads).mean(0), torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_mc_logits_equal_the_loop(name):
+    model, x = _model(name), torch.rand(5, 1, 28, 28)
+    assert ensemble.plan(model, x).mode == EXPECTED_MODES[name]
+    start = _snapshot(model)
+    batched = ensemble.mc_predict(model, x, 7, reduce="none")
+    after = _snapshot(model)
+    _restore(model, start)
+    loop = _loop_logits(model, x, 7)
+    assert batched.shape == (7, 5, 10)
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(after, _snapshot(model)))  # streams advance as the loop's
+    assert not torch.allclose(batched[0], batched[1])  # replicas differ
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eot_grad_equals_the_loop(name):
+    model, x, y = _model(name), torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    start = _snapshot(model)
+    grad, loss = ensemble.eot_grad(model, nn.functional.cross_entropy, x, y, 6)
+    _restore(model, start)
+    ref_grad, ref_loss = _loop_grad(model, x, y, 6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunks_give_the_same_result(chunk):
+    model, x = _model("rs1"), torch.rand(5, 1, 28, 28)
+    start = _snapshot(model)
+    whole = ensemble.mc_predict(model, x, 7, reduce="none", chunk=7)
+    _restore(model, start)
+    torch.testing.assert_close(ensemble.mc_predict(model, x, 7, reduce="none", chunk=chunk), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_reductions_follow_the_logits():
+    model, x = _model("rse"), torch.rand(6, 1, 28, 28)
+    start = _snapshot(model)
+    logits = ensemble.mc_predict(model, x, 9, reduce="none")
+    for reduce in ("mean", "vote"):
+        _restore(model, start)
+        got = ensemble.mc_predict(model, x, 9, reduce=reduce)
+        expected = torch.softmax(logits, -1).mean(0) if reduce == "mean" else \
+            nn.functional.one_hot(logits.argmax(-1), 10).sum(0).float()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vote_ties_go_to_the_smaller_index():
+    logits = torch.zeros(4, 2, 5)
+    logits[0, 0, 3] = logits[1, 0, 1] = 1  # one vote each for 3 and 1, two ties at 0
+    logits[:, 1, 4] = logits[:, 1, 2] = 2  # every replica ties 2 and 4
+    votes = nk.ops.replica_reduce.replica_reduce(logits, "vote")
+    assert votes[0].tolist() == [2, 1, 0, 1, 0] and votes[1].tolist() == [0, 0, 4, 0, 0]
+    assert votes.argmax(1).tolist() == [0, 2]
+
+
+def test_replicas_are_independent_and_the_mean_tightens():
+    model, x = _model("rse"), torch.rand(1, 1, 28, 28)
+
+    def spread(n, repeats=40):
+        return torch.stack([ensemble.mc_predict(model, x, n)[0] for _ in range(repeats)]).std(0).mean().item()
+
+    ratio = spread(4) / spread(64)
+    assert 2.5 < ratio < 6.5  # 1/sqrt(n): sqrt(64 / 4) = 4
+
+
+def test_prefix_sharing_runs_the_backbone_once():
+    model, x = _model("a2snn"), torch.rand(5, 1, 28, 28)
+    ensemble.plan(model, x)  # the probe runs two small passes once
+    rows = []
+    model.backbone.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    ensemble.mc_predict(model, x, 50)
+    assert rows == [5]
+
+
+def test_batch_statistics_in_training_mode_are_refused():
+    model = SkipNet().train()
+    with pytest.raises(ValueError, match="bn uses batch statistics, which would mix replicas"):
+        ensemble.mc_predict(model, torch.rand(2, 1, 8, 8), 3)
+    model.eval()
+    assert ensemble.mc_predict(model, torch.rand(2, 1, 8, 8), 3).shape == (2, 10)
+
+
+def test_deterministic_prediction_and_no_noise_models():
+    model, x = _model("rs1"), torch.rand(3, 1, 28, 28)
+    d1 = ensemble.deterministic_predict(model, x)
+    assert torch.equal(d1, ensemble.deterministic_predict(model, x)) and model.spike.mc
+    clean = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    assert ensemble.plan(clean, x).mode == "deterministic"
+    logits = ensemble.mc_predict(clean, x, 4, reduce="none")
+    assert torch.equal(logits[0], logits[3])
+    grad, _ = ensemble.eot_grad(clean, nn.functional.cross_entropy, x, torch.tensor([0, 1, 2]), 4)
+    assert grad.shape == x.shape
+
+
+def test_bad_arguments():
+    model, x = RS1().eval(), torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        ensemble.mc_predict(model, x, 0)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        ensemble.mc_predict(model, x, 2, reduce="median")
+    with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        ensemble.mc_predict(model, x, 2, chunk=0)
+    with pytest.raises(ValueError, match="y must be a tensor with x's batch size 2"):
+        ensemble.eot_grad(model, nn.functional.cross_entropy, x, torch.tensor([1]), 2)
+    assert math.isfinite(ensemble.mc_predict(A2SNN().eval(), x, 2).sum().item())
