@@ -70,6 +70,8 @@ def pytest_terminal_summary(terminalreporter, config):
                 loop = bench.extra_info.get("loop_peak_memory_mb")
                 write(f"  {group}: {bench.extra_info.get('impl', bench.name)} peak memory "
                       f"{bench.extra_info['peak_memory_mb']} MiB" + ("" if loop is None else f" (loop {loop} MiB)"))
+            if "note" in bench.extra_info:
+                write(f"  {group}: {bench.extra_info['note']}")
             if "saved_bytes_per_element" in bench.extra_info:
                 write(f"  {group}: {bench.extra_info.get('impl', bench.name)} saves "
                       f"{bench.extra_info['saved_bytes_per_element']:.4g} bytes per element for backward")

@@ -1,7 +1,7 @@
 """noisekernels: fused kernels for stochastic neural-network defenses."""
 
 from ._extension import BUILD_INFO, REFERENCE_ONLY  # loads noisekernels._C first
-from . import ensemble, functional, input_channels, nn, random
+from . import attacks, ensemble, functional, input_channels, metrics, nn, random
 from .replicas import replicas
 from .stream import Stream, for_rank
 
@@ -13,4 +13,4 @@ def build_info():
     return dict(BUILD_INFO, reference_only=REFERENCE_ONLY)
 
 
-__all__ = ["Stream", "build_info", "ensemble", "for_rank", "functional", "input_channels", "nn", "random", "replicas"]
+__all__ = ["Stream", "attacks", "build_info", "ensemble", "metrics", "for_rank", "functional", "input_channels", "nn", "random", "replicas"]

@@ -173,13 +173,12 @@ def _chunks(n, m):
 
 
 def replica_logits(model, x, n, *, chunk=None):
-    """The (n, B, C) logits of n noisy passes over x, batched."""
+    """The (n, B, C) logits of n noisy passes over x, batched (differentiable)."""
     _check(model, x, n)
     p = plan(model, x)
     if p.mode == "deterministic":
-        with torch.no_grad():
-            out = model(x)
-        return out.unsqueeze(0).expand(n, *out.shape).clone()
+        out = model(x)
+        return out.unsqueeze(0).expand(n, *out.shape)
     outs = [_pass(model, x, m, p).reshape(m, x.shape[0], -1) for m in _chunks(n, _chunk(p, x, n, chunk))]
     return torch.cat(outs)
 

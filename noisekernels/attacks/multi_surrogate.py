@@ -1,0 +1,99 @@
+"""The translucent-box multi-surrogate attack with validation (random-spiking.txt 3.2).
+
+Examples are crafted by PGD against the sum of the losses of t surrogate models, and kept only if
+they fool at least k of v validation models; their transfer is then measured on a held-out target.
+rotate_targets repeats this with each model of a pool as the target. Surrogates of one
+architecture without noise layers run as one vmapped forward over their stacked weights
+(torch.func); others run in a loop.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from .. import ensemble
+from ..nn.noise import _NoiseLayer
+from ..nn.anisotropic import AnisotropicNoise
+from ..nn.random_spike import RandomSpike
+from .base import _check_positive_int
+from .pgd import PGD
+
+
+def _stackable(models):
+    first = models[0]
+    shapes = [tuple(p.shape) for p in first.parameters()]
+    return len(models) > 1 and all(
+        type(m) is type(first) and [tuple(p.shape) for p in m.parameters()] == shapes
+        and not any(isinstance(x, (_NoiseLayer, RandomSpike, AnisotropicNoise)) for x in m.modules())
+        for m in models)
+
+
+class _SurrogateSum(nn.Module):
+    """Logits of t surrogates as one (t*B, C) output, so one loss sums their losses."""
+
+    def __init__(self, surrogates):
+        super().__init__()
+        self.surrogates = list(surrogates)
+        self.stacked = _stackable(self.surrogates)
+        if self.stacked:
+            self.params, self.buffers_ = stack_module_state(self.surrogates)
+            self.base = copy.deepcopy(self.surrogates[0]).to("meta")
+
+    def forward(self, x):
+        if self.stacked:
+            call = lambda p, b, x: functional_call(self.base, (p, b), (x,))  # noqa: E731
+            logits = torch.vmap(call, in_dims=(0, 0, None))(self.params, self.buffers_, x)
+            return logits.flatten(0, 1)
+        return torch.cat([m(x) for m in self.surrogates])
+
+
+class MultiSurrogate(PGD):
+    """MultiSurrogate(surrogates, validators, k=5, eps=..., alpha=..., steps=...)(x, y) crafts
+    against sum_s loss(s(x'), y); attack.kept marks the examples that fool >= k validators."""
+
+    def __init__(self, surrogates, validators, k, **pgd_options):
+        self.surrogates, self.validators = list(surrogates), list(validators)
+        if not self.surrogates:
+            raise ValueError("surrogates must hold at least one model")
+        self.k = _check_positive_int(k, "k", minimum=0)
+        if self.k > len(self.validators):
+            raise ValueError(f"k={k} must be at most the number of validators ({len(self.validators)})")
+        self.summed = _SurrogateSum(self.surrogates)
+        super().__init__(self.summed, **pgd_options)
+        self.kept = None
+
+    def loss(self, logits, y):
+        t = len(self.surrogates)
+        ce = nn.functional.cross_entropy(logits, y.repeat(t), reduction="sum") / y.shape[0]  # sum over surrogates
+        return -ce if self.targeted else ce
+
+    @torch.no_grad()
+    def fooled(self, model, x_adv, y):
+        pred = ensemble.mc_predict(model, x_adv, self.judge_n, reduce=self.judge).argmax(1)
+        return pred == y if self.targeted else pred != y
+
+    def forward(self, x, y):
+        x_adv = super().forward(x, y)
+        votes = sum(self.fooled(v, x_adv, y).long() for v in self.validators)
+        self.kept = votes >= self.k if self.validators else torch.ones_like(y, dtype=torch.bool)
+        return x_adv
+
+
+def rotate_targets(models, x, y, *, t, v, k, **pgd_options):
+    """Each model of the pool in turn is the held-out target: the next t models are surrogates and
+    the v after them validators. Returns one dict per target: index, kept (count), transfer (the
+    fraction of kept examples that fool the target, judged by its MC prediction)."""
+    models = list(models)
+    if t + v + 1 > len(models):
+        raise ValueError(f"need t + v + 1 <= len(models), got t={t}, v={v} for {len(models)} models")
+    results = []
+    for i, target in enumerate(models):
+        others = models[i + 1:] + models[:i]
+        attack = MultiSurrogate(others[:t], others[t:t + v], k, **pgd_options)
+        x_adv = attack(x, y)
+        kept = attack.kept
+        fooled = attack.fooled(target, x_adv[kept], y[kept]) if kept.any() else torch.zeros(0, dtype=torch.bool)
+        results.append({"target": i, "kept": int(kept.sum()), "transfer": fooled.float().mean().item() if kept.any() else float("nan")})
+    return results

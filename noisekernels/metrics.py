@@ -1,0 +1,100 @@
+"""Robustness metrics of the papers in shared/papers, judged like the papers judge stochastic
+defenses: by a single noisy pass, the MC mean ("MC Avg") or the vote ("Voting")."""
+
+import math
+
+import torch
+
+from . import ensemble
+from .attacks import FGSM, PGD
+from .random import normal, uniform
+from .stream import Stream
+
+MODES = ("single", "mean", "vote")
+
+
+@torch.no_grad()
+def predict(model, x, *, mode="mean", n=10):
+    """Predicted classes: one pass ("single"), or argmax of the MC mean / vote over n passes."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "single":
+        return model(x).argmax(1)
+    return ensemble.mc_predict(model, x, n, reduce=mode).argmax(1)
+
+
+def accuracy(model, x, y, *, mode="mean", n=10):
+    """Clean accuracy (a float in [0, 1])."""
+    return (predict(model, x, mode=mode, n=n) == y).float().mean().item()
+
+
+def robust_accuracy(model, x, y, attack_for_eps, eps_list, *, mode="mean", n=10):
+    """{eps: accuracy on attack_for_eps(eps)(x, y)} for each eps."""
+    return {eps: accuracy(model, attack_for_eps(eps)(x, y), y, mode=mode, n=n) for eps in eps_list}
+
+
+L2_BUCKETS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, math.inf)
+
+
+def l2_distortion(x, x_adv, success, edges=L2_BUCKETS):
+    """Counts of the successful examples' L2 distortion in [edges[i], edges[i+1])."""
+    l2 = (x_adv - x).flatten(1).norm(dim=1)[success]
+    return {(lo, hi): int(((l2 >= lo) & (l2 < hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])}
+
+
+def empirical_robustness(x, x_adv, success):
+    """rho = E[|x_adv - x| / |x|] over successful examples (efficient-defenses paper eq. 2)."""
+    if not success.any():
+        return math.nan
+    ratio = (x_adv - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    return ratio[success].mean().item()
+
+
+def loss_sensitivity(model, x, y, *, n=1):
+    """Mean L2 norm of the (EOT over n draws) input gradient of the per-input cross-entropy."""
+    # Each input's loss depends on that input only, so the batch-summed loss (the row mean times B,
+    # eot_grad averaging over rows) has the per-input gradients.
+    grad, _ = ensemble.eot_grad(model, lambda logits, t: torch.nn.functional.cross_entropy(logits, t) * x.shape[0], x, y, n)
+    return grad.flatten(1).norm(dim=1).mean().item()
+
+
+def prediction_stability(model, x, l2, *, trials=10, mode="mean", n=10, seed=0):
+    """Fraction of (input, trial) whose prediction under Gaussian noise scaled to L2 norm `l2`
+    equals the clean prediction (random-spiking.txt 5.3.1)."""
+    stream = Stream(seed).to(x.device)
+    clean = predict(model, x, mode=mode, n=n)
+    same = []
+    for _ in range(trials):
+        z = normal(x.shape, *stream.reserve(x.numel()), dtype=x.dtype)
+        z = z / z.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1))) * l2
+        same.append(predict(model, x + z, mode=mode, n=n) == clean)
+    return torch.stack(same).float().mean().item()
+
+
+def _success_rate(model, x, y, x_adv, mode, n):
+    return (predict(model, x_adv, mode=mode, n=n) != y).float().mean().item()
+
+
+def obfuscation_report(model, x, y, eps_list, *, surrogate=None, steps=10, eot=1, mode="mean", n=10, seed=0):
+    """The gradient-obfuscation checks of a2snn-anisotropic-noise.txt 4.5, as {check: (passed, detail)}:
+    iterative beats one-step; white-box beats transfer (needs a surrogate); an unbounded attack
+    reaches 100% success; random sampling in the ball does not beat gradients; larger eps never
+    helps the defender."""
+    lo_eps = eps_list[0]
+    kwargs = dict(eot=eot, judge_n=n, judge="vote" if mode == "vote" else "mean")
+    pgd = {eps: _success_rate(model, x, y, PGD(model, eps=eps, alpha=eps / 4, steps=steps, seed=seed, **kwargs)(x, y), mode, n)
+           for eps in eps_list}
+    fgsm = _success_rate(model, x, y, FGSM(model, eps=lo_eps, **kwargs)(x, y), mode, n)
+    report = {"iterative beats one-step": (pgd[lo_eps] >= fgsm, {"pgd": pgd[lo_eps], "fgsm": fgsm})}
+    if surrogate is not None:
+        transfer = _success_rate(model, x, y, PGD(surrogate, eps=lo_eps, alpha=lo_eps / 4, steps=steps, seed=seed)(x, y), mode, n)
+        report["white-box beats transfer"] = (pgd[lo_eps] >= transfer, {"white": pgd[lo_eps], "transfer": transfer})
+    unbounded = _success_rate(model, x, y, PGD(model, eps=1.0, alpha=0.1, steps=max(steps, 20), seed=seed, **kwargs)(x, y), mode, n)
+    report["unbounded attack reaches 100%"] = (unbounded == 1.0, {"success": unbounded})
+    stream = Stream(seed).to(x.device)
+    noise = (uniform(x.shape, *stream.reserve(x.numel()), dtype=x.dtype) * 2 - 1) * lo_eps
+    random = _success_rate(model, x, y, (x + noise).clamp(0, 1), mode, n)
+    report["random sampling does not beat gradients"] = (random <= pgd[lo_eps], {"random": random, "pgd": pgd[lo_eps]})
+    rates = [pgd[e] for e in sorted(eps_list)]
+    report["larger eps never helps the defender"] = (all(a <= b for a, b in zip(rates, rates[1:])), dict(zip(sorted(eps_list), rates)))
+    return report
