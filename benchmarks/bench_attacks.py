@@ -9,13 +9,12 @@ import functools
 import pytest
 import torch
 import torchattacks
-from conftest import paired_ratio
+from conftest import DEVICES, paired_ratio, sync
 from torch import nn
 
 import noisekernels as nk
 from noisekernels.attacks import PGD
 
-HAS_CUDA = torch.cuda.is_available()
 GOALS = {"cpu": {"rs1": 1.5, "a2snn": 10.0}, "cuda": {"rs1": 5.0}}
 
 
@@ -92,12 +91,8 @@ def _trained(defense):
     return model.eval()
 
 
-def _devices():
-    return [pytest.param("cpu", id="cpu"),
-            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="GPU"))]
 
-
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("defense", ["rs1", "a2snn"])
 def test_eot_pgd(benchmark, defense, device):
     model = _trained(defense).to(device)
@@ -106,16 +101,16 @@ def test_eot_pgd(benchmark, defense, device):
     eps, alpha = 0.1, 0.025  # robust accuracy mid-range on this task, so the comparison says something
     ours = PGD(model, eps=eps, alpha=alpha, steps=10, eot=20, random_start=True)
     theirs = torchattacks.EOTPGD(eager, eps=eps, alpha=alpha, steps=10, eot_iter=20)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    wait = lambda: sync(device)  # noqa: E731
     clean = nk.metrics.accuracy(model, x, y, n=20)
     acc_ours = nk.metrics.accuracy(model, ours(x, y), y, n=20)
     acc_theirs = nk.metrics.accuracy(model, theirs(x, y), y, n=20)
     benchmark.group = f"eot_pgd-10steps-eot20-B200-{defense}-{device}"
     benchmark.extra_info["impl"] = "noisekernels"
-    benchmark.extra_info["paired"] = {"torchattacks.EOTPGD": (paired_ratio(lambda: ours(x, y), lambda: theirs(x, y), 3, sync),
+    benchmark.extra_info["paired"] = {"torchattacks.EOTPGD": (paired_ratio(lambda: ours(x, y), lambda: theirs(x, y), 3, wait),
                                                               GOALS[device].get(defense))}
     # 200 inputs: one standard error of a robust accuracy near 0.15 is 2.5 points, so the 3-point
     # agreement is reported (met / MISSED), not asserted.
     benchmark.extra_info["note"] = (f"clean {clean:.3f}, robust accuracy noisekernels {acc_ours:.3f}, torchattacks "
                                     f"{acc_theirs:.3f}: within 3 points: {'met' if abs(acc_ours - acc_theirs) <= 0.03 else 'MISSED'}")
-    benchmark.pedantic(lambda: (ours(x, y), sync()), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: (ours(x, y), wait()), rounds=1, iterations=1)

@@ -9,13 +9,12 @@ Peak memory (above what was resident before) is reported for both."""
 
 import pytest
 import torch
-from conftest import paired_ratio, rss_peak_mib
+from conftest import DEVICES, paired_ratio, rss_peak_mib, sync
 from torch import nn
 
 import noisekernels as nk
 from noisekernels import ensemble
 
-HAS_CUDA = torch.cuda.is_available()
 ROUNDS = 7
 
 
@@ -40,10 +39,6 @@ class Net(nn.Module):
 GOALS = {"cpu": {"rs1": 1.0, "rse": 1.0, "a2snn": 20.0}, "cuda": {"rs1": 3.0, "rse": 3.0}}
 
 
-def _devices():
-    return [pytest.param("cpu", id="cpu"),
-            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="GPU"))]
-
 
 def _peak_mib(device, fn):
     if device == "cuda":
@@ -57,17 +52,17 @@ def _peak_mib(device, fn):
 
 
 def _bench(benchmark, group, defense, device, batched, loop):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    wait = lambda: sync(device)  # noqa: E731
     benchmark.group = group
     benchmark.extra_info["impl"] = "batched"
     batched(), loop()  # warm up (and plan the model)
-    benchmark.extra_info["paired"] = {"loop": (paired_ratio(batched, loop, ROUNDS, sync), GOALS[device].get(defense))}
+    benchmark.extra_info["paired"] = {"loop": (paired_ratio(batched, loop, ROUNDS, wait), GOALS[device].get(defense))}
     benchmark.extra_info["peak_memory_mb"] = _peak_mib(device, batched)
     benchmark.extra_info["loop_peak_memory_mb"] = _peak_mib(device, loop)
-    benchmark.pedantic(lambda: (batched(), sync()), rounds=3, iterations=1)
+    benchmark.pedantic(lambda: (batched(), wait()), rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("defense", ["rs1", "rse", "a2snn"])
 def test_mc_predict_n50(benchmark, defense, device):
     torch.manual_seed(0)
@@ -82,7 +77,7 @@ def test_mc_predict_n50(benchmark, defense, device):
            lambda: ensemble.mc_predict(model, x, 50), loop)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("defense", ["rs1", "rse", "a2snn"])
 def test_eot_grad_n20(benchmark, defense, device):
     torch.manual_seed(0)

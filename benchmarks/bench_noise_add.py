@@ -7,25 +7,17 @@
 
 import pytest
 import torch
+from conftest import DEVICES, sync
 
 import noisekernels as nk
 from noisekernels.functional import gaussian_augment, noise_add, noise_add_foreach
 
 SHAPE = (128, 32, 28, 28)
 SIGMA = 0.1
-HAS_CUDA = torch.cuda.is_available()
 # The parameter shapes of torchvision's resnet18 (11.7M values in 62 tensors).
 RESNET18_SHAPES = [(64, 3, 7, 7), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (128, 64, 3, 3), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (128, 64, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (256, 128, 3, 3), (256,), (256,), (256, 256, 3, 3), (256,), (256,), (256, 128, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,), (256, 256, 3, 3), (256,), (256,), (512, 256, 3, 3), (512,), (512,), (512, 512, 3, 3), (512,), (512,), (512, 256, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,), (512, 512, 3, 3), (512,), (512,), (1000, 512), (1000,)]
 
 
-def _devices():
-    return [pytest.param("cpu", id="cpu"),
-            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="GPU"))]
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _record(benchmark, impl, group, goals=None):
@@ -39,7 +31,7 @@ def _record(benchmark, impl, group, goals=None):
 def _run(benchmark, fn, device, rounds=20):
     def run():
         out = fn()
-        _sync(device)
+        sync(device)
         return out
 
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=3, iterations=1)
@@ -52,7 +44,7 @@ def gaussian_eager(x, sigma):
 _gaussian_compiled = torch.compile(gaussian_eager)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["noisekernels", "eager", "compile"])
 def test_gaussian_add_forward(benchmark, impl, device):
     x = torch.randn(SHAPE, device=device)
@@ -69,7 +61,7 @@ def pni_eager(x, alpha):
     return x + alpha * eps
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["noisekernels", "eager"])
 def test_pni_forward_backward(benchmark, impl, device):
     x = torch.randn(SHAPE, device=device, requires_grad=True)
@@ -84,7 +76,7 @@ def test_pni_forward_backward(benchmark, impl, device):
     _run(benchmark, fn, device)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["noisekernels", "loop"])
 def test_weight_noise_resnet18(benchmark, impl, device):
     params = [torch.randn(s, device=device) for s in RESNET18_SHAPES]
@@ -105,7 +97,7 @@ def test_weight_noise_resnet18(benchmark, impl, device):
         _run(benchmark, fns[impl], device)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["noisekernels", "eager"])
 def test_gaussian_augment_n10(benchmark, impl, device):
     x = torch.rand(128, 3, 32, 32, device=device)

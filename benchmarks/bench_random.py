@@ -5,15 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import sync
 from noisekernels import random
 
 N = 3_200_000
 HAS_CUDA = torch.cuda.is_available()
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _ours(backend, device, fill):
@@ -55,7 +51,7 @@ def test_generate(benchmark, dist, impl, device):
 
     def run():
         out = fn()
-        _sync(device)
+        sync(device)
         return out
 
     out = benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=1)

@@ -5,12 +5,12 @@ Goals (issue 3): forward+backward at least 10x faster than eager and 5x faster t
 
 import pytest
 import torch
+from conftest import DEVICES, sync
 
 import noisekernels as nk
 
 SHAPE = (128, 32, 28, 28)
 P = 0.8
-HAS_CUDA = torch.cuda.is_available()
 
 
 def composite(x, p):
@@ -37,16 +37,6 @@ def saved_bytes_per_element(fn, x):
     return sum(t.numel() * t.element_size() for t in saved) / x.numel()
 
 
-def _device_params():
-    return [pytest.param("cpu", id="cpu"),
-            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="GPU"))]
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _record(benchmark, impl, group, goals):
     benchmark.group = group
     benchmark.extra_info["impl"] = impl
@@ -55,7 +45,7 @@ def _record(benchmark, impl, group, goals):
         benchmark.extra_info["goals"] = goals
 
 
-@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["noisekernels", "eager", "compile", "copy-floor"])
 def test_forward(benchmark, impl, device):
     x = torch.randn(SHAPE, device=device)
@@ -68,13 +58,13 @@ def test_forward(benchmark, impl, device):
     def run():
         with torch.no_grad():
             out = fn()
-        _sync(device)
+        sync(device)
         return out
 
     benchmark.pedantic(run, rounds=20, warmup_rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["noisekernels", "eager", "compile"])
 def test_forward_backward(benchmark, impl, device):
     x = torch.randn(SHAPE, device=device, requires_grad=True)
@@ -86,6 +76,6 @@ def test_forward_backward(benchmark, impl, device):
 
     def run():
         fn(x, P).backward(g)
-        _sync(device)
+        sync(device)
 
     benchmark.pedantic(run, rounds=20, warmup_rounds=3, iterations=1)

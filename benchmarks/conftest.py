@@ -6,10 +6,23 @@ import os
 import statistics
 import time
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+HAS_CUDA = torch.cuda.is_available()
+# The devices every benchmark runs on; CUDA ones skip cleanly without a GPU.
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+
+
+def sync(device):
+    """Waits for the device's queued work (timings of asynchronous GPU launches)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def paired_ratio(ours, baseline, rounds, sync=lambda: None):

@@ -2,8 +2,6 @@
 them with EOT against stochastic defenses). Steps follow torchattacks' FGSM / PGD / PGDL2, so
 with eot=1 and no random start they agree step for step."""
 
-import torch
-
 from ..random import normal, uniform
 from .base import Attack, _check_nonnegative, _check_positive_int
 
