@@ -80,12 +80,12 @@ def _noise_add_backward(ctx, grad):
     seed, offset, out = ctx.saved_tensors
     dist, inner, channels, replicas, lo, hi = ctx.args
     grad_x = grad_scale = None
+    if out is not None:  # zero where the clip was active
+        grad = torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     if ctx.needs_input_grad[0]:
-        g = grad if out is None else torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        grad_x = g if replicas == 1 else g.reshape(replicas, *ctx.x_shape).sum(0)
+        grad_x = grad if replicas == 1 else grad.reshape(replicas, *ctx.x_shape).sum(0)
     if ctx.needs_input_grad[1]:
-        g = grad if out is None else torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        ge = torch.ops.noisekernels.noise_mul(g.contiguous(), seed, offset, dist)
+        ge = torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, dist)
         grad_scale = ge.reshape(-1, channels, inner).sum((0, 2), dtype=compute_dtype(grad.dtype))
     return grad_x, grad_scale, None, None, None, None, None, None, None, None
 
