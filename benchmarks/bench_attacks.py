@@ -2,7 +2,8 @@
 against torchattacks.EOTPGD on the same weights with eager composite noise layers (what a user
 has without this library). Goals on CPU: (a) RS-1 >= 1.5x, (b) A2SNN-style (noise at the
 penultimate layer) >= 10x; robust accuracy within 3 points (both judged by the same MC ensemble,
-mean of 20 passes of the fused model). On a GPU: (a) >= 5x. Times are paired rounds."""
+mean of 20 passes of the fused model, on 800 inputs). On a GPU: (a) >= 5x. Times are paired
+rounds."""
 
 import functools
 
@@ -102,15 +103,17 @@ def test_eot_pgd(benchmark, defense, device):
     ours = PGD(model, eps=eps, alpha=alpha, steps=10, eot=20, random_start=True)
     theirs = torchattacks.EOTPGD(eager, eps=eps, alpha=alpha, steps=10, eot_iter=20)
     wait = lambda: sync(device)  # noqa: E731
-    clean = nk.metrics.accuracy(model, x, y, n=20)
-    acc_ours = nk.metrics.accuracy(model, ours(x, y), y, n=20)
-    acc_theirs = nk.metrics.accuracy(model, theirs(x, y), y, n=20)
+    # Timing on the 200 inputs of the goal; the accuracy comparison on 800, where one standard
+    # error of the difference is about 1.8 points (3.6 on 200, too coarse for a 3-point check).
+    xa, ya = (t.to(device) for t in _data(800, 3))
+    clean = nk.metrics.accuracy(model, xa, ya, n=20)
+    acc_ours = nk.metrics.accuracy(model, ours(xa, ya), ya, n=20)
+    acc_theirs = nk.metrics.accuracy(model, theirs(xa, ya), ya, n=20)
     benchmark.group = f"eot_pgd-10steps-eot20-B200-{defense}-{device}"
     benchmark.extra_info["impl"] = "noisekernels"
     benchmark.extra_info["paired"] = {"torchattacks.EOTPGD": (paired_ratio(lambda: ours(x, y), lambda: theirs(x, y), 3, wait),
                                                               GOALS[device].get(defense))}
-    # 200 inputs: one standard error of a robust accuracy near 0.15 is 2.5 points, so the 3-point
-    # agreement is reported (met / MISSED), not asserted.
+    # Reported (met / MISSED), not asserted: it is a statistical comparison.
     benchmark.extra_info["note"] = (f"clean {clean:.3f}, robust accuracy noisekernels {acc_ours:.3f}, torchattacks "
                                     f"{acc_theirs:.3f}: within 3 points: {'met' if abs(acc_ours - acc_theirs) <= 0.03 else 'MISSED'}")
     benchmark.pedantic(lambda: (ours(x, y), wait()), rounds=1, iterations=1)
