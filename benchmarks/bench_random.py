@@ -5,12 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sync
+from conftest import HAS_CUDA, sync
 from noisekernels import random
 
 N = 3_200_000
-HAS_CUDA = torch.cuda.is_available()
-
 
 def _ours(backend, device, fill):
     seed, offset = torch.tensor(1234, device=device), torch.tensor(2**32 - 100, device=device)

@@ -141,9 +141,7 @@ def _chunk(p, x, n, chunk):
 
 
 def _pass(model, x, m, p):
-    """Logits of m replicas of x, (m*B, ...)."""
-    if p.mode == "deterministic":
-        return _repeat(model(x), m)
+    """Logits of m replicas of x, (m*B, ...), for the noisy plans."""
     with replicas.replicas(m):
         if p.mode == "shared" and m > 1:
             if isinstance(p.first, AdditiveNoise):  # input noise: the replicas come out of one fused op

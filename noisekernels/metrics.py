@@ -71,7 +71,7 @@ def prediction_stability(model, x, l2, *, trials=10, mode="mean", n=10, seed=0):
     return torch.stack(same).float().mean().item()
 
 
-def _success_rate(model, x, y, x_adv, mode, n):
+def _success_rate(model, y, x_adv, mode, n):
     return (predict(model, x_adv, mode=mode, n=n) != y).float().mean().item()
 
 
@@ -82,18 +82,18 @@ def obfuscation_report(model, x, y, eps_list, *, surrogate=None, steps=10, eot=1
     helps the defender."""
     lo_eps = eps_list[0]
     kwargs = dict(eot=eot, judge_n=n, judge="vote" if mode == "vote" else "mean")
-    pgd = {eps: _success_rate(model, x, y, PGD(model, eps=eps, alpha=eps / 4, steps=steps, seed=seed, **kwargs)(x, y), mode, n)
+    pgd = {eps: _success_rate(model, y, PGD(model, eps=eps, alpha=eps / 4, steps=steps, seed=seed, **kwargs)(x, y), mode, n)
            for eps in eps_list}
-    fgsm = _success_rate(model, x, y, FGSM(model, eps=lo_eps, **kwargs)(x, y), mode, n)
+    fgsm = _success_rate(model, y, FGSM(model, eps=lo_eps, **kwargs)(x, y), mode, n)
     report = {"iterative beats one-step": (pgd[lo_eps] >= fgsm, {"pgd": pgd[lo_eps], "fgsm": fgsm})}
     if surrogate is not None:
-        transfer = _success_rate(model, x, y, PGD(surrogate, eps=lo_eps, alpha=lo_eps / 4, steps=steps, seed=seed)(x, y), mode, n)
+        transfer = _success_rate(model, y, PGD(surrogate, eps=lo_eps, alpha=lo_eps / 4, steps=steps, seed=seed)(x, y), mode, n)
         report["white-box beats transfer"] = (pgd[lo_eps] >= transfer, {"white": pgd[lo_eps], "transfer": transfer})
-    unbounded = _success_rate(model, x, y, PGD(model, eps=1.0, alpha=0.1, steps=max(steps, 20), seed=seed, **kwargs)(x, y), mode, n)
+    unbounded = _success_rate(model, y, PGD(model, eps=1.0, alpha=0.1, steps=max(steps, 20), seed=seed, **kwargs)(x, y), mode, n)
     report["unbounded attack reaches 100%"] = (unbounded == 1.0, {"success": unbounded})
     stream = Stream(seed).to(x.device)
     noise = (uniform(x.shape, *stream.reserve(x.numel()), dtype=x.dtype) * 2 - 1) * lo_eps
-    random = _success_rate(model, x, y, (x + noise).clamp(0, 1), mode, n)
+    random = _success_rate(model, y, (x + noise).clamp(0, 1), mode, n)
     report["random sampling does not beat gradients"] = (random <= pgd[lo_eps], {"random": random, "pgd": pgd[lo_eps]})
     rates = [pgd[e] for e in sorted(eps_list)]
     report["larger eps never helps the defender"] = (all(a <= b for a, b in zip(rates, rates[1:])), dict(zip(sorted(eps_list), rates)))

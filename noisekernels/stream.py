@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import philox
+from .ops._args import stream_tensors
 
 # Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
 _DERIVE_TAG = 0x6E6B7264
@@ -44,8 +45,6 @@ class Stream(nn.Module):
         if seed is None:
             value = _random_seed()
         else:
-            from .ops._args import stream_tensors
-
             value, _ = stream_tensors(seed, 0)
         self.register_buffer("seed", value.clone())
         self.register_buffer("offset", torch.zeros((), dtype=torch.int64, device=value.device))

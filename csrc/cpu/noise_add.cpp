@@ -8,17 +8,13 @@
 
 #include <algorithm>
 #include <optional>
-#include <type_traits>
 
 #include "../bindings/ops.h"
+#include "compute_type.h"
 #include "philox_cpu.h"
 
 namespace noisekernels::cpu {
 namespace {
-
-// float64 tensors are computed in float64 (gradcheck); everything else in float32.
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 template <typename scalar_t, bool kClamp>
 void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t* out,

@@ -6,17 +6,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../bindings/ops.h"
+#include "compute_type.h"
 #include "philox_cpu.h"
 
 namespace noisekernels::cpu {
 namespace {
-
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 template <typename scalar_t>
 void foreach_kernel(const std::vector<const scalar_t*>& xs, const std::vector<scalar_t*>& outs,

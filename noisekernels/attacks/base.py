@@ -58,13 +58,14 @@ class Attack(abc.ABC):
         return grad
 
     @torch.no_grad()
-    def predict(self, x):
-        """The defended prediction: argmax of the MC ensemble (ties to the smaller index)."""
-        return ensemble.mc_predict(self.model, x, self.judge_n, reduce=self.judge).argmax(1)
+    def predict(self, x, model=None):
+        """The defended prediction of model (default: the attacked one): argmax of the MC ensemble
+        (ties to the smaller index)."""
+        return ensemble.mc_predict(self.model if model is None else model, x, self.judge_n, reduce=self.judge).argmax(1)
 
     @torch.no_grad()
-    def succeeded(self, x_adv, y):
-        pred = self.predict(x_adv)
+    def succeeded(self, x_adv, y, model=None):
+        pred = self.predict(x_adv, model)
         return pred == y if self.targeted else pred != y
 
     def project_to_range(self, x):

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from .. import ensemble
 from ..nn.noise import _NoiseLayer
 from ..nn.anisotropic import AnisotropicNoise
 from ..nn.random_spike import RandomSpike
@@ -69,14 +68,9 @@ class MultiSurrogate(PGD):
         ce = nn.functional.cross_entropy(logits, y.repeat(t), reduction="sum") / y.shape[0]  # sum over surrogates
         return -ce if self.targeted else ce
 
-    @torch.no_grad()
-    def fooled(self, model, x_adv, y):
-        pred = ensemble.mc_predict(model, x_adv, self.judge_n, reduce=self.judge).argmax(1)
-        return pred == y if self.targeted else pred != y
-
     def forward(self, x, y):
         x_adv = super().forward(x, y)
-        votes = sum(self.fooled(v, x_adv, y).long() for v in self.validators)
+        votes = sum(self.succeeded(x_adv, y, v).long() for v in self.validators)
         self.kept = votes >= self.k if self.validators else torch.ones_like(y, dtype=torch.bool)
         return x_adv
 
@@ -94,6 +88,6 @@ def rotate_targets(models, x, y, *, t, v, k, **pgd_options):
         attack = MultiSurrogate(others[:t], others[t:t + v], k, **pgd_options)
         x_adv = attack(x, y)
         kept = attack.kept
-        fooled = attack.fooled(target, x_adv[kept], y[kept]) if kept.any() else torch.zeros(0, dtype=torch.bool)
+        fooled = attack.succeeded(x_adv[kept], y[kept], target) if kept.any() else torch.zeros(0, dtype=torch.bool)
         results.append({"target": i, "kept": int(kept.sum()), "transfer": fooled.float().mean().item() if kept.any() else float("nan")})
     return results

@@ -75,8 +75,7 @@ def noise_add_foreach(xs, scales, seed, offset, *, dist="gaussian", backend=None
         groups.setdefault((x.device, x.dtype), []).append(k)
     for (device, dtype), ks in groups.items():
         seed_t, offset_t = stream_tensors(seed, offset, device)
-        sc = scale_tensor.to(device=device, dtype=compute_dtype(dtype))[ks] if len(ks) != len(xs) else \
-            scale_tensor.to(device=device, dtype=compute_dtype(dtype))
+        sc = scale_tensor.to(device=device, dtype=compute_dtype(dtype))[ks]
         result = call_op("noise_add_foreach", backend, device, [xs[k] for k in ks], sc, seed_t, offset_t,
                          [starts[k] for k in ks], code)
         for k, out in zip(ks, result):
