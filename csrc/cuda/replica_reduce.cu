@@ -60,7 +60,7 @@ cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, in
   const unsigned int blocks = static_cast<unsigned int>((b + kWarps - 1) / kWarps);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    replica_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks, kThreads, 0, stream, replica_reduce_kernel<T>)(
         static_cast<const T*>(logits), static_cast<typename Acc<T>::type*>(out), n, b, c, vote);
     return cudaGetLastError();
   });
