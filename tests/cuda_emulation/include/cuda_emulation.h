@@ -504,7 +504,8 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
   ::cuda_emulation::detail::warp_sync(::cuda_emulation::detail::Sync::kSyncwarp, mask, 0);
 }
 
-// Source lanes as in the PTX shfl modes; a source outside the lane's width segment reads itself.
+// Source lanes as CUDA documents them for each mode and width: idx wraps within the lane's
+// segment of `width` lanes; up, down and xor read their own value instead of a later segment's.
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = warpSize) {
   return ::cuda_emulation::detail::shuffle(mask, v, width, [](int lane, int s, int w) {
@@ -527,7 +528,7 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
   return ::cuda_emulation::detail::shuffle(mask, v, width, [](int lane, int m, int w) {
     const int src = lane ^ m;
-    return (src & ~(w - 1)) == (lane & ~(w - 1)) ? src : lane;
+    return src < (lane & ~(w - 1)) + w ? src : lane;
   }, lane_mask);
 }
 
