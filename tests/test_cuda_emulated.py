@@ -2,8 +2,8 @@
 (tests/emulated_cuda.py), run on CPU tensors against its reference op: odd sizes, sizes around
 block and grid boundaries, grid-stride loops (the small_grid build), one and many min/max groups,
 all dtypes, counters across 2**32 and 2**64, the foreach metadata, replica_reduce with ties and NaN
-rows. Each case runs with threads and blocks in order, reversed and shuffled. Uniforms, masks and
-Laplace noise are bit-exact; normals within a few ulp."""
+rows. Each case runs in both builds with threads and blocks in order, reversed and shuffled.
+Uniforms, masks and Laplace noise are bit-exact; normals within a few ulp."""
 
 import math
 
@@ -38,42 +38,49 @@ OFFSETS = [0, 2**32 - 1000, 2**64 - 700]
 GAUSSIAN, UNIFORM, LAPLACE = 0, 1, 2
 SCHEDULES = [("in_order", 0), ("reversed", 0), ("shuffled", 2024)]
 
-_LIBS = {}
 
-
-@pytest.fixture(scope="module", params=["gpu", "small_grid"])
-def build(request):
-    if request.param not in _LIBS:
-        _LIBS[request.param] = Emulated(request.param)
-    return _LIBS[request.param]
-
-
-@pytest.fixture(params=SCHEDULES, ids=[s for s, _ in SCHEDULES])
-def emu(build, request):
-    build.set_schedule(*request.param)
-    return build
+@pytest.fixture(scope="module")
+def emu():
+    return {variant: Emulated(variant) for variant in ("gpu", "small_grid")}
 
 
 def run(emu, name, *args):
-    """(emulated result, reference result) of one launcher on the same arguments."""
-    return getattr(emu, name)(*args), REFERENCES[name](*args)
+    """The reference result of one launcher's op, and the emulated results of every build and
+    schedule on the same arguments as (label, result) pairs."""
+    expected = REFERENCES[name](*args)
+    results = []
+    for variant, lib in emu.items():
+        for mode, seed in SCHEDULES:
+            lib.set_schedule(mode, seed)
+            results.append((f"{name} {variant} {mode}", getattr(lib, name)(*args)))
+    return results, expected
+
+
+def check(compare, emu, name, *args):
+    results, expected = run(emu, name, *args)
+    for label, got in results:
+        compare(got, expected, label)
 
 
 def stream(seed, offset):
     return torch.tensor(seed, dtype=torch.int64), torch.tensor(offset - 2**64 if offset >= 2**63 else offset)
 
 
-def assert_bit_equal(got, expected):
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    assert torch.equal(got.isnan(), expected.isnan())
-    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+def assert_bit_equal(got, expected, label):
+    assert got.dtype == expected.dtype and got.shape == expected.shape, label
+    assert torch.equal(got.isnan(), expected.isnan()), label
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()), label
 
 
-def assert_normals_close(got, expected):
+def assert_normals_close(got, expected, label):
     # libm's logf/cosf against torch's vectorised ones: a few ulp (8 ulp of the largest normal, ~5.5).
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(expected.dtype, 4e-6)
-    assert got.dtype == expected.dtype
-    torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol)
+    assert got.dtype == expected.dtype, label
+    torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol, msg=lambda m: f"{label}: {m}")
+
+
+def noise_compare(dist):
+    return assert_normals_close if dist == GAUSSIAN else assert_bit_equal
 
 
 def _x(shape, dtype, seed=0):
@@ -86,13 +93,13 @@ def test_philox4x32(emu):
     for n in SIZES:
         counter = torch.randint(0, 2**32, (n, 4), generator=g, dtype=torch.int64)
         key = torch.tensor([0xDEADBEEF, 0x01234567])
-        got, expected = run(emu, "philox4x32", counter, key)
-        assert torch.equal(got, expected)
+        check(assert_bit_equal, emu, "philox4x32", counter, key)
 
 
 def test_philox4x32_known_answer(emu):
-    got = emu.philox4x32(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
-    assert got.tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
+    results, _ = run(emu, "philox4x32", torch.zeros(1, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    for label, got in results:
+        assert got.tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]], label
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,10 +107,8 @@ def test_philox4x32_known_answer(emu):
 def test_uniform_and_normal_fill(emu, dtype, offset):
     seed, off = stream(0x1234_5678_9ABC, offset)
     for n in SIZES:
-        got, expected = run(emu, "philox_uniform", seed, off, (n,), dtype)
-        assert_bit_equal(got, expected)
-        got, expected = run(emu, "philox_normal", seed, off, (n,), dtype)
-        assert_normals_close(got, expected)
+        check(assert_bit_equal, emu, "philox_uniform", seed, off, (n,), dtype)
+        check(assert_normals_close, emu, "philox_normal", seed, off, (n,), dtype)
 
 
 # (numel, groups): one group over one to many blocks (and past the small_grid's block cap), many
@@ -116,19 +121,18 @@ SPIKE_CASES = [(1, 1), (257, 1), (4099, 1), (70001, 1), (7 * 33, 7), (300 * 5, 3
 def test_random_spike(emu, dtype, numel, groups):
     x = _x((groups, numel // groups), dtype)
     seed, offset = stream(77, 2**32 - 1000)
-    got, expected = run(emu, "random_spike", x, 0.6, seed, offset, groups)
-    assert_bit_equal(got, expected)
-    got, expected = run(emu, "random_spike_backward", _x(x.shape, dtype, seed=1), 0.6, seed, offset)
-    assert_bit_equal(got, expected)
+    check(assert_bit_equal, emu, "random_spike", x, 0.6, seed, offset, groups)
+    check(assert_bit_equal, emu, "random_spike_backward", _x(x.shape, dtype, seed=1), 0.6, seed, offset)
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_random_spike_edge_probabilities(emu, p):
     x = _x((3, 257), torch.float32)
     seed, offset = stream(5, 0)
-    got, expected = run(emu, "random_spike", x, p, seed, offset, 3)
-    assert_bit_equal(got, expected)
-    assert torch.equal(got, x) == (p == 1.0)
+    results, expected = run(emu, "random_spike", x, p, seed, offset, 3)
+    assert torch.equal(expected, x) == (p == 1.0)
+    for label, got in results:
+        assert_bit_equal(got, expected, label)
 
 
 def test_random_spike_nan_inf(emu):
@@ -137,8 +141,7 @@ def test_random_spike_nan_inf(emu):
     x[1] = math.nan  # no finite value in this group: spiked units become NaN
     x[2, 299] = -math.inf
     seed, offset = stream(9, 123)
-    got, expected = run(emu, "random_spike", x, 0.5, seed, offset, 3)
-    assert_bit_equal(got, expected)
+    check(assert_bit_equal, emu, "random_spike", x, 0.5, seed, offset, 3)
 
 
 # Scale layouts as noise_add passes them: (scale shape, inner, channels) for x of shape (4, 5, 7).
@@ -156,11 +159,9 @@ def test_noise_add_and_mul(emu, dtype, dist):
         for replicas, lo, hi in [(1, None, None), (3, None, None), (2, 0.0, 1.5)]:
             if replicas > 1 and shape[0] == 4 * 35:
                 continue  # one scale per element of x: noise_add refuses replicas of it too
-            got, expected = run(emu, "noise_add", x, scale, seed, offset, dist, inner, channels, replicas, lo, hi)
-            (assert_normals_close if dist == GAUSSIAN else assert_bit_equal)(got, expected)
+            check(noise_compare(dist), emu, "noise_add", x, scale, seed, offset, dist, inner, channels, replicas, lo, hi)
     for n in SIZES:
-        got, expected = run(emu, "noise_mul", _x((n,), dtype, seed=3), seed, offset, dist)
-        (assert_normals_close if dist == GAUSSIAN else assert_bit_equal)(got, expected)
+        check(noise_compare(dist), emu, "noise_mul", _x((n,), dtype, seed=3), seed, offset, dist)
 
 
 # Tensor lists for the foreach metadata: empty tensors first, between and last; one tensor; odd
@@ -183,10 +184,11 @@ def test_noise_add_foreach(emu, dtype, dist, shapes, starts):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scales = torch.linspace(0.1, 2.0, len(xs), dtype=acc)
     seed, offset = stream(8, 2**32 - 400)
-    got, expected = run(emu, "noise_add_foreach", xs, scales, seed, offset, starts, dist)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        (assert_normals_close if dist == GAUSSIAN else assert_bit_equal)(g, e)
+    results, expected = run(emu, "noise_add_foreach", xs, scales, seed, offset, starts, dist)
+    for label, got in results:
+        assert len(got) == len(expected), label
+        for i, (g, e) in enumerate(zip(got, expected)):
+            noise_compare(dist)(g, e, f"{label} tensor {i}")
 
 
 def _logits(shape, dtype, kind):
@@ -211,8 +213,8 @@ REDUCE_SHAPES = [(1, 1, 1), (3, 5, 10), (4, 9, 33), (2, 17, 70), (5, 3, 100)]
 def test_replica_reduce(emu, dtype, kind):
     for shape in REDUCE_SHAPES:
         logits = _logits(shape, dtype, kind)
-        got, expected = run(emu, "replica_reduce", logits, 1)
-        assert_bit_equal(got, expected)  # votes are counts: exact
-        got, expected = run(emu, "replica_reduce", logits, 0)
+        check(assert_bit_equal, emu, "replica_reduce", logits, 1)  # votes are counts: exact
+        results, expected = run(emu, "replica_reduce", logits, 0)
         tol = 1e-12 if dtype == torch.float64 else 2e-6
-        torch.testing.assert_close(got, expected, rtol=tol, atol=tol, equal_nan=True)
+        for label, got in results:
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{label}: {m}")

@@ -3,7 +3,8 @@
 // proves indexing, tails, reductions, barriers and warp exchanges, never speed.
 //
 // Model: blocks run one after another; the threads of a block run as cooperative fibers
-// (ucontext, one 64 KiB stack per live thread, stacks reused across blocks and launches) that
+// (one 64 KiB stack per live thread, reused across blocks and launches; a register-only stack
+// switch on x86-64, ucontext elsewhere) that
 // switch only at __syncthreads, __syncwarp and the __shfl_*_sync family. The schedule (threads and
 // blocks in order, reversed, or shuffled with a seed) is a switch, so a kernel relying on an
 // unsynchronised order differs between modes. Static __shared__ memory lives in one linker
@@ -100,10 +101,52 @@ struct Warp {
   uint64_t slot[2][kWarpSize];  // shuffle values, double-buffered by generation parity
 };
 
+// A suspended execution context. On x86-64 a stack switch saves only the callee-saved registers
+// (glibc's swapcontext also saves the signal mask, a system call per switch, which made barrier-heavy
+// kernels ~30x slower); elsewhere ucontext.
+#if defined(__x86_64__)
+struct Context {
+  void* sp;
+};
+
+// Saves the callee-saved registers on the current stack and its pointer in from->sp, then resumes
+// `to` (saved by an earlier call, or prepared by make_context).
+__attribute__((naked, noinline)) inline void switch_context(Context* /*from*/, Context* /*to*/) {
+  asm volatile(
+      "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+      "movq %rsp, (%rdi)\n\tmovq (%rsi), %rsp\n\t"
+      "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
+}
+
+// A context that starts `entry` (which never returns) on the stack [stack, stack + size).
+inline void make_context(Context* c, void* stack, size_t size, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t{15};
+  void** sp = reinterpret_cast<void**>(top - 16);  // entry starts as if called: rsp % 16 == 8
+  *sp = reinterpret_cast<void*>(entry);
+  sp -= 6;  // the six registers switch_context pops
+  for (int i = 0; i < 6; ++i) sp[i] = nullptr;
+  c->sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+inline void switch_context(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+
+inline void make_context(Context* c, void* stack, size_t size, void (*entry)()) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack;
+  c->uc.uc_stack.ss_size = size;
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   void* stack;
-  bool fresh;  // needs makecontext before use (new, or abandoned by a failed launch)
+  bool fresh;  // needs make_context before use (new, or abandoned by a failed launch)
 };
 
 struct Runtime {
@@ -132,7 +175,7 @@ struct Runtime {
 
   std::vector<Fiber> fibers;
   std::vector<int> free_fibers;
-  ucontext_t main_ctx;
+  Context main_ctx;
 };
 
 inline Runtime& runtime() {
@@ -186,7 +229,8 @@ inline void set_thread(Runtime& r, int t) {
     r.message = what + " (block (" + std::to_string(g_block_idx.x) + "," + std::to_string(g_block_idx.y) +
                 "," + std::to_string(g_block_idx.z) + "), thread " + std::to_string(r.current) + ")";
   }
-  setcontext(&r.main_ctx);
+  Context abandoned;
+  switch_context(&abandoned, &r.main_ctx);
   __builtin_unreachable();
 }
 
@@ -243,11 +287,7 @@ inline int acquire_fiber(Runtime& r) {
   r.free_fibers.pop_back();
   Fiber& f = r.fibers[id];
   if (f.fresh) {
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    make_context(&f.ctx, f.stack, kStackBytes, fiber_main);
     f.fresh = false;
   }
   return id;
@@ -261,7 +301,7 @@ inline void switch_next(Runtime& r, int self, bool self_free) {
   if (t < 0) {
     if (r.exited != r.nthreads) fail("deadlock: " + waiting_summary(r));
     if (self_free) r.free_fibers.push_back(self);
-    swapcontext(&r.fibers[self].ctx, &r.main_ctx);
+    switch_context(&r.fibers[self].ctx, &r.main_ctx);
     return;
   }
   Thread& next = r.threads[t];
@@ -275,7 +315,7 @@ inline void switch_next(Runtime& r, int self, bool self_free) {
   }
   if (start) next.fiber = acquire_fiber(r);
   if (self_free) r.free_fibers.push_back(self);
-  if (next.fiber != self) swapcontext(&r.fibers[self].ctx, &r.fibers[next.fiber].ctx);
+  if (next.fiber != self) switch_context(&r.fibers[self].ctx, &r.fibers[next.fiber].ctx);
 }
 
 inline void fiber_main() {
@@ -387,7 +427,7 @@ inline void run_block(Runtime& r) {
   set_thread(r, t);
   first.state = State::kRunning;
   first.fiber = acquire_fiber(r);
-  swapcontext(&r.main_ctx, &r.fibers[first.fiber].ctx);
+  switch_context(&r.main_ctx, &r.fibers[first.fiber].ctx);
 }
 
 inline cudaError_t run(dim3 grid, dim3 block, size_t shmem, void (*invoke)(const void*), const void* args) {
