@@ -14,6 +14,7 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 
@@ -86,7 +87,10 @@ def build(variant):
     try:
         os.rename(work, target_dir)
     except OSError:  # built concurrently by another process: use theirs
-        pass
+        shutil.rmtree(work, ignore_errors=True)
+    for stale in glob.glob(os.path.join(os.path.dirname(target_dir), f"{variant}-*")):
+        if stale != target_dir:  # builds of older sources
+            shutil.rmtree(stale, ignore_errors=True)
     return lib
 
 
