@@ -108,13 +108,81 @@ def resolve_backend(backend, device):
     return backend
 
 
+def _dispatched(chosen, device):
+    """Whether torch.ops.noisekernels runs backend `chosen` on `device` (native C++, reference mode's
+    reference, or Triton registered for CUDA tensors)."""
+    if REFERENCE_ONLY:
+        return chosen == "reference"
+    if chosen in ("cpu", "cuda"):
+        return True
+    return chosen == "triton" and device.type == "cuda" and not BUILD_INFO["cuda"]
+
+
 def call_op(name, backend, device, *args):
-    """Runs op `name` on the backend resolve_backend picks; native backends go through
-    torch.ops.noisekernels so the dispatcher (and torch.compile) see the op."""
+    """Runs op `name` on the backend resolve_backend picks. Kernels the dispatcher runs go through
+    torch.ops.noisekernels, so torch.compile sees the op; the others are called directly, with the
+    op's registered autograd, so every backend is differentiable the same way."""
     chosen = resolve_backend(backend, device)
+    if _dispatched(chosen, torch.device(device)):
+        return getattr(torch.ops.noisekernels, name)(*args)
+    if name not in _AUTOGRAD:
+        return _python_kernel(name, chosen)(*args)
+    lengths = tuple(len(a) if isinstance(a, list) else None for a in args)
+    flat = [t for a, n in zip(args, lengths) for t in (a if n is not None else (a,))]
+    out = _DirectCall.apply(name, chosen, lengths, *flat)
+    return list(out) if isinstance(out, tuple) else out
+
+
+def _python_kernel(name, backend):
     reference, triton = _PYTHON_KERNELS[name]
-    if chosen == "reference":
-        return reference(*args)
-    if chosen == "triton":
-        return triton()(*args)
-    return getattr(torch.ops.noisekernels, name)(*args)
+    return reference if backend == "reference" else triton()
+
+
+_AUTOGRAD = {}  # op name -> (setup_context, backward) as registered
+
+
+def register_autograd(name, backward, *, setup_context):
+    """torch.library.register_autograd for op `name`, kept for the kernels call_op calls directly.
+    ctx.backend is the backend the forward ran on (None: the dispatcher's): the backward passes it to
+    call_op, so it regenerates the noise with the forward's kernels."""
+    def setup(ctx, inputs, output):
+        ctx.backend = None
+        setup_context(ctx, inputs, output)
+
+    _AUTOGRAD[name] = (setup_context, backward)
+    torch.library.register_autograd(f"noisekernels::{name}", backward, setup_context=setup)
+
+
+def _unflatten(flat, lengths):
+    """Op arguments from call_op's flat list: tensor-list arguments were spread out."""
+    args, i = [], 0
+    for n in lengths:
+        args.append(list(flat[i:i + n]) if n is not None else flat[i])
+        i += 1 if n is None else n
+    return args
+
+
+class _DirectCall(torch.autograd.Function):
+    """A Python kernel called outside the dispatcher, differentiated by its op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, name, backend, lengths, *flat):
+        args = _unflatten(flat, lengths)
+        out = _python_kernel(name, backend)(*args)
+        ctx.name, ctx.lengths, ctx.list_output = name, lengths, isinstance(out, list)
+        _AUTOGRAD[name][0](ctx, args, out)
+        ctx.backend = backend
+        return tuple(out) if ctx.list_output else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_unflatten(needs[3:], ctx.lengths))
+        try:
+            result = _AUTOGRAD[ctx.name][1](ctx, list(grads) if ctx.list_output else grads[0])
+        finally:
+            ctx.needs_input_grad = needs
+        flat = []
+        for g, n in zip(result, ctx.lengths):
+            flat.extend(([None] * n if g is None else g) if n is not None else (g,))
+        return (None, None, None, *flat)
