@@ -127,9 +127,13 @@ def call_op(name, backend, device, *args):
         return getattr(torch.ops.noisekernels, name)(*args)
     if name not in _AUTOGRAD:
         return _python_kernel(name, chosen)(*args)
-    lengths = tuple(len(a) if isinstance(a, list) else None for a in args)
-    flat = [t for a, n in zip(args, lengths) for t in (a if n is not None else (a,))]
-    out = _DirectCall.apply(name, chosen, lengths, *flat)
+    # apply takes the op's arguments in place, so the backward's ctx.needs_input_grad[i] is argument
+    # i's (torch.compile reads it from the apply call); a tensor-list argument is None there, its
+    # tensors follow, then the call's description.
+    lists = tuple((k, len(a)) for k, a in enumerate(args) if isinstance(a, list))
+    head = [None if isinstance(a, list) else a for a in args]
+    tail = [t for k, _ in lists for t in args[k]]
+    out = _DirectCall.apply(*head, *tail, (name, chosen, len(args), lists))
     return list(out) if isinstance(out, tuple) else out
 
 
@@ -153,36 +157,26 @@ def register_autograd(name, backward, *, setup_context):
     torch.library.register_autograd(f"noisekernels::{name}", backward, setup_context=setup)
 
 
-def _unflatten(flat, lengths):
-    """Op arguments from call_op's flat list: tensor-list arguments were spread out."""
-    args, i = [], 0
-    for n in lengths:
-        args.append(list(flat[i:i + n]) if n is not None else flat[i])
-        i += 1 if n is None else n
-    return args
-
-
 class _DirectCall(torch.autograd.Function):
     """A Python kernel called outside the dispatcher, differentiated by its op's registered autograd."""
 
     @staticmethod
-    def forward(ctx, name, backend, lengths, *flat):
-        args = _unflatten(flat, lengths)
+    def forward(ctx, *inputs):
+        name, backend, nargs, lists = inputs[-1]
+        args, i = list(inputs[:nargs]), nargs
+        for k, n in lists:
+            args[k], i = list(inputs[i:i + n]), i + n
         out = _python_kernel(name, backend)(*args)
-        ctx.name, ctx.lengths, ctx.list_output = name, lengths, isinstance(out, list)
+        ctx.name, ctx.lists, ctx.list_output = name, lists, isinstance(out, list)
         _AUTOGRAD[name][0](ctx, args, out)
         ctx.backend = backend
         return tuple(out) if ctx.list_output else out
 
     @staticmethod
     def backward(ctx, *grads):
-        needs = ctx.needs_input_grad
-        ctx.needs_input_grad = tuple(_unflatten(needs[3:], ctx.lengths))
-        try:
-            result = _AUTOGRAD[ctx.name][1](ctx, list(grads) if ctx.list_output else grads[0])
-        finally:
-            ctx.needs_input_grad = needs
-        flat = []
-        for g, n in zip(result, ctx.lengths):
-            flat.extend(([None] * n if g is None else g) if n is not None else (g,))
-        return (None, None, None, *flat)
+        result = list(_AUTOGRAD[ctx.name][1](ctx, list(grads) if ctx.list_output else grads[0]))
+        tail = []
+        for k, n in ctx.lists:
+            tail.extend([None] * n if result[k] is None else result[k])
+            result[k] = None
+        return (*result, *tail, None)
