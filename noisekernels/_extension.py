@@ -108,13 +108,75 @@ def resolve_backend(backend, device):
     return backend
 
 
+def _dispatched(chosen, device):
+    """Whether torch.ops.noisekernels runs backend `chosen` on `device` (native C++, reference mode's
+    reference, or Triton registered for CUDA tensors)."""
+    if REFERENCE_ONLY:
+        return chosen == "reference"
+    if chosen in ("cpu", "cuda"):
+        return True
+    return chosen == "triton" and device.type == "cuda" and not BUILD_INFO["cuda"]
+
+
 def call_op(name, backend, device, *args):
-    """Runs op `name` on the backend resolve_backend picks; native backends go through
-    torch.ops.noisekernels so the dispatcher (and torch.compile) see the op."""
+    """Runs op `name` on the backend resolve_backend picks. Kernels the dispatcher runs go through
+    torch.ops.noisekernels, so torch.compile sees the op; the others are called directly, with the
+    op's registered autograd, so every backend is differentiable the same way."""
     chosen = resolve_backend(backend, device)
+    if _dispatched(chosen, torch.device(device)):
+        return getattr(torch.ops.noisekernels, name)(*args)
+    if name not in _AUTOGRAD:
+        return _python_kernel(name, chosen)(*args)
+    # apply takes the op's arguments in place, so the backward's ctx.needs_input_grad[i] is argument
+    # i's (torch.compile reads it from the apply call); a tensor-list argument is None there, its
+    # tensors follow, then the call's description.
+    lists = tuple((k, len(a)) for k, a in enumerate(args) if isinstance(a, list))
+    head = [None if isinstance(a, list) else a for a in args]
+    tail = [t for k, _ in lists for t in args[k]]
+    out = _DirectCall.apply(*head, *tail, (name, chosen, len(args), lists))
+    return list(out) if isinstance(out, tuple) else out
+
+
+def _python_kernel(name, backend):
     reference, triton = _PYTHON_KERNELS[name]
-    if chosen == "reference":
-        return reference(*args)
-    if chosen == "triton":
-        return triton()(*args)
-    return getattr(torch.ops.noisekernels, name)(*args)
+    return reference if backend == "reference" else triton()
+
+
+_AUTOGRAD = {}  # op name -> (setup_context, backward) as registered
+
+
+def register_autograd(name, backward, *, setup_context):
+    """torch.library.register_autograd for op `name`, kept for the kernels call_op calls directly.
+    ctx.backend is the backend the forward ran on (None: the dispatcher's): the backward passes it to
+    call_op, so it regenerates the noise with the forward's kernels."""
+    def setup(ctx, inputs, output):
+        ctx.backend = None
+        setup_context(ctx, inputs, output)
+
+    _AUTOGRAD[name] = (setup_context, backward)
+    torch.library.register_autograd(f"noisekernels::{name}", backward, setup_context=setup)
+
+
+class _DirectCall(torch.autograd.Function):
+    """A Python kernel called outside the dispatcher, differentiated by its op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        name, backend, nargs, lists = inputs[-1]
+        args, i = list(inputs[:nargs]), nargs
+        for k, n in lists:
+            args[k], i = list(inputs[i:i + n]), i + n
+        out = _python_kernel(name, backend)(*args)
+        ctx.name, ctx.lists, ctx.list_output = name, lists, isinstance(out, list)
+        _AUTOGRAD[name][0](ctx, args, out)
+        ctx.backend = backend
+        return tuple(out) if ctx.list_output else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        result = list(_AUTOGRAD[ctx.name][1](ctx, list(grads) if ctx.list_output else grads[0]))
+        tail = []
+        for k, n in ctx.lists:
+            tail.extend([None] * n if result[k] is None else result[k])
+            result[k] = None
+        return (*result, *tail, None)

@@ -1,28 +1,32 @@
 """The replica count of the current pass (ARCHITECTURE.md section 3).
 
 Inside `with replicas(n):` a batch of n*B rows holds n replicas of B inputs, replica-major, and
-noise layers take their batch-wide statistics per replica. A plain module global, so
-torch.compile guards on it instead of breaking the graph.
+noise layers take their batch-wide statistics per replica. The count is per thread, so one
+thread's replica pass never changes another thread's plain calls. It lives in a threading.local
+read with getattr and a default: torch.compile guards on that read (per thread) instead of
+breaking the graph, which it does on ContextVar.get; a threading.local subclass with a class-level
+default is not guarded correctly, so the default stays in the getattr.
 """
 
 import contextlib
+import threading
 
-_count = 1
+_state = threading.local()
 
 
 def current():
-    """Replicas in the batch being run (1 outside any `replicas` block)."""
-    return _count
+    """Replicas in the batch being run by this thread (1 outside any `replicas` block)."""
+    return getattr(_state, "count", 1)
 
 
 @contextlib.contextmanager
 def replicas(n):
-    """Runs the enclosed passes with batches of `n` replicas."""
-    global _count
+    """Runs this thread's enclosed passes with batches of `n` replicas."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    before, _count = _count, n
+    before = current()
+    _state.count = n
     try:
         yield
     finally:
-        _count = before
+        _state.count = before

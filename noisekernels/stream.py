@@ -15,6 +15,15 @@ from .ops._args import stream_tensors
 # Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
 _DERIVE_TAG = 0x6E6B7264
 
+# reserve's start offset is a copy made by an op of its own. A plain clone of the offset buffer, which
+# the step then advances in place, is not safe under torch.compile: inductor drops it as a no-op and
+# the partitioners recompute it in the backward, both reading the buffer after the advance, so the
+# backward regenerated the next call's noise. Custom ops are never dropped or recomputed.
+_LIB = torch.library.Library("noisekernels", "FRAGMENT")
+_LIB.define("offset_snapshot(Tensor offset) -> Tensor")
+_LIB.impl("offset_snapshot", lambda offset: offset.clone(), "CompositeExplicitAutograd")
+torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset), lib=_LIB)
+
 
 def _random_seed():
     """A 64-bit seed from torch's default generator, as an int64 tensor (torch.manual_seed
@@ -54,7 +63,7 @@ class Stream(nn.Module):
         The start offset is a new tensor, so later reservations never change it."""
         if isinstance(n, int) and n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        start = self.offset.clone()
+        start = torch.ops.noisekernels.offset_snapshot(self.offset)
         self.offset.add_(n)
         return self.seed, start
 

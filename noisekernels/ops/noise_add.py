@@ -18,7 +18,7 @@ import math
 import torch
 
 from .. import philox
-from .._extension import call_op, register_op, triton_kernel
+from .._extension import call_op, register_autograd, register_op, triton_kernel
 from ._args import check_floating_tensor, stream_tensors
 
 DISTS = {"gaussian": philox.GAUSSIAN, "uniform": philox.UNIFORM, "laplace": philox.LAPLACE}
@@ -68,25 +68,31 @@ def _(grad, seed, offset, dist):
 
 
 def _setup_noise_add(ctx, inputs, output):
-    x, _, seed, offset, dist, inner, channels, replicas, lo, hi = inputs
+    x, scale, seed, offset, dist, inner, channels, replicas, lo, hi = inputs
     ctx.args = (dist, inner, channels, replicas, lo, hi)
     ctx.x_shape = x.shape
-    # Only a clipped call keeps its output (to know where the clip was active); its own consumer
-    # holds it anyway. Fixed-scale noise saves just the 16 bytes of the stream.
-    ctx.save_for_backward(seed, offset, output if lo is not None else None)
+    # A clipped call keeps x and the scale to recompute the unclipped values: an output at a bound does
+    # not tell whether the clip was active. Unclipped calls save just the 16 bytes of the stream.
+    clipped = lo is not None
+    ctx.save_for_backward(seed, offset, x if clipped else None, scale if clipped else None)
 
 
 def _noise_add_backward(ctx, grad):
-    seed, offset, out = ctx.saved_tensors
+    seed, offset, x, scale = ctx.saved_tensors
     dist, inner, channels, replicas, lo, hi = ctx.args
+    acc = compute_dtype(grad.dtype)
     grad_x = grad_scale = None
-    if out is not None:  # zero where the clip was active
-        grad = torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    if x is not None:  # torch.clamp's rule: the gradient passes where lo <= unclipped value <= hi
+        v = call_op("noise_add", ctx.backend, x.device, x.detach().to(acc), scale.detach(), seed, offset, dist, inner,
+                    channels, replicas, None, None)
+        grad = torch.where((v >= lo) & (v <= hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     if ctx.needs_input_grad[0]:
         grad_x = grad if replicas == 1 else grad.reshape(replicas, *ctx.x_shape).sum(0)
     if ctx.needs_input_grad[1]:
-        ge = torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, dist)
-        grad_scale = ge.reshape(-1, channels, inner).sum((0, 2), dtype=compute_dtype(grad.dtype))
+        # grad * eps and its sum in the compute dtype: rounding each product to float16 overflows (NaN
+        # sums), to bfloat16 loses digits.
+        ge = call_op("noise_mul", ctx.backend, grad.device, grad.to(acc).contiguous(), seed, offset, dist)
+        grad_scale = ge.reshape(-1, channels, inner).sum((0, 2))
     return grad_x, grad_scale, None, None, None, None, None, None, None, None
 
 
@@ -97,11 +103,11 @@ def _setup_noise_mul(ctx, inputs, output):
 
 def _noise_mul_backward(ctx, grad):
     seed, offset = ctx.saved_tensors  # linear in grad: the same multiplication by eps
-    return torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, ctx.dist), None, None, None
+    return call_op("noise_mul", ctx.backend, grad.device, grad.contiguous(), seed, offset, ctx.dist), None, None, None
 
 
-torch.library.register_autograd("noisekernels::noise_add", _noise_add_backward, setup_context=_setup_noise_add)
-torch.library.register_autograd("noisekernels::noise_mul", _noise_mul_backward, setup_context=_setup_noise_mul)
+register_autograd("noise_add", _noise_add_backward, setup_context=_setup_noise_add)
+register_autograd("noise_mul", _noise_mul_backward, setup_context=_setup_noise_mul)
 
 
 def check_dist(dist):

@@ -8,7 +8,7 @@ tensor of scales (sum(grad_k * eps_k), eps regenerated)."""
 
 import torch
 
-from .._extension import call_op, register_op, triton_kernel
+from .._extension import call_op, register_autograd, register_op, triton_kernel
 from ._args import check_floating_tensor, stream_tensors
 from .noise_add import check_dist, check_scale_value, compute_dtype, noise_add_reference
 
@@ -37,14 +37,15 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grads):
     seed, offset = ctx.saved_tensors
     grad_scales = None
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1]:  # products and sums in the compute dtype (see noise_add's backward)
         grad_scales = torch.stack([
-            torch.ops.noisekernels.noise_mul(g.contiguous(), seed, offset + start, ctx.dist).sum(dtype=compute_dtype(g.dtype))
+            call_op("noise_mul", ctx.backend, g.device, g.to(compute_dtype(g.dtype)).contiguous(), seed, offset + start,
+                    ctx.dist).sum()
             for g, start in zip(grads, ctx.starts)])
     return list(grads), grad_scales, None, None, None, None
 
 
-torch.library.register_autograd("noisekernels::noise_add_foreach", _backward, setup_context=_setup)
+register_autograd("noise_add_foreach", _backward, setup_context=_setup)
 
 
 def noise_add_foreach(xs, scales, seed, offset, *, dist="gaussian", backend=None):

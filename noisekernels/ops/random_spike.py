@@ -18,7 +18,7 @@ import math
 import torch
 
 from .. import philox
-from .._extension import call_op, register_op, triton_kernel
+from .._extension import call_op, register_autograd, register_op, triton_kernel
 from ._args import check_floating_tensor, check_probability, stream_tensors
 
 RANGES = ("batch", "sample")
@@ -68,19 +68,21 @@ def _save_stream(ctx, inputs, output):
     ctx.save_for_backward(inputs[2], inputs[3])
 
 
-def _spike_backward(ctx, grad):
+def _masked(ctx, grad):
     seed, offset = ctx.saved_tensors
-    return torch.ops.noisekernels.random_spike_backward(grad, ctx.p, seed, offset), None, None, None, None
+    return call_op("random_spike_backward", ctx.backend, grad.device, grad, ctx.p, seed, offset)
+
+
+def _spike_backward(ctx, grad):
+    return _masked(ctx, grad), None, None, None, None
 
 
 def _spike_backward_backward(ctx, grad):
-    seed, offset = ctx.saved_tensors  # the backward is linear in grad: its gradient is itself
-    return torch.ops.noisekernels.random_spike_backward(grad, ctx.p, seed, offset), None, None, None
+    return _masked(ctx, grad), None, None, None  # the backward is linear in grad: its gradient is itself
 
 
-torch.library.register_autograd("noisekernels::random_spike", _spike_backward, setup_context=_save_stream)
-torch.library.register_autograd("noisekernels::random_spike_backward", _spike_backward_backward,
-                                setup_context=_save_stream)
+register_autograd("random_spike", _spike_backward, setup_context=_save_stream)
+register_autograd("random_spike_backward", _spike_backward_backward, setup_context=_save_stream)
 
 
 def spike_groups(x, range, replicas):
