@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from noisekernels import cli
 
@@ -21,9 +22,12 @@ def one_thread(threads):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
+    before = torch.get_num_threads()
     for defense in ("rs1", "standard"):
         cli.main(["train", "--defense", defense, *TINY, "--epochs", "1", "--batch-size", "128", "--no-progress",
                   "--run-dir", str(root / defense), "--threads", "1"])
+    assert torch.get_num_threads() == 1  # --threads took effect
+    torch.set_num_threads(before)
     return root
 
 
