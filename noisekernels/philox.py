@@ -53,13 +53,6 @@ def uniform_from_word(w):
     return s.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=w.device)
 
 
-def normal_from_words(w0, w1):
-    """Box-Muller, cosine branch: sqrt(-2 ln max(1e-7, U(w0))) * cos(2 pi U(w1)), in float32."""
-    u0 = uniform_from_word(w0).clamp_min(MIN_UNIFORM_FOR_LOG)
-    theta = uniform_from_word(w1) * torch.tensor(TWO_PI, dtype=torch.float32, device=w0.device)
-    return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
-
-
 _LOG_COEFFS = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
                -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
 
@@ -94,16 +87,6 @@ def laplace_from_uniform(u):
 
 
 GAUSSIAN, UNIFORM, LAPLACE = 0, 1, 2
-
-
-def noise_from_words(dist, w0, w1):
-    """eps from an element's words: N(0, 1), U(-1, 1) or Laplace(0, 1), float32."""
-    if dist == GAUSSIAN:
-        return normal_from_words(w0, w1)
-    u = uniform_from_word(w0)
-    return (u + u) - 1.0 if dist == UNIFORM else laplace_from_uniform(u)
-
-
 # Version 2 of the contract: all four words of a counter, replica-aligned segments.
 ONE_DRAW, TWO_DRAWS = 1, 2  # words per element: uniform/normal/noise, Random Spiking
 _ELEMENTS_PER_COUNTER = {ONE_DRAW: 4, TWO_DRAWS: 2}
@@ -134,23 +117,16 @@ def counters(numel, segments=1, draws=ONE_DRAW):
     return segments * ((size + per - 1) // per)
 
 
-def element_counters(offset, numel, segments, draws):
-    """(counter, lane) of every element of a call, in logical order: element j of segment k uses
-    lane j % per of counter offset + k * ceil(S / per) + j // per."""
-    per = _check_draws(draws)
-    size = numel // segments
-    per_segment = (size + per - 1) // per
-    i = torch.arange(numel, device=offset.device)
-    k, j = i // max(size, 1), i % max(size, 1)
-    return offset.reshape(()) + k * per_segment + j // per, j % per
-
-
 def call_words(seed, offset, numel, segments, draws):
-    """The four words (w0, w1, w2, w3) of each element's counter and each element's lane."""
-    counter, lane = element_counters(offset, numel, segments, draws)
-    k0, k1 = key_words(seed.reshape(()))
-    zero = torch.zeros_like(counter)
-    return philox4x32_10(counter & MASK32, (counter >> 32) & MASK32, zero, zero, k0, k1), lane
+    """The four words (w0, w1, w2, w3) of each element's counter and each element's lane: element
+    j of segment k is lane j % per of counter offset + k * ceil(S / per) + j // per."""
+    per = _check_draws(draws)
+    size = max(numel // segments, 1)
+    ws = words(seed, offset, counters(numel, segments, draws))
+    i = torch.arange(numel, device=offset.device)
+    k, j = i // size, i % size
+    index = k * ((size + per - 1) // per) + j // per
+    return tuple(w[index] for w in ws), j % per
 
 
 def _pick(ws, index):

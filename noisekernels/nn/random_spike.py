@@ -33,8 +33,7 @@ class RandomSpike(nn.Module):
     def forward(self, x):
         if not (self.training or self.mc):
             return x
-        seed, offset = self.stream.reserve(x.numel())
-        return random_spike(x, self.p, seed, offset, range=self.range, replicas=replicas.current())
+        return random_spike(x, self.p, stream=self.stream, range=self.range, replicas=replicas.current())
 
     def extra_repr(self):
         return f"p={self.p}, range={self.range!r}, mc={self.mc}"
