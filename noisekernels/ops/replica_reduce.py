@@ -18,6 +18,8 @@ MODES = {"mean": 0, "vote": 1}
 def replica_reduce_reference(logits, mode):
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(out_dtype)
+    if x.numel() == 0:
+        return x.new_zeros(x.shape[1:])
     if mode == 0:
         return torch.softmax(x, dim=-1).mean(0)
     x = torch.where(x.isnan(), -torch.inf, x)
