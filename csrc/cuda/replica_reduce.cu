@@ -21,7 +21,8 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
     A best_v = -kInf;
     int64_t best = c;  // the smallest index of the largest logit (NaN-free rows)
     for (int64_t k = lane; k < c; k += 32) {
-      const A v = to_acc(x[k]);
+      const A raw = to_acc(x[k]);
+      const A v = isnan(raw) ? A(-kInf) : raw;  // NaN never wins the vote
       if (v > best_v || best == c) {
         best_v = v;
         best = k;
