@@ -8,7 +8,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, sync
+from conftest import DEVICES, paired_ratio, sync
 
 import noisekernels as nk
 from noisekernels.functional import gaussian_augment, noise_add, noise_add_foreach
@@ -54,6 +54,8 @@ def test_gaussian_add_forward(benchmark, impl, device):
     fns = {"noisekernels": lambda: noise_add(x, SIGMA, stream=stream),
            "eager": lambda: gaussian_eager(x, SIGMA), "compile": lambda: _gaussian_compiled(x, SIGMA)}
     with torch.no_grad():
+        if impl == "noisekernels":
+            benchmark.extra_info["paired"] = {"eager": (paired_ratio(fns[impl], fns["eager"], 21, lambda: sync(device)), 5.0)}
         _run(benchmark, fns[impl], device)
 
 
@@ -72,6 +74,8 @@ def test_pni_forward_backward(benchmark, impl, device):
     _record(benchmark, impl, f"pni_channel-forward+backward-{device}", {"eager": 4.0})
     if impl == "noisekernels":
         fn = lambda: noise_add(x, alpha, stream=stream).backward(g)  # noqa: E731
+        eager = lambda: pni_eager(x, alpha.view(1, -1, 1, 1)).backward(g)  # noqa: E731
+        benchmark.extra_info["paired"] = {"eager": (paired_ratio(fn, eager, 21, lambda: sync(device)), 4.0)}
     else:
         fn = lambda: pni_eager(x, alpha.view(1, -1, 1, 1)).backward(g)  # noqa: E731
     _run(benchmark, fn, device)

@@ -6,7 +6,7 @@ forward within 2.5x of the copy floor (copy-floor time / ours at least 0.4)."""
 
 import pytest
 import torch
-from conftest import DEVICES, sync
+from conftest import DEVICES, paired_ratio, sync
 
 import noisekernels as nk
 
@@ -55,6 +55,11 @@ def test_forward(benchmark, impl, device):
         fn = lambda: (x.clone(), torch.aminmax(x))  # noqa: E731
     else:
         fn = lambda: IMPLS[impl](x, P)  # noqa: E731
+    if impl == "noisekernels":
+        with torch.no_grad():
+            benchmark.extra_info["paired"] = {
+                "copy-floor": (paired_ratio(fn, lambda: (x.clone(), torch.aminmax(x)), 21, lambda: sync(device)), 0.4),
+                "eager": (paired_ratio(fn, lambda: composite(x, P), 21, lambda: sync(device)), None)}
 
     def run():
         with torch.no_grad():
@@ -74,6 +79,9 @@ def test_forward_backward(benchmark, impl, device):
     if impl != "compile":
         benchmark.extra_info["saved_bytes_per_element"] = saved_bytes_per_element(IMPLS[impl], x)
     fn = IMPLS[impl]
+    if impl == "noisekernels":
+        benchmark.extra_info["paired"] = {"eager": (paired_ratio(lambda: fn(x, P).backward(g), lambda: composite(x, P).backward(g),
+                                                                 21, lambda: sync(device)), 10.0)}
 
     def run():
         fn(x, P).backward(g)
