@@ -103,9 +103,9 @@ cudaError_t launch_random_spike(const void* x, void* out, DType dtype, int64_t n
     err = cudaMemsetAsync(keys + groups, 0, groups * sizeof(Key), stream);  // max keys
     if (err != cudaSuccess) return err;
     const T* xp = static_cast<const T*>(x);
-    group_minmax_kernel<T><<<static_cast<unsigned int>(groups * per_group), kThreads, 0, stream>>>(
+    NK_LAUNCH(static_cast<unsigned int>(groups * per_group), kThreads, 0, stream, group_minmax_kernel<T>)(
         xp, group_size, per_group, groups, keys);
-    random_spike_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks_for(total), kThreads, 0, stream, random_spike_kernel<T>)(
         xp, static_cast<T*>(out), total, size, per_segment, group_size, groups, keys, p, seed, offset);
     return cudaGetLastError();
   });
@@ -119,7 +119,7 @@ cudaError_t launch_random_spike_backward(const void* grad, void* out, DType dtyp
   const int64_t total = segments * per_segment;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    random_spike_backward_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks_for(total), kThreads, 0, stream, random_spike_backward_kernel<T>)(
         static_cast<const T*>(grad), static_cast<T*>(out), total, size, per_segment, p, seed, offset);
     return cudaGetLastError();
   });

@@ -6,6 +6,19 @@
 namespace noisekernels::cuda {
 namespace {
 
+// A logit as the vote ranks it: NaN counts as -inf, so it never wins (one rule on every backend).
+template <typename A>
+__device__ __forceinline__ A vote_key(A v) {
+  return isnan(v) ? A(-kInf) : v;
+}
+
+// Whether logit key (v, k) comes before (best_v, best) in argmax order: larger first, ties to the
+// smaller index. A lane with no class holds (-inf, c), which any class beats.
+template <typename A>
+__device__ __forceinline__ bool argmax_before(A v, int64_t k, A best_v, int64_t best) {
+  return v > best_v || (v == best_v && k < best);
+}
+
 template <typename T>
 __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* out, int64_t n,
                                       int64_t b, int64_t c, bool vote) {
@@ -19,11 +32,10 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
   for (int64_t r = 0; r < n; ++r) {
     const T* x = logits + (r * b + i) * c;
     A best_v = -kInf;
-    int64_t best = c;  // the smallest index of the largest logit (NaN-free rows)
+    int64_t best = c;  // the argmax: the smallest index of the largest non-NaN logit
     for (int64_t k = lane; k < c; k += 32) {
-      const A raw = to_acc(x[k]);
-      const A v = isnan(raw) ? A(-kInf) : raw;  // NaN never wins the vote
-      if (v > best_v || best == c) {
+      const A v = vote_key(to_acc(x[k]));
+      if (argmax_before(v, k, best_v, best)) {
         best_v = v;
         best = k;
       }
@@ -31,7 +43,7 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
     for (int d = 16; d > 0; d >>= 1) {
       const A ov = __shfl_xor_sync(0xFFFFFFFFu, best_v, d);
       const int64_t ok = __shfl_xor_sync(0xFFFFFFFFu, best, d);
-      if (ov > best_v || (ov == best_v && ok < best)) {
+      if (argmax_before(ov, ok, best_v, best)) {
         best_v = ov;
         best = ok;
       }
@@ -61,7 +73,7 @@ cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, in
   const unsigned int blocks = static_cast<unsigned int>((b + kWarps - 1) / kWarps);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    replica_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks, kThreads, 0, stream, replica_reduce_kernel<T>)(
         static_cast<const T*>(logits), static_cast<typename Acc<T>::type*>(out), n, b, c, vote);
     return cudaGetLastError();
   });
