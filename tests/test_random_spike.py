@@ -243,6 +243,20 @@ def test_float64_spikes_in_float64(backend, device, values):
     assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (torch.float64, 1e308)])
+def test_range_wider_than_the_dtype_spikes_uniformly(backend, device, dtype, big):
+    """max - min overflows: spiked values still spread over [min, max] (they were all max, or NaN
+    for u = 0), as (min - u * min) + u * max."""
+    x = torch.tensor([-big, big], dtype=dtype).repeat(2000).to(device)
+    y = random_spike(x, 0.0, 6, 0, backend=backend).cpu()
+    assert y.isfinite().all() and (y.abs() <= big).all()
+    assert (y < 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+    _, value_u = philox.call_spike_uniforms(torch.tensor(6), torch.tensor(0), x.numel())
+    u = value_u.to(dtype)
+    assert torch.equal(y, ((-big - u * -big) + u * big).to(dtype).clamp(max=big))
+
+
 def test_stream_and_default_stream_reserve_the_call():
     x = torch.randn(3, 7)  # 21 elements: 11 counters at two per counter
     s = nk.Stream(seed=4)

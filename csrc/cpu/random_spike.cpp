@@ -91,11 +91,20 @@ void spike(const scalar_t* x, scalar_t* out, int64_t n, int64_t segments, int64_
         scalar_t* __restrict os = out + t;
         const float* __restrict keep = u0 + skip;
         const float* __restrict value = u1 + skip;
+        if (std::abs(d) < std::numeric_limits<acc>::infinity()) {
 #pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) {
-          acc v = a + static_cast<acc>(value[i]) * d;  // -ffp-contract=off: the same rounding as every backend
-          v = v > b ? b : v;
-          os[i] = keep[i] < keep_below ? xs[i] : static_cast<scalar_t>(v);
+          for (int64_t i = i0; i < i1; ++i) {
+            acc v = a + static_cast<acc>(value[i]) * d;  // -ffp-contract=off: the same rounding as every backend
+            v = v > b ? b : v;
+            os[i] = keep[i] < keep_below ? xs[i] : static_cast<scalar_t>(v);
+          }
+        } else {  // a range wider than acc's largest value (or no finite value: NaN)
+          for (int64_t i = i0; i < i1; ++i) {
+            const acc u = static_cast<acc>(value[i]);
+            acc v = (a - u * a) + u * b;
+            v = v > b ? b : v;
+            os[i] = keep[i] < keep_below ? xs[i] : static_cast<scalar_t>(v);
+          }
         }
         i0 = i1;
       }

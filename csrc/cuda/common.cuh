@@ -178,7 +178,6 @@ template <int kN, typename T>
 __device__ __forceinline__ void load_run(const T* p, int m, T* v) {
   if (m == kN && reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T, kN>) == 0) {
     const Vec<T, kN> w = *reinterpret_cast<const Vec<T, kN>*>(p);
-#pragma unroll
     for (int l = 0; l < kN; ++l) v[l] = w.v[l];
   } else {
     for (int l = 0; l < m; ++l) v[l] = p[l];
@@ -190,7 +189,6 @@ template <int kN, typename T>
 __device__ __forceinline__ void store_run(T* p, int m, const T* v) {
   if (m == kN && reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T, kN>) == 0) {
     Vec<T, kN> w;
-#pragma unroll
     for (int l = 0; l < kN; ++l) w.v[l] = v[l];
     *reinterpret_cast<Vec<T, kN>*>(p) = w;
   } else {

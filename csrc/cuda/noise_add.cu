@@ -30,7 +30,6 @@ __global__ void noise_add_kernel(const T* x, const typename Acc<T>::type* scale,
       for (int l = 0; l < m; ++l) xv[l] = x[(j + l) % numel_x];
     }
     T t[4] = {};
-#pragma unroll
     for (int l = 0; l < 4; ++l) {
       if (l < m) {
         const int64_t jl = (j + l) % numel_x;
@@ -59,7 +58,6 @@ __global__ void noise_mul_kernel(const T* grad, T* out, int64_t total, int64_t s
     const int64_t i = counter_elements<4>(c, size, per_segment, &m);
     T t[4] = {};
     load_run<4>(grad + i, m, t);
-#pragma unroll
     for (int l = 0; l < 4; ++l) t[l] = from_acc<T>(mul_rn(to_acc(t[l]), static_cast<A>(eps[l])));
     store_run<4>(out + i, m, t);
   }

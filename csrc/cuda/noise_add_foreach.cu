@@ -36,7 +36,6 @@ __global__ void noise_add_foreach_kernel(const int64_t* meta, int64_t k, int64_t
     T* out = reinterpret_cast<T*>(out_ptrs[lo]) + i;
     T t[4] = {};
     load_run<4>(x, m, t);
-#pragma unroll
     for (int l = 0; l < 4; ++l) t[l] = from_acc<T>(add_rn(to_acc(t[l]), mul_rn(scales[lo], static_cast<A>(eps[l]))));
     store_run<4>(out, m, t);
   }

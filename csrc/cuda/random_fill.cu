@@ -42,7 +42,6 @@ __global__ void philox_fill_kernel(T* out, int64_t total, int64_t size, int64_t 
     int m;
     const int64_t i = counter_elements<4>(c, size, per_segment, &m);
     T t[4] = {};
-#pragma unroll
     for (int l = 0; l < 4; ++l) t[l] = from_float<T>(v[l]);
     store_run<4>(out + i, m, t);
   }

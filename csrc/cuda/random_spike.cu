@@ -48,13 +48,14 @@ __global__ void random_spike_kernel(const T* x, T* out, int64_t total, int64_t s
     load_run<2>(x + i, m, t);
     const float keep[2] = {uniform_from_word(w.w0), uniform_from_word(w.w2)};
     const float value[2] = {uniform_from_word(w.w1), uniform_from_word(w.w3)};
-#pragma unroll
     for (int l = 0; l < 2; ++l) {
       if (l < m && keep[l] >= p) {
         const int64_t g = groups == 1 ? 0 : (i + l) / group_size;
         const A lo = key_float(keys[g]), hi = key_float(keys[groups + g]);
         // Explicit round-to-nearest ops: no FMA, the same rounding as the CPU and the reference.
-        A v = add_rn(lo, mul_rn(static_cast<A>(value[l]), add_rn(hi, -lo)));
+        const A u = static_cast<A>(value[l]), d = add_rn(hi, -lo);
+        // Where hi - lo overflows (a range wider than A's largest value), (lo - u lo) + u hi.
+        A v = fabs(d) < A(kInf) ? add_rn(lo, mul_rn(u, d)) : add_rn(add_rn(lo, -mul_rn(u, lo)), mul_rn(u, hi));
         v = v > hi ? hi : v;
         t[l] = from_acc<T>(v);
       }
@@ -75,7 +76,6 @@ __global__ void random_spike_backward_kernel(const T* grad, T* out, int64_t tota
     const bool keep[2] = {uniform_from_word(w.w0) < p, uniform_from_word(w.w2) < p};
     T t[2] = {};
     load_run<2>(grad + i, m, t);
-#pragma unroll
     for (int l = 0; l < 2; ++l) {
       if (!keep[l]) t[l] = from_float<T>(0.0f);
     }

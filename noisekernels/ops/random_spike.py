@@ -2,7 +2,8 @@
 
 Each unit is kept with probability p; otherwise it is replaced by a value drawn uniformly from
 [min, max] of its group: per element, keep x if U(keep word) < p, else min + U(value word) * (max - min),
-clamped to max so rounding never leaves the range (the words: (w0, w1) or (w2, w3) of a counter,
+clamped to max so rounding never leaves the range; where max - min overflows, (min - u * min) +
+u * max instead (the words: (w0, w1) or (w2, w3) of a counter,
 two elements per counter, ARCHITECTURE.md section 2). min/max and the spiked value are computed in
 float64 for float64 x, else float32. Groups are equal contiguous slices of the logical
 order: the whole batch (range="batch"), one per replica when a batch holds n replicas, or one per
@@ -36,7 +37,10 @@ def random_spike_reference(x, p, seed, offset, groups, segments):
     finite = stats.isfinite()
     lo = torch.where(finite, stats, math.inf).amin(1, keepdim=True)
     hi = torch.where(finite, stats, -math.inf).amax(1, keepdim=True)
-    v = lo + u1.view(groups, -1).to(acc) * (hi - lo)
+    u = u1.view(groups, -1).to(acc)
+    d = hi - lo
+    # A range wider than the dtype's largest value (d = inf) interpolates without forming d.
+    v = torch.where(d.isfinite(), lo + u * d, (lo - u * lo) + u * hi)
     v = torch.where(v > hi, hi, v)
     keep = u0.view(groups, -1) < torch.tensor(p, dtype=torch.float32, device=x.device)
     return torch.where(keep, x.reshape(groups, -1), v.to(x.dtype)).reshape(x.shape)

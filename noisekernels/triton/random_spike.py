@@ -33,7 +33,10 @@ def _spike_one(x_ptr, out_ptr, lo_ptr, hi_ptr, e, live, group_size, keep_u, valu
     g = e // group_size
     lo = tl.load(lo_ptr + g, mask=live, other=0.0)
     hi = tl.load(hi_ptr + g, mask=live, other=0.0)
-    v = lo + value_u.to(lo.dtype) * (hi - lo)
+    u = value_u.to(lo.dtype)
+    d = hi - lo
+    wide = tl.abs(d) == float("inf")  # a range wider than the dtype's largest value
+    v = tl.where(wide, (lo - u * lo) + u * hi, lo + u * d)
     v = tl.where(v > hi, hi, v)
     tl.store(out_ptr + e, tl.where(keep_u < p, x, round_to(v, x.dtype)), mask=live)
 
