@@ -114,11 +114,11 @@ class Emulated:
         i64, f32, f64, i32, p = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
         sig = {
             "nk_philox4x32": [p, p, p, i64],
-            "nk_philox_fill": [p, i32, i64, p, p, i32],
-            "nk_random_spike": [p, p, i32, i64, i64, f32, p, p, p],
-            "nk_random_spike_backward": [p, p, i32, i64, f32, p, p],
-            "nk_noise_add": [p, p, p, i32, i64, i64, i64, i64, i32, i32, f64, f64, p, p],
-            "nk_noise_mul": [p, p, i32, i64, i32, p, p],
+            "nk_philox_fill": [p, i32, i64, i64, p, p, i32],
+            "nk_random_spike": [p, p, i32, i64, i64, i64, f32, p, p, p],
+            "nk_random_spike_backward": [p, p, i32, i64, i64, f32, p, p],
+            "nk_noise_add": [p, p, p, i32, i64, i64, i64, i64, i64, i32, i32, f64, f64, p, p],
+            "nk_noise_mul": [p, p, i32, i64, i64, i32, p, p],
             "nk_noise_add_foreach": [p, i64, i64, p, i32, i32, p, p],
             "nk_replica_reduce": [p, p, i32, i64, i64, i64, i32],
             "nk_emu_set_schedule": [i32, ctypes.c_uint64],
@@ -144,51 +144,52 @@ class Emulated:
         self.check(self.lib.nk_philox4x32(_ptr(out), _ptr(c), _ptr(k), c.numel() // 4))
         return out
 
-    def _fill(self, seed, offset, size, dtype, normal):
+    def _fill(self, seed, offset, size, dtype, segments, normal):
         seed, offset = _stream(seed, offset)
         out = torch.empty(size, dtype=dtype)
-        self.check(self.lib.nk_philox_fill(_ptr(out), DTYPES[dtype], out.numel(), _ptr(seed), _ptr(offset), normal))
+        self.check(self.lib.nk_philox_fill(_ptr(out), DTYPES[dtype], out.numel(), segments, _ptr(seed), _ptr(offset),
+                                           normal))
         return out
 
-    def philox_uniform(self, seed, offset, size, dtype):
-        return self._fill(seed, offset, size, dtype, 0)
+    def philox_uniform(self, seed, offset, size, dtype, segments):
+        return self._fill(seed, offset, size, dtype, segments, 0)
 
-    def philox_normal(self, seed, offset, size, dtype):
-        return self._fill(seed, offset, size, dtype, 1)
+    def philox_normal(self, seed, offset, size, dtype, segments):
+        return self._fill(seed, offset, size, dtype, segments, 1)
 
-    def random_spike(self, x, p, seed, offset, groups):
+    def random_spike(self, x, p, seed, offset, groups, segments):
         seed, offset = _stream(seed, offset)
         xc = x.contiguous()
         out = torch.empty_like(xc)
-        workspace = torch.empty(2 * groups, dtype=torch.int32)
-        self.check(self.lib.nk_random_spike(_ptr(xc), _ptr(out), DTYPES[x.dtype], xc.numel(), groups, p, _ptr(seed),
-                                            _ptr(offset), _ptr(workspace)))
+        workspace = torch.empty(2 * groups, dtype=torch.int64)
+        self.check(self.lib.nk_random_spike(_ptr(xc), _ptr(out), DTYPES[x.dtype], xc.numel(), groups, segments, p,
+                                            _ptr(seed), _ptr(offset), _ptr(workspace)))
         return out
 
-    def random_spike_backward(self, grad, p, seed, offset):
+    def random_spike_backward(self, grad, p, seed, offset, segments):
         seed, offset = _stream(seed, offset)
         gc = grad.contiguous()
         out = torch.empty_like(gc)
-        self.check(self.lib.nk_random_spike_backward(_ptr(gc), _ptr(out), DTYPES[grad.dtype], gc.numel(), p,
+        self.check(self.lib.nk_random_spike_backward(_ptr(gc), _ptr(out), DTYPES[grad.dtype], gc.numel(), segments, p,
                                                      _ptr(seed), _ptr(offset)))
         return out
 
-    def noise_add(self, x, scale, seed, offset, dist, inner, channels, replicas, lo, hi):
+    def noise_add(self, x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments):
         seed, offset = _stream(seed, offset)
         xc, sc = x.contiguous(), scale.contiguous()
         size = (x.shape[0] * replicas, *x.shape[1:]) if replicas != 1 else x.shape
         out = torch.empty(size, dtype=x.dtype)
-        self.check(self.lib.nk_noise_add(_ptr(xc), _ptr(sc), _ptr(out), DTYPES[x.dtype], xc.numel(), replicas, inner,
-                                         channels, dist, lo is not None, lo or 0.0, hi or 0.0, _ptr(seed),
-                                         _ptr(offset)))
+        self.check(self.lib.nk_noise_add(_ptr(xc), _ptr(sc), _ptr(out), DTYPES[x.dtype], xc.numel(), replicas,
+                                         segments, inner, channels, dist, lo is not None, lo or 0.0, hi or 0.0,
+                                         _ptr(seed), _ptr(offset)))
         return out
 
-    def noise_mul(self, grad, seed, offset, dist):
+    def noise_mul(self, grad, seed, offset, dist, segments):
         seed, offset = _stream(seed, offset)
         gc = grad.contiguous()
         out = torch.empty_like(gc)
-        self.check(self.lib.nk_noise_mul(_ptr(gc), _ptr(out), DTYPES[grad.dtype], gc.numel(), dist, _ptr(seed),
-                                         _ptr(offset)))
+        self.check(self.lib.nk_noise_mul(_ptr(gc), _ptr(out), DTYPES[grad.dtype], gc.numel(), segments, dist,
+                                         _ptr(seed), _ptr(offset)))
         return out
 
     def noise_add_foreach(self, xs, scales, seed, offset, starts, dist):
@@ -196,11 +197,11 @@ class Emulated:
         k = len(xs)
         inputs = [x.contiguous() for x in xs]
         outputs = [torch.empty_like(x) for x in inputs]
-        first = [0]
+        first = [0]  # counter prefix sums: four elements per counter
         for x in inputs:
-            first.append(first[-1] + x.numel())
-        meta = torch.tensor([x.data_ptr() for x in inputs] + [o.data_ptr() for o in outputs] + first + list(starts),
-                            dtype=torch.int64)
+            first.append(first[-1] + (x.numel() + 3) // 4)
+        meta = torch.tensor([x.data_ptr() for x in inputs] + [o.data_ptr() for o in outputs] + first + list(starts)
+                            + [x.numel() for x in inputs], dtype=torch.int64)
         if k and first[-1]:
             sc = scales.contiguous()
             self.check(self.lib.nk_noise_add_foreach(_ptr(meta), k, first[-1], _ptr(sc), DTYPES[xs[0].dtype], dist,

@@ -107,8 +107,12 @@ def test_philox4x32_known_answer(emu):
 def test_uniform_and_normal_fill(emu, dtype, offset):
     seed, off = stream(0x1234_5678_9ABC, offset)
     for n in SIZES:
-        check(assert_bit_equal, emu, "philox_uniform", seed, off, (n,), dtype)
-        check(assert_normals_close, emu, "philox_normal", seed, off, (n,), dtype)
+        check(assert_bit_equal, emu, "philox_uniform", seed, off, (n,), dtype, 1)
+        check(assert_normals_close, emu, "philox_normal", seed, off, (n,), dtype, 1)
+    # Segments (stream contract v2): S a multiple of 4, S odd, S = 2 mod 4, S = 1.
+    for n, segments in ((4 * 257, 4), (3 * 85, 3), (2 * 1030, 2), (7, 7)):
+        check(assert_bit_equal, emu, "philox_uniform", seed, off, (n,), dtype, segments)
+        check(assert_normals_close, emu, "philox_normal", seed, off, (n,), dtype, segments)
 
 
 # (numel, groups): one group over one to many blocks (and past the small_grid's block cap), many
@@ -121,18 +125,28 @@ SPIKE_CASES = [(1, 1), (257, 1), (4099, 1), (70001, 1), (7 * 33, 7), (300 * 5, 3
 def test_random_spike(emu, dtype, numel, groups):
     x = _x((groups, numel // groups), dtype)
     seed, offset = stream(77, 2**32 - 1000)
-    check(assert_bit_equal, emu, "random_spike", x, 0.6, seed, offset, groups)
-    check(assert_bit_equal, emu, "random_spike_backward", _x(x.shape, dtype, seed=1), 0.6, seed, offset)
+    for segments in {1, groups}:  # one segment, and one per group (odd S where the group size is odd)
+        check(assert_bit_equal, emu, "random_spike", x, 0.6, seed, offset, groups, segments)
+        check(assert_bit_equal, emu, "random_spike_backward", _x(x.shape, dtype, seed=1), 0.6, seed, offset, segments)
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_random_spike_edge_probabilities(emu, p):
     x = _x((3, 257), torch.float32)
     seed, offset = stream(5, 0)
-    results, expected = run(emu, "random_spike", x, p, seed, offset, 3)
+    results, expected = run(emu, "random_spike", x, p, seed, offset, 3, 3)
     assert torch.equal(expected, x) == (p == 1.0)
     for label, got in results:
         assert_bit_equal(got, expected, label)
+
+
+@pytest.mark.parametrize("dtype,values", [(torch.float64, (1e300, 2e300)), (torch.float64, (0.3, 0.3)),
+                                          (torch.float32, (-3e38, 3e38)), (torch.float64, (-1e308, 1e308))])
+def test_random_spike_ranges_float32_cannot_hold(emu, dtype, values):
+    """Issue 9: float64 min/max and values in float64; a range wider than the dtype's largest value."""
+    x = torch.tensor(values, dtype=dtype).repeat(300)
+    seed, offset = stream(3, 0)
+    check(assert_bit_equal, emu, "random_spike", x, 0.0, seed, offset, 1, 1)
 
 
 def test_random_spike_nan_inf(emu):
@@ -141,7 +155,7 @@ def test_random_spike_nan_inf(emu):
     x[1] = math.nan  # no finite value in this group: spiked units become NaN
     x[2, 299] = -math.inf
     seed, offset = stream(9, 123)
-    check(assert_bit_equal, emu, "random_spike", x, 0.5, seed, offset, 3)
+    check(assert_bit_equal, emu, "random_spike", x, 0.5, seed, offset, 3, 1)
 
 
 # Scale layouts as noise_add passes them: (scale shape, inner, channels) for x of shape (4, 5, 7).
@@ -159,9 +173,12 @@ def test_noise_add_and_mul(emu, dtype, dist):
         for replicas, lo, hi in [(1, None, None), (3, None, None), (2, 0.0, 1.5)]:
             if replicas > 1 and shape[0] == 4 * 35:
                 continue  # one scale per element of x: noise_add refuses replicas of it too
-            check(noise_compare(dist), emu, "noise_add", x, scale, seed, offset, dist, inner, channels, replicas, lo, hi)
+            for segments in {1, replicas, 2 * replicas}:  # S = 140 or 70 (2 mod 4) per segment
+                check(noise_compare(dist), emu, "noise_add", x, scale, seed, offset, dist, inner, channels, replicas,
+                      lo, hi, segments)
     for n in SIZES:
-        check(noise_compare(dist), emu, "noise_mul", _x((n,), dtype, seed=3), seed, offset, dist)
+        check(noise_compare(dist), emu, "noise_mul", _x((n,), dtype, seed=3), seed, offset, dist, 1)
+    check(noise_compare(dist), emu, "noise_mul", _x((3 * 87,), dtype, seed=3), seed, offset, dist, 3)
 
 
 # Tensor lists for the foreach metadata: empty tensors first, between and last; one tensor; odd
@@ -179,8 +196,8 @@ FOREACH_LISTS = [
 @pytest.mark.parametrize("shapes,starts", FOREACH_LISTS)
 def test_noise_add_foreach(emu, dtype, dist, shapes, starts):
     xs = [_x(s, dtype, seed=i) for i, s in enumerate(shapes)]
-    if starts is None:
-        starts = [sum(x.numel() for x in xs[:i]) for i in range(len(xs))]
+    if starts is None:  # the counters the tensors before reserve (four elements per counter)
+        starts = [sum((x.numel() + 3) // 4 for x in xs[:i]) for i in range(len(xs))]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scales = torch.linspace(0.1, 2.0, len(xs), dtype=acc)
     seed, offset = stream(8, 2**32 - 400)

@@ -30,30 +30,31 @@ int nk_philox4x32(int64_t* out, const int64_t* counter, const int64_t* key, int6
   return nk::launch_philox4x32(out, counter, key, n, nullptr);
 }
 
-int nk_philox_fill(void* out, int dtype, int64_t n, const int64_t* seed, const int64_t* offset, int normal) {
-  return nk::launch_philox_fill(out, dtype_of(dtype), n, seed, offset, normal != 0, nullptr);
+int nk_philox_fill(void* out, int dtype, int64_t n, int64_t segments, const int64_t* seed, const int64_t* offset,
+                   int normal) {
+  return nk::launch_philox_fill(out, dtype_of(dtype), n, segments, seed, offset, normal != 0, nullptr);
 }
 
-int nk_random_spike(const void* x, void* out, int dtype, int64_t n, int64_t groups, float p, const int64_t* seed,
-                    const int64_t* offset, uint32_t* workspace) {
-  return nk::launch_random_spike(x, out, dtype_of(dtype), n, groups, p, seed, offset, workspace, nullptr);
+int nk_random_spike(const void* x, void* out, int dtype, int64_t n, int64_t groups, int64_t segments, float p,
+                    const int64_t* seed, const int64_t* offset, void* workspace) {
+  return nk::launch_random_spike(x, out, dtype_of(dtype), n, groups, segments, p, seed, offset, workspace, nullptr);
 }
 
-int nk_random_spike_backward(const void* grad, void* out, int dtype, int64_t n, float p, const int64_t* seed,
-                             const int64_t* offset) {
-  return nk::launch_random_spike_backward(grad, out, dtype_of(dtype), n, p, seed, offset, nullptr);
+int nk_random_spike_backward(const void* grad, void* out, int dtype, int64_t n, int64_t segments, float p,
+                             const int64_t* seed, const int64_t* offset) {
+  return nk::launch_random_spike_backward(grad, out, dtype_of(dtype), n, segments, p, seed, offset, nullptr);
 }
 
 int nk_noise_add(const void* x, const void* scale, void* out, int dtype, int64_t numel_x, int64_t replicas,
-                 int64_t inner, int64_t channels, int dist, int clamp, double lo, double hi, const int64_t* seed,
-                 const int64_t* offset) {
-  return nk::launch_noise_add(x, scale, out, dtype_of(dtype), numel_x, replicas, inner, channels, dist, clamp != 0,
-                              lo, hi, seed, offset, nullptr);
+                 int64_t segments, int64_t inner, int64_t channels, int dist, int clamp, double lo, double hi,
+                 const int64_t* seed, const int64_t* offset) {
+  return nk::launch_noise_add(x, scale, out, dtype_of(dtype), numel_x, replicas, segments, inner, channels, dist,
+                              clamp != 0, lo, hi, seed, offset, nullptr);
 }
 
-int nk_noise_mul(const void* grad, void* out, int dtype, int64_t n, int dist, const int64_t* seed,
+int nk_noise_mul(const void* grad, void* out, int dtype, int64_t n, int64_t segments, int dist, const int64_t* seed,
                  const int64_t* offset) {
-  return nk::launch_noise_mul(grad, out, dtype_of(dtype), n, dist, seed, offset, nullptr);
+  return nk::launch_noise_mul(grad, out, dtype_of(dtype), n, segments, dist, seed, offset, nullptr);
 }
 
 int nk_noise_add_foreach(const int64_t* meta, int64_t k, int64_t total, const void* scales, int dtype, int dist,

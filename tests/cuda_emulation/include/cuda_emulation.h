@@ -621,6 +621,16 @@ inline float __uint_as_float(unsigned int u) {
   memcpy(&f, &u, sizeof(f));
   return f;
 }
+inline long long __double_as_longlong(double d) {
+  long long i;
+  memcpy(&i, &d, sizeof(i));
+  return i;
+}
+inline double __longlong_as_double(long long i) {
+  double d;
+  memcpy(&d, &i, sizeof(d));
+  return d;
+}
 inline int __float_as_int(float f) { return static_cast<int>(__float_as_uint(f)); }
 inline float __int_as_float(int i) { return __uint_as_float(static_cast<unsigned int>(i)); }
 inline float __fadd_rn(float a, float b) { return a + b; }
