@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import replicas
+from .replicas import expanding, replicas as replica_pass
 from .nn.anisotropic import AnisotropicNoise
 from .nn.noise import AdditiveNoise, WeightNoise, _NoiseLayer
 from .nn.random_spike import RandomSpike
@@ -114,7 +114,7 @@ def _candidate(model, probe):
                                       if isinstance(out, torch.Tensor) else None)
               for m in model.modules() if not list(m.children())]
     try:
-        with _restored_streams(model), replicas.replicas(2):
+        with _restored_streams(model), replica_pass(2):
             replicated = model(_repeat(probe, 2))
     finally:
         for h in hooks:
@@ -127,7 +127,7 @@ def _candidate(model, probe):
         return Plan("replicate", None, all_bytes, "no noise layer ran on the probe")
     hook = first.register_forward_pre_hook(lambda mod, args: (_repeat(args[0], 2), *args[1:]))
     try:
-        with _restored_streams(model), replicas.replicas(2):
+        with _restored_streams(model), replica_pass(2):
             shared = model(probe)
         same = _same(shared, replicated)
     except RuntimeError:  # rows of B and n*B met: a tensor from before the noise layer is used after it
@@ -196,14 +196,11 @@ def _chunk(p, x, n, chunk):
 
 def _pass(model, x, m, p):
     """Outputs of m replicas of x, (m*B, ...), for the noisy plans."""
-    with replicas.replicas(m):
+    with replica_pass(m):
         if p.mode == "shared" and m > 1:
             if isinstance(p.first, AdditiveNoise):  # input noise: the replicas come out of one fused op
-                p.first.expand = m
-                try:
+                with expanding(p.first, m):
                     return model(x)
-                finally:
-                    p.first.expand = 1
             hook = p.first.register_forward_pre_hook(lambda mod, args: (_repeat(args[0], m), *args[1:]))
             try:
                 return model(x)

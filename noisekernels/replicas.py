@@ -19,6 +19,23 @@ def current():
     return getattr(_state, "count", 1)
 
 
+def expansion(layer):
+    """How many replicas `layer` makes of its B input rows in this thread: the engine's prefix
+    sharing lets the first noise layer expand its input (1 otherwise). Per thread, like the count."""
+    return getattr(_state, "expand_n", 1) if getattr(_state, "expand_layer", None) is layer else 1
+
+
+@contextlib.contextmanager
+def expanding(layer, n):
+    """Runs this thread's enclosed passes with `layer` expanding its input to n replicas."""
+    before = getattr(_state, "expand_layer", None), getattr(_state, "expand_n", 1)
+    _state.expand_layer, _state.expand_n = layer, n
+    try:
+        yield
+    finally:
+        _state.expand_layer, _state.expand_n = before
+
+
 @contextlib.contextmanager
 def replicas(n):
     """Runs this thread's enclosed passes with batches of `n` replicas."""

@@ -100,3 +100,34 @@ def test_compiled_layer_in_other_thread_ignores_this_threads_block(compiled_spik
     got = _run_while_other_thread_in_replicas(lambda: step(x))
     assert torch.equal(inside, _expected(x, 2, offset=0))
     assert torch.equal(got, _expected(x, 1, offset=x.numel()))
+
+
+def test_the_engines_expansion_of_a_layer_is_per_thread():
+    layer = nk.nn.GaussianNoise(0.1, seed=3)
+    x = torch.rand(2, 5)
+
+    def plain():
+        return layer(x).shape
+
+    result, errors = {}, []
+    entered, done = threading.Event(), threading.Event()
+
+    def worker():
+        try:
+            assert entered.wait(timeout=60)
+            result["shape"] = plain()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with REPLICAS.expanding(layer, 3), nk.replicas(3):
+        assert layer(x).shape == (6, 5)  # this thread: B rows in, 3 * B replicas out
+        entered.set()
+        assert done.wait(timeout=300)
+    thread.join()
+    if errors:
+        raise errors[0]
+    assert result["shape"] == (2, 5) and plain() == (2, 5)

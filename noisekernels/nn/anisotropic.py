@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .. import replicas
+from ..replicas import current as replica_count
 from ..ops._args import check_floating_tensor
 from ..random import normal
 from ..stream import Stream
@@ -51,12 +51,12 @@ class AnisotropicNoise(nn.Module):
         check_floating_tensor(x)
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        draws = x.shape[0] if self.draw == "sample" else replicas.current()
+        draws = x.shape[0] if self.draw == "sample" else replica_count()
         if x.shape[0] == 0:
             return x.clone()
         if x.shape[0] % draws:
             raise ValueError(f"replicas={draws} must divide the batch size {x.shape[0]}")
-        eps = normal((draws, self.dim), stream=self.stream, segments=replicas.current(), dtype=x.dtype)
+        eps = normal((draws, self.dim), stream=self.stream, segments=replica_count(), dtype=x.dtype)
         z = eps @ self.scale_tril().to(x.dtype).T
         if draws != x.shape[0]:
             z = z.repeat_interleave(x.shape[0] // draws, dim=0)  # replica-major rows

@@ -8,7 +8,7 @@ a training-only regulariser, the identity in eval mode."""
 import torch
 from torch import nn
 
-from .. import replicas
+from ..replicas import current as replica_count, expansion
 from ..ops.noise_add import DISTS, check_dist, check_scale_value, noise_add
 from ..stream import Stream
 
@@ -33,21 +33,21 @@ class _NoiseLayer(nn.Module):
 class AdditiveNoise(_NoiseLayer):
     """x + scale * eps with eps ~ N(0, 1) ("gaussian"), U(-1, 1) ("uniform") or Laplace(0, 1).
 
-    expand (set by the ensemble engine): the input holds B rows and the output expand*B noisy
-    replicas, made in one fused pass (the counters of repeating the input first)."""
+    Inside the engine's prefix sharing (replicas.expanding(layer, n), per thread) the input holds B
+    rows and the output n*B noisy replicas, made in one fused pass (the counters of repeating the
+    input first)."""
 
     def __init__(self, scale, dist="gaussian", mc=True, seed=None, name="scale"):
         super().__init__(dist, mc, seed)
         self.scale = check_scale_value(scale, name)
         self.scale_name = name
-        self.expand = 1
 
     def forward(self, x):
-        n = self.expand
+        n = expansion(self)
         if not self.active() or (self.scale == 0 and n == 1):
             return x
-        # The output holds replicas.current() replicas, one stream segment each (section 3).
-        return noise_add(x, self.scale, stream=self.stream, dist=self.dist, replicas=n, segments=replicas.current())
+        # The output holds replica_count() replicas, one stream segment each (section 3).
+        return noise_add(x, self.scale, stream=self.stream, dist=self.dist, replicas=n, segments=replica_count())
 
     def extra_repr(self):
         return f"{self.scale_name}={self.scale}, dist={self.dist!r}, mc={self.mc}"
@@ -91,7 +91,7 @@ class LearnableNoise(_NoiseLayer):
         self.alpha = _alpha(shape, init)
 
     def forward(self, x):
-        return self.add_noise(x, self.alpha, replicas.current()) if self.active() else x
+        return self.add_noise(x, self.alpha, replica_count()) if self.active() else x
 
     def extra_repr(self):
         return f"alpha_shape={tuple(self.alpha.shape)}, dist={self.dist!r}, mc={self.mc}"

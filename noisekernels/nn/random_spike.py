@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from .. import replicas
+from ..replicas import current as replica_count
 from ..ops._args import check_probability
 from ..ops.random_spike import RANGES, random_spike
 from ..stream import Stream
@@ -41,7 +41,7 @@ class RandomSpike(nn.Module):
     def forward(self, x):
         if not (self.training or self.mc):
             return x
-        return random_spike(x, self.keep, stream=self.stream, range=self.range, replicas=replicas.current())
+        return random_spike(x, self.keep, stream=self.stream, range=self.range, replicas=replica_count())
 
     def extra_repr(self):
         return f"keep={self.keep}, range={self.range!r}, mc={self.mc}"
