@@ -176,24 +176,24 @@ class APGD(Attack):
                 grad = torch.where(_per_sample(reduce, x), grad_best, grad)
         return x_best, adversarial, x_best_adv
 
-    def _targets(self, x, rank):
-        """The rank-th most likely class (1 = the top one) of the MC mean prediction on x."""
-        probs = ensemble.mc_predict(self.model, x, self.judge_n)
-        if rank > probs.shape[1]:
-            raise ValueError(f"n_targets={self.n_targets} needs more than {rank - 1} classes, the model has {probs.shape[1]}")
-        return probs.topk(rank, dim=1).indices[:, rank - 1]
-
     def forward(self, x, y):
         x_adv = x.clone()
         robust = ~self.succeeded(x, y)
-        ranks = range(2, self.n_targets + 2) if self.loss_name == "dlr-targeted" else [None]
+        ranks, order = [None], None
+        if self.loss_name == "dlr-targeted":
+            # APGD-T's targets: the 2nd, 3rd, ... most likely classes of the clean MC mean prediction.
+            probs = ensemble.mc_predict(self.model, x, self.judge_n)
+            if self.n_targets + 1 > probs.shape[1]:
+                raise ValueError(f"n_targets={self.n_targets} needs at least {self.n_targets + 1} classes, "
+                                 f"the model has {probs.shape[1]}")
+            ranks, order = range(1, self.n_targets + 1), probs.argsort(dim=1, descending=True, stable=True)
         for rank in ranks:
             for _ in range(self.restarts):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
                 xs, ys = x[idx], y[idx]
-                target = None if rank is None else self._targets(xs, rank)
+                target = None if rank is None else order[idx, rank]
                 x_best, adversarial, x_best_adv = self.run_once(xs, ys, target)
                 found = torch.where(_per_sample(adversarial, xs), x_best_adv, x_best)
                 fooled = self.succeeded(found, ys)  # independent noise: the draws above selected `found`
