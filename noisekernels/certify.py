@@ -102,6 +102,7 @@ def certify_from_counts(counts0, counts, sigma, alpha):
 
 def predict(model, x, sigma, n, alpha, *, batch_size=1000, stream=None):
     """The smoothed prediction of each input of x (B, ...): a class or ABSTAIN."""
+    _check_alpha(alpha)
     stream = _stream(stream, x.device)
     return predict_from_counts(sample_counts(model, x, sigma, n, stream, batch_size=batch_size), alpha)
 
@@ -111,6 +112,9 @@ def certify(model, x, sigma, n0, n, alpha, *, batch_size=1000, stream=None):
     bound on pA is below 0.5. The n0 selection samples and the n estimation samples are disjoint
     draws of the stream."""
     _check_int(n0, "n0")
+    _check_int(n, "n")
+    _check_alpha(alpha)
+    check_scale_value(sigma, "sigma")
     stream = _stream(stream, x.device)
     counts0 = sample_counts(model, x, sigma, n0, stream, batch_size=batch_size)
     counts = sample_counts(model, x, sigma, n, stream, batch_size=batch_size)
