@@ -15,7 +15,8 @@ build: setup
 demo: build
 	$(PY) python_examples/selfcheck.py
 
-# The CUDA sources are compiled with nvcc wherever nvcc is on the PATH (they need no torch).
+# The CUDA sources are compiled with nvcc wherever nvcc is on the PATH (they need no torch); the
+# tests also build them with g++ against a CPU emulation of CUDA and run them (tests/emulated_cuda.py).
 test: build
 	@if command -v nvcc >/dev/null 2>&1; then scripts/check_cuda.sh; else echo "nvcc not on PATH: CUDA compile check skipped"; fi
 	$(PY) -m pytest -q

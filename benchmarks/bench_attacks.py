@@ -54,7 +54,7 @@ class Net(nn.Module):
         twin = Net("none")
         twin.load_state_dict({k: v for k, v in self.state_dict().items() if k in twin.state_dict()})
         if isinstance(self.spike, nk.nn.RandomSpike):
-            twin.spike = EagerRandomSpike(self.spike.p)
+            twin.spike = EagerRandomSpike(self.spike.keep)
         if isinstance(self.aniso, nk.nn.AnisotropicNoise):
             twin.aniso = EagerAnisotropic(self.aniso)
         return twin.eval()

@@ -6,11 +6,18 @@ import math
 import torch
 
 from . import ensemble
-from .attacks import FGSM, PGD
-from .random import normal, uniform
-from .stream import Stream
+from .attacks import FGSM as _FGSM, PGD as _PGD
+from .random import normal as _normal, uniform as _uniform
+from .stream import Stream as _Stream
 
 MODES = ("single", "mean", "vote")
+__all__ = ["MODES", "L2_BUCKETS", "accuracy", "empirical_robustness", "l2_distortion", "loss_sensitivity",
+           "obfuscation_report", "prediction_stability", "predict", "robust_accuracy"]
+
+
+def _fraction(mask):
+    """The fraction of True in a bool tensor as an exact ratio of counts (no float32 noise)."""
+    return int(mask.sum()) / mask.numel() if mask.numel() else math.nan
 
 
 @torch.no_grad()
@@ -25,7 +32,7 @@ def predict(model, x, *, mode="mean", n=10):
 
 def accuracy(model, x, y, *, mode="mean", n=10):
     """Clean accuracy (a float in [0, 1])."""
-    return (predict(model, x, mode=mode, n=n) == y).float().mean().item()
+    return _fraction(predict(model, x, mode=mode, n=n) == y)
 
 
 def robust_accuracy(model, x, y, attack_for_eps, eps_list, *, mode="mean", n=10):
@@ -47,7 +54,7 @@ def empirical_robustness(x, x_adv, success):
     if not success.any():
         return math.nan
     ratio = (x_adv - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
-    return ratio[success].mean().item()
+    return ratio[success].double().mean().item()
 
 
 def loss_sensitivity(model, x, y, *, n=1):
@@ -55,24 +62,24 @@ def loss_sensitivity(model, x, y, *, n=1):
     # Each input's loss depends on that input only, so the batch-summed loss (the row mean times B,
     # eot_grad averaging over rows) has the per-input gradients.
     grad, _ = ensemble.eot_grad(model, lambda logits, t: torch.nn.functional.cross_entropy(logits, t) * x.shape[0], x, y, n)
-    return grad.flatten(1).norm(dim=1).mean().item()
+    return grad.flatten(1).norm(dim=1).double().mean().item()
 
 
 def prediction_stability(model, x, l2, *, trials=10, mode="mean", n=10, seed=0):
     """Fraction of (input, trial) whose prediction under Gaussian noise scaled to L2 norm `l2`
     equals the clean prediction (random-spiking.txt 5.3.1)."""
-    stream = Stream(seed).to(x.device)
+    stream = _Stream(seed).to(x.device)
     clean = predict(model, x, mode=mode, n=n)
     same = []
     for _ in range(trials):
-        z = normal(x.shape, *stream.reserve(x.numel()), dtype=x.dtype)
+        z = _normal(x.shape, *stream.reserve(x.numel()), dtype=x.dtype)
         z = z / z.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1))) * l2
         same.append(predict(model, x + z, mode=mode, n=n) == clean)
-    return torch.stack(same).float().mean().item()
+    return _fraction(torch.stack(same))
 
 
 def _success_rate(model, y, x_adv, mode, n):
-    return (predict(model, x_adv, mode=mode, n=n) != y).float().mean().item()
+    return _fraction(predict(model, x_adv, mode=mode, n=n) != y)
 
 
 def obfuscation_report(model, x, y, eps_list, *, surrogate=None, steps=10, eot=1, mode="mean", n=10, seed=0):
@@ -82,17 +89,17 @@ def obfuscation_report(model, x, y, eps_list, *, surrogate=None, steps=10, eot=1
     helps the defender."""
     lo_eps = eps_list[0]
     kwargs = dict(eot=eot, judge_n=n, judge="vote" if mode == "vote" else "mean")
-    pgd = {eps: _success_rate(model, y, PGD(model, eps=eps, alpha=eps / 4, steps=steps, seed=seed, **kwargs)(x, y), mode, n)
+    pgd = {eps: _success_rate(model, y, _PGD(model, eps=eps, alpha=eps / 4, steps=steps, seed=seed, **kwargs)(x, y), mode, n)
            for eps in eps_list}
-    fgsm = _success_rate(model, y, FGSM(model, eps=lo_eps, **kwargs)(x, y), mode, n)
+    fgsm = _success_rate(model, y, _FGSM(model, eps=lo_eps, seed=seed, **kwargs)(x, y), mode, n)
     report = {"iterative beats one-step": (pgd[lo_eps] >= fgsm, {"pgd": pgd[lo_eps], "fgsm": fgsm})}
     if surrogate is not None:
-        transfer = _success_rate(model, y, PGD(surrogate, eps=lo_eps, alpha=lo_eps / 4, steps=steps, seed=seed)(x, y), mode, n)
+        transfer = _success_rate(model, y, _PGD(surrogate, eps=lo_eps, alpha=lo_eps / 4, steps=steps, seed=seed)(x, y), mode, n)
         report["white-box beats transfer"] = (pgd[lo_eps] >= transfer, {"white": pgd[lo_eps], "transfer": transfer})
-    unbounded = _success_rate(model, y, PGD(model, eps=1.0, alpha=0.1, steps=max(steps, 20), seed=seed, **kwargs)(x, y), mode, n)
+    unbounded = _success_rate(model, y, _PGD(model, eps=1.0, alpha=0.1, steps=max(steps, 20), seed=seed, **kwargs)(x, y), mode, n)
     report["unbounded attack reaches 100%"] = (unbounded == 1.0, {"success": unbounded})
-    stream = Stream(seed).to(x.device)
-    noise = (uniform(x.shape, *stream.reserve(x.numel()), dtype=x.dtype) * 2 - 1) * lo_eps
+    stream = _Stream(seed).to(x.device)
+    noise = (_uniform(x.shape, *stream.reserve(x.numel()), dtype=x.dtype) * 2 - 1) * lo_eps
     random = _success_rate(model, y, (x + noise).clamp(0, 1), mode, n)
     report["random sampling does not beat gradients"] = (random <= pgd[lo_eps], {"random": random, "pgd": pgd[lo_eps]})
     rates = [pgd[e] for e in sorted(eps_list)]

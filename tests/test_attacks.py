@@ -79,16 +79,21 @@ def test_attacks_leave_mode_rng_and_streams_alone():
     model = trained(spike=True)
     model.train()  # no BatchNorm: batching is allowed in training mode
     x, y = make_data(8, 3)
-    # Construction draws each attack's stream seed from torch's generator (the stream contract);
-    # running an attack must not touch it.
+    rng = torch.get_rng_state()  # neither building an attack without a seed nor running one touches it
     attacks = (FGSM(model, eot=3), PGD(model, steps=2, eot=3), CW(model, steps=2, binary_steps=1, eot=2))
-    rng = torch.get_rng_state()
     offset = model.spike.stream.offset.clone()
     for attack in attacks:
         attack(x, y)
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     assert model.spike.stream.offset > offset  # the noise streams advance as in any forward pass
     model.eval()
+
+
+def test_unseeded_attacks_get_distinct_streams_without_touching_the_global_rng(data):
+    model, (x, y) = trained(), data
+    rng = torch.get_rng_state()
+    a, b = PGD(model, steps=0)(x, y), PGD(model, steps=0)(x, y)
+    assert torch.equal(torch.get_rng_state(), rng) and not torch.equal(a, b)
 
 
 def test_random_start_comes_from_the_attack_stream(data):
@@ -107,7 +112,7 @@ def test_stacked_surrogates_equal_the_loop(data):
     x, _ = data
     stacked = _SurrogateSum(models)
     assert stacked.stacked
-    torch.testing.assert_close(stacked(x), torch.cat([m(x) for m in models]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked(x), torch.stack([m(x) for m in models], 1), rtol=1e-5, atol=1e-5)
 
 
 def test_multi_surrogate_validation_and_rotation(data):
@@ -135,3 +140,74 @@ def test_bad_arguments():
         MultiSurrogate([model], [model, model], k=3)
     with pytest.raises(ValueError, match="y must be a tensor of x's batch size 4"):
         FGSM(model)(torch.rand(4, 1, 12, 12), torch.tensor([1]))
+
+
+def _noisy(sigma=0.35):
+    """A trained model behind heavy input noise: single draws are often wrong, the MC mean rarely."""
+    return torch.nn.Sequential(nk.nn.GaussianNoise(sigma, seed=4), trained()).eval()
+
+
+def test_cw_success_on_a_noisy_model_agrees_with_an_independent_mc_check(data):
+    model, (x, y) = _noisy(), data
+    cw = CW(model, c=0.5, steps=15, binary_steps=2, lr=0.05, eot=1)
+    x_adv = cw(x, y)
+    independent = nk.metrics.predict(model, x_adv, mode="mean", n=200) != y
+    assert cw.success.shape == y.shape and torch.isfinite(cw.l2).eq(cw.success).all()
+    agree = (cw.success == independent).double().mean().item()
+    assert agree >= 0.9, (agree, cw.success.double().mean().item(), independent.double().mean().item())
+
+
+@pytest.mark.parametrize("judge", ["mean", "vote"])
+def test_pgd_success_is_judged_by_its_mc_prediction(data, judge):
+    model, (x, y) = _noisy(), data
+    attack = PGD(model, eps=0.1, alpha=0.025, steps=3, eot=2, judge_n=64, judge=judge)
+    x_adv = attack(x, y)
+    independent = nk.metrics.predict(model, x_adv, mode=judge, n=400) != y
+    assert (attack.success == independent).double().mean().item() >= 0.9
+    det = PGD(trained(), eps=0.1, alpha=0.025, steps=3)
+    x_det = det(x, y)
+    assert torch.equal(det.success, trained()(x_det).argmax(1) != y)
+
+
+def _noisy_surrogate(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(nk.nn.GaussianNoise(0.3, seed=seed), trained(seed=seed)).eval()
+
+
+def test_multi_surrogate_sees_its_surrogates_noise(data):
+    x, y = data[0][:8], data[1][:8]
+    surrogates = [_noisy_surrogate(s) for s in (1, 2)]
+    attack = MultiSurrogate(surrogates, [], k=0, eps=0.1, alpha=0.02, steps=1, eot=10)
+    assert len(attack.summed.state_dict()) > 0
+    streams = [m.stream for s in surrogates for m in s.modules() if isinstance(m, nk.nn.GaussianNoise)]
+    start = [st.offset.clone() for st in streams]
+    grad = attack.gradient(x, y)
+    for st, o in zip(streams, start):
+        st.offset.copy_(o)
+    loop = []
+    for _ in range(10):
+        xi = x.clone().requires_grad_()
+        loss = sum(torch.nn.functional.cross_entropy(s(xi), y) for s in surrogates)
+        loop.append(torch.autograd.grad(loss, xi)[0])
+    torch.testing.assert_close(grad, torch.stack(loop).mean(0), rtol=1e-4, atol=1e-6)
+    one = MultiSurrogate(surrogates, [], k=0, eps=0.1, alpha=0.02, steps=1, eot=1).gradient(x, y)
+    assert not torch.allclose(grad, one)
+
+
+def test_multi_surrogate_refuses_batch_statistics(data):
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                             torch.nn.Linear(2 * 10 * 10, 4)).train()
+    attack = MultiSurrogate([bn, trained()], [], k=0, eps=0.1, alpha=0.02, steps=1)
+    with pytest.raises(ValueError, match="BatchNorm2d at 'surrogates.0.1' is in training mode"):
+        attack(*data)
+
+
+def test_perturb_crafts_the_same_batch_without_judging(data):
+    model, (x, y) = trained(spike=True), data
+    a, b = PGD(model, steps=2, eot=2, seed=3), PGD(model, steps=2, eot=2, seed=3)
+    offset = model.spike.stream.offset.clone()
+    crafted = a.perturb(x, y)
+    used = model.spike.stream.offset - offset
+    model.spike.stream.offset.copy_(offset)
+    assert a.success is None and torch.equal(crafted, b(x, y)) and b.success is not None
+    assert model.spike.stream.offset - offset > used  # the verdict drew fresh noise past the attack's

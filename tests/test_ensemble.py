@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import noisekernels as nk
-from models import MODELS, A2SNN, RS1, SkipNet
+from models import MODELS, A2SNN, RS1, SkipNet, weight_noise_net
 from noisekernels import ensemble
 
 EXPECTED_MODES = {"rs1": "shared", "rse": "shared", "pni": "shared", "a2snn": "shared", "a2snn-batch": "shared",
@@ -126,10 +126,15 @@ def test_prefix_sharing_runs_the_backbone_once():
 
 def test_batch_statistics_in_training_mode_are_refused():
     model = SkipNet().train()
-    with pytest.raises(ValueError, match="bn uses batch statistics, which would mix replicas"):
+    with pytest.raises(ValueError, match="BatchNorm2d at 'bn' is in training mode: its batch statistics would mix "
+                                         r"replicas; call model.eval\(\)"):
         ensemble.mc_predict(model, torch.rand(2, 1, 8, 8), 3)
     model.eval()
     assert ensemble.mc_predict(model, torch.rand(2, 1, 8, 8), 3).shape == (2, 10)
+    model.bn.track_running_stats = False  # batch statistics in eval mode too: not a call to eval()
+    with pytest.raises(ValueError, match="BatchNorm2d at 'bn' has track_running_stats=False, so it uses batch "
+                                         "statistics even in eval mode"):
+        ensemble.mc_predict(model, torch.rand(2, 1, 8, 8), 3)
 
 
 def test_deterministic_prediction_and_no_noise_models():
@@ -155,3 +160,113 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="y must be a tensor with x's batch size 2"):
         ensemble.eot_grad(model, nn.functional.cross_entropy, x, torch.tensor([1]), 2)
     assert math.isfinite(ensemble.mc_predict(A2SNN().eval(), x, 2).sum().item())
+
+
+def _assert_equals_the_loop(model, x, n, **kwargs):
+    start = _snapshot(model)
+    batched = ensemble.mc_predict(model, x, n, reduce="none", **kwargs)
+    _restore(model, start)
+    torch.testing.assert_close(batched, _loop_logits(model, x, n), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])  # independent draws, never one draw repeated
+    return batched
+
+
+def test_switching_weight_noise_on_after_planning_replans():
+    model, x = weight_noise_net().eval(), torch.rand(3, 1, 28, 28)
+    layers = [m for m in model.modules() if isinstance(m, nk.nn.WeightNoise)]
+    for m in layers:
+        m.mc = False
+    assert ensemble.plan(model, x).mode == "shared"  # only the RandomSpike is on
+    for m in layers:
+        m.mc = True
+    assert ensemble.plan(model, x).mode == "loop"
+    _assert_equals_the_loop(model, x, 4)
+
+
+def test_swapping_a_noise_layer_after_planning_replans():
+    model, x = _model("a2snn"), torch.rand(3, 1, 28, 28)
+    assert ensemble.plan(model, x).first is model.noise
+    model.noise = nk.nn.AnisotropicNoise(16, init_std=2.0, draw="batch")
+    assert ensemble.plan(model, x).first is model.noise
+    _assert_equals_the_loop(model, x, 5)
+
+
+@pytest.mark.parametrize("chunk", [2, 4])
+def test_chunks_never_share_a_weight_draw(chunk):
+    model, x = _model("weight-noise"), torch.rand(3, 1, 28, 28)
+    _assert_equals_the_loop(model, x, 4, chunk=chunk)
+
+
+class FunctionalNoise(nn.Module):
+    """Noise drawn through the functional op from a Stream the model owns: no noise layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.stream = nn.Linear(12, 16), nn.Linear(16, 4), nk.Stream(3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = nk.functional.noise_add(h, 0.5, *self.stream.reserve(h.numel()))
+        return self.fc2(h)
+
+
+class NoiseAfterPermute(nn.Module):
+    """A RandomSpike applied where dim 0 is not the batch: per-replica min/max would take the
+    wrong rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.spike, self.fc2 = nn.Linear(12, 6), nk.nn.RandomSpike(0.5, mc=True, seed=2), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.spike(self.fc1(x).T).T
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("make", [FunctionalNoise, NoiseAfterPermute], ids=["functional", "permute"])
+def test_noise_the_engine_cannot_see_runs_as_the_loop(make):
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.rand(5, 12)
+    p = ensemble.plan(model, x)
+    assert p.mode == "loop" and "differed from the loop" in repr(p)
+    _assert_equals_the_loop(model, x, 4, chunk=4)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    start = _snapshot(model)
+    grad, _ = ensemble.eot_grad(model, nn.functional.cross_entropy, x, y, 4)
+    _restore(model, start)
+    torch.testing.assert_close(grad, _loop_grad(model, x, y, 4)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_empty_batches_give_empty_results():
+    for name in MODELS:
+        model = _model(name)
+        x = torch.rand(0, 1, 28, 28)
+        assert ensemble.mc_predict(model, x, 3).shape == (0, 10)
+        assert ensemble.mc_predict(model, x, 3, reduce="none").shape == (3, 0, 10)
+
+
+class PixelHead(nn.Module):
+    """Outputs of shape (B, C, H, W), not (B, C)."""
+
+    def __init__(self, noisy):
+        super().__init__()
+        self.noise = nk.nn.GaussianNoise(0.1) if noisy else nn.Identity()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.noise(x))
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_outputs_keep_their_shape_on_every_plan(noisy):
+    model, x = PixelHead(noisy).eval(), torch.rand(2, 1, 5, 5)
+    assert ensemble.mc_predict(model, x, 3, reduce="none").shape == (3, 2, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"reduce='mean' needs \(B, C\) logits"):
+        ensemble.mc_predict(model, x, 3)
+
+
+def test_a_loss_that_does_not_average_is_a_clear_error():
+    model, x, y = _model("rs1"), torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
+    loss = lambda logits, t: nn.functional.cross_entropy(logits, t, reduction="none")  # noqa: E731
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar averaged over its rows .* got \(4,\)"):
+        ensemble.eot_grad(model, loss, x, y, 2)

@@ -67,5 +67,31 @@ def test_obfuscation_report_on_an_honest_model(data):
     assert set(report) == {"iterative beats one-step", "white-box beats transfer", "unbounded attack reaches 100%",
                            "random sampling does not beat gradients", "larger eps never helps the defender"}
     assert all(passed for passed, _ in report.values()), report
-    fgsm = (model(FGSM(model, eps=0.15)(x, y)).argmax(1) != y).float().mean().item()
+    fgsm = (model(FGSM(model, eps=0.15)(x, y)).argmax(1) != y).double().mean().item()
     assert report["iterative beats one-step"][1]["fgsm"] == fgsm
+
+
+def test_obfuscation_report_leaves_the_global_rng_alone(data):
+    model, (x, y) = trained(spike=True), data
+    rng = torch.get_rng_state()
+    metrics.obfuscation_report(model, x[:16], y[:16], [0.15], steps=2, n=4)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_metric_floats_are_exact_ratios(data):
+    model, (x, y) = trained(), data
+    x, y = x[:25], y[:25].clone()
+    y[:3] = (model(x[:3]).argmax(1) + 1) % 4  # exactly three wrong labels
+    correct = int((model(x).argmax(1) == y).sum())
+    acc = metrics.accuracy(model, x, y, mode="single")
+    assert acc == correct / 25 and repr(acc) == repr(correct / 25)  # e.g. 0.88, not 0.8799999952316284
+
+
+def test_the_module_exports_only_metrics():
+    namespace = {}
+    exec("from noisekernels.metrics import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(metrics.__all__)
+    assert set(metrics.__all__) == {"MODES", "L2_BUCKETS", "accuracy", "empirical_robustness", "l2_distortion",
+                                    "loss_sensitivity", "obfuscation_report", "prediction_stability", "predict",
+                                    "robust_accuracy"}
+    assert not any(hasattr(metrics, name) for name in ("PGD", "FGSM", "Stream", "normal", "uniform"))

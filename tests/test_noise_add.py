@@ -207,7 +207,8 @@ def test_opcheck():
 
 def test_modules_train_eval_mc():
     x = torch.randn(8, 3, 4, 4)
-    for layer in (nk.nn.GaussianNoise(0.1, seed=1), nk.nn.UniformNoise(0.2, seed=1), nk.nn.LaplaceNoise(0.3, seed=1)):
+    for layer in (nk.nn.GaussianNoise(0.1, mc=False, seed=1), nk.nn.UniformNoise(0.2, mc=False, seed=1),
+                  nk.nn.LaplaceNoise(0.3, mc=False, seed=1)):
         assert not torch.equal(layer(x), x)
         layer.eval()
         assert layer(x) is x
@@ -223,7 +224,7 @@ def test_learnable_and_weight_noise_train():
     y.square().sum().backward()
     assert layer.alpha.grad.shape == (3,) and (layer.alpha.grad != 0).all()
     conv = torch.nn.Conv2d(3, 4, 3)
-    noise = nk.nn.add_weight_noise(conv, seed=3)
+    noise = nk.nn.add_weight_noise(conv, mc=False, seed=3)
     conv(torch.randn(2, 3, 6, 6)).sum().backward()
     assert noise.alpha.grad is not None and conv.parametrizations.weight.original.grad is not None
     w = conv.weight  # noisy in training, clean in eval

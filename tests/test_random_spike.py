@@ -183,7 +183,7 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="needs x with a batch dimension"):
         random_spike(torch.tensor(1.0), 0.5, 0, 0, range="sample")
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
-        nk.nn.RandomSpike(p=2.0)
+        nk.nn.RandomSpike(keep=2.0)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\], got 2"):
         torch.ops.noisekernels.random_spike(x, 2.0, torch.tensor(0), torch.tensor(0), 1)
     with pytest.raises(RuntimeError, match="groups must be >= 1 and divide x.numel"):
@@ -199,7 +199,7 @@ def test_opcheck():
 
 
 def test_module_train_eval_and_mc():
-    layer = nk.nn.RandomSpike(p=0.5, seed=7)
+    layer = nk.nn.RandomSpike(keep=0.5, seed=7)
     x = torch.randn(4, 8, 6, 6)
     y1, y2 = layer(x), layer(x)
     assert not torch.equal(y1, y2) and layer.stream.offset.item() == 2 * x.numel()
@@ -208,11 +208,11 @@ def test_module_train_eval_and_mc():
     layer.mc = True
     assert not torch.equal(layer(x), x)
     assert set(layer.state_dict()) == {"stream.seed", "stream.offset"}
-    assert "p=0.5" in repr(layer)
+    assert "keep=0.5" in repr(layer)
 
 
 def test_module_per_replica_inside_replicas_block():
-    layer = nk.nn.RandomSpike(p=0.6, seed=3)
+    layer = nk.nn.RandomSpike(keep=0.6, seed=3)
     x = torch.cat([torch.randn(2, 50), 100 + torch.randn(2, 50)])
     with nk.replicas(2):
         y = layer(x)
@@ -224,7 +224,7 @@ class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(1, 4, 3)
-        self.spike = nk.nn.RandomSpike(p=0.8, seed=5)
+        self.spike = nk.nn.RandomSpike(keep=0.8, seed=5)
         self.head = torch.nn.Linear(4 * 6 * 6, 3)
 
     def forward(self, x):

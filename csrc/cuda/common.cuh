@@ -7,9 +7,19 @@
 
 namespace noisekernels::cuda {
 
+// Kernel launch, `kernel<<<grid, block, shmem, stream>>>(args)` under nvcc; the CPU emulation the
+// tests build these sources against (tests/cuda_emulation) defines its own.
+#ifdef __CUDACC__
+#define NK_LAUNCH(grid, block, shmem, stream, ...) __VA_ARGS__<<<grid, block, shmem, stream>>>
+#endif
+
 constexpr int kThreads = 256;
 // Grid-stride loops cover the rest; enough blocks to fill any current GPU several times over.
-constexpr int64_t kMaxBlocks = 65536;
+// (The emulated test build lowers it to run grid-stride loops many times on small tensors.)
+#ifndef NK_MAX_BLOCKS
+#define NK_MAX_BLOCKS 65536
+#endif
+constexpr int64_t kMaxBlocks = NK_MAX_BLOCKS;
 
 inline unsigned int blocks_for(int64_t n) {
   const int64_t b = (n + kThreads - 1) / kThreads;

@@ -54,11 +54,11 @@ cudaError_t launch_noise_add(const void* x, const void* scale, void* out, DType 
     const T* xp = static_cast<const T*>(x);
     const A* sp = static_cast<const A*>(scale);
     if (clamp) {
-      noise_add_kernel<T, true><<<blocks_for(n), kThreads, 0, stream>>>(
+      NK_LAUNCH(blocks_for(n), kThreads, 0, stream, noise_add_kernel<T, true>)(
           xp, sp, static_cast<T*>(out), n, numel_x, inner, channels, dist, static_cast<A>(lo),
           static_cast<A>(hi), seed, offset);
     } else {
-      noise_add_kernel<T, false><<<blocks_for(n), kThreads, 0, stream>>>(
+      NK_LAUNCH(blocks_for(n), kThreads, 0, stream, noise_add_kernel<T, false>)(
           xp, sp, static_cast<T*>(out), n, numel_x, inner, channels, dist, A(0), A(0), seed, offset);
     }
     return cudaGetLastError();
@@ -70,7 +70,7 @@ cudaError_t launch_noise_mul(const void* grad, void* out, DType dtype, int64_t n
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    noise_mul_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks_for(n), kThreads, 0, stream, noise_mul_kernel<T>)(
         static_cast<const T*>(grad), static_cast<T*>(out), n, dist, seed, offset);
     return cudaGetLastError();
   });

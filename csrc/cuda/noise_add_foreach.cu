@@ -42,7 +42,7 @@ cudaError_t launch_noise_add_foreach(const int64_t* meta, int64_t k, int64_t tot
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    noise_add_foreach_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks_for(total), kThreads, 0, stream, noise_add_foreach_kernel<T>)(
         meta, k, total, static_cast<const typename Acc<T>::type*>(scales), dist, seed, offset);
     return cudaGetLastError();
   });

@@ -38,7 +38,7 @@ __global__ void philox_fill_kernel(T* out, int64_t n, const int64_t* seed, const
 cudaError_t launch_philox4x32(int64_t* out, const int64_t* counter, const int64_t* key, int64_t n,
                               cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  philox4x32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, counter, key, n);
+  NK_LAUNCH(blocks_for(n), kThreads, 0, stream, philox4x32_kernel)(out, counter, key, n);
   return cudaGetLastError();
 }
 
@@ -48,11 +48,11 @@ cudaError_t launch_philox_fill(void* out, DType dtype, int64_t n, const int64_t*
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (normal) {
-      philox_fill_kernel<T, true>
-          <<<blocks_for(n), kThreads, 0, stream>>>(static_cast<T*>(out), n, seed, offset);
+      NK_LAUNCH(blocks_for(n), kThreads, 0, stream, philox_fill_kernel<T, true>)(
+          static_cast<T*>(out), n, seed, offset);
     } else {
-      philox_fill_kernel<T, false>
-          <<<blocks_for(n), kThreads, 0, stream>>>(static_cast<T*>(out), n, seed, offset);
+      NK_LAUNCH(blocks_for(n), kThreads, 0, stream, philox_fill_kernel<T, false>)(
+          static_cast<T*>(out), n, seed, offset);
     }
     return cudaGetLastError();
   });

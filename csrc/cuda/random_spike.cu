@@ -77,9 +77,9 @@ cudaError_t launch_random_spike(const void* x, void* out, DType dtype, int64_t n
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x);
-    group_minmax_kernel<T><<<static_cast<unsigned int>(groups * per_group), kThreads, 0, stream>>>(
+    NK_LAUNCH(static_cast<unsigned int>(groups * per_group), kThreads, 0, stream, group_minmax_kernel<T>)(
         xp, group_size, per_group, groups, workspace);
-    random_spike_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks_for(n), kThreads, 0, stream, random_spike_kernel<T>)(
         xp, static_cast<T*>(out), n, group_size, groups, workspace, p, seed, offset);
     return cudaGetLastError();
   });
@@ -91,7 +91,7 @@ cudaError_t launch_random_spike_backward(const void* grad, void* out, DType dtyp
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    random_spike_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks_for(n), kThreads, 0, stream, random_spike_backward_kernel<T>)(
         static_cast<const T*>(grad), static_cast<T*>(out), n, p, seed, offset);
     return cudaGetLastError();
   });

@@ -6,6 +6,14 @@
 namespace noisekernels::cuda {
 namespace {
 
+// Whether logit (v, k) comes before (best_v, best) in argmax order: larger first, NaN largest (as
+// torch.argmax), ties to the smaller index. A lane with no class holds (-inf, c), which any class beats.
+template <typename A>
+__device__ __forceinline__ bool argmax_before(A v, int64_t k, A best_v, int64_t best) {
+  if (isnan(v) || isnan(best_v)) return isnan(v) && (!isnan(best_v) || k < best);
+  return v > best_v || (v == best_v && k < best);
+}
+
 template <typename T>
 __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* out, int64_t n,
                                       int64_t b, int64_t c, bool vote) {
@@ -19,10 +27,10 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
   for (int64_t r = 0; r < n; ++r) {
     const T* x = logits + (r * b + i) * c;
     A best_v = -kInf;
-    int64_t best = c;  // the smallest index of the largest logit (NaN-free rows)
+    int64_t best = c;  // the argmax: the smallest index of the largest logit, NaN the largest
     for (int64_t k = lane; k < c; k += 32) {
       const A v = to_acc(x[k]);
-      if (v > best_v || best == c) {
+      if (argmax_before(v, k, best_v, best)) {
         best_v = v;
         best = k;
       }
@@ -30,7 +38,7 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
     for (int d = 16; d > 0; d >>= 1) {
       const A ov = __shfl_xor_sync(0xFFFFFFFFu, best_v, d);
       const int64_t ok = __shfl_xor_sync(0xFFFFFFFFu, best, d);
-      if (ov > best_v || (ov == best_v && ok < best)) {
+      if (argmax_before(ov, ok, best_v, best)) {
         best_v = ov;
         best = ok;
       }
@@ -60,7 +68,7 @@ cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, in
   const unsigned int blocks = static_cast<unsigned int>((b + kWarps - 1) / kWarps);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    replica_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(
+    NK_LAUNCH(blocks, kThreads, 0, stream, replica_reduce_kernel<T>)(
         static_cast<const T*>(logits), static_cast<typename Acc<T>::type*>(out), n, b, c, vote);
     return cudaGetLastError();
   });

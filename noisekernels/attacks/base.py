@@ -1,16 +1,27 @@
-"""The shared base of the attacks: EOT gradients from the batched engine, success judged by the
-MC-ensemble prediction (as the papers judge stochastic defenses), random starts from the attack's
-own Stream. An attack never changes the model's train/eval mode and never touches torch's global
-RNG; the model's noise streams advance as any forward pass advances them."""
+"""The shared base of the attacks: EOT gradients from the batched engine, success judged by an MC
+prediction on fresh noise, random starts from the attack's own Stream.
+
+Honest judgement: whatever an attack selects with (the draws of its own EOT passes), the success it
+reports, `attack.success`, is decided after the attack by an MC prediction of `judge_n` passes
+(default 100) on noise the attack never saw: the model's streams have advanced past every draw the
+attack used. A stochastic defense never looks weaker because of a lucky draw, nor stronger.
+
+An attack never changes the model's train/eval mode and never touches torch's global RNG (an
+attack without a seed takes one from a copy of its state); the model's noise streams advance as
+any forward pass advances them."""
 
 import abc
+import itertools
 import math
 
 import torch
 from torch import nn
 
 from .. import ensemble
-from ..stream import Stream
+from ..stream import Stream, _random_seed, derive_seed
+
+JUDGE_N = 100
+_unseeded = itertools.count()  # attacks built without a seed get distinct streams
 
 
 def _check_positive_int(value, name, minimum=1):
@@ -25,15 +36,27 @@ def _check_nonnegative(value, name):
     return float(value)
 
 
+def attack_stream(seed):
+    """The attack's Stream: from `seed`, or, with seed=None, from torch's default generator without
+    advancing it (torch.manual_seed still reproduces the run)."""
+    if seed is not None:
+        return Stream(seed)
+    with torch.random.fork_rng(devices=[]):
+        base = _random_seed()
+    return Stream(derive_seed(base, next(_unseeded)))
+
+
 class Attack(abc.ABC):
-    """Base of FGSM, PGD, CW: called as attack(x, y) -> adversarial batch, like torchattacks.
+    """Base of the attacks: called as attack(x, y) -> adversarial batch, like torchattacks; then
+    attack.success holds each input's success, judged by an independent MC prediction.
+    attack.perturb(x, y) crafts without judging.
 
     eot: noise draws averaged per gradient (1 = a plain gradient). judge_n / judge: the MC
-    prediction that decides success (n passes, "mean" or "vote"). clip: the input range.
-    targeted: y holds target labels and the attack drives the prediction to them.
+    prediction that decides success (n passes on fresh noise, "mean" or "vote"). clip: the input
+    range. targeted: y holds target labels and the attack drives the prediction to them.
     """
 
-    def __init__(self, model, *, eot=1, targeted=False, clip=(0.0, 1.0), judge_n=1, judge="mean", seed=None):
+    def __init__(self, model, *, eot=1, targeted=False, clip=(0.0, 1.0), judge_n=JUDGE_N, judge="mean", seed=None):
         self.model = model
         self.eot = _check_positive_int(eot, "eot")
         self.judge_n = _check_positive_int(judge_n, "judge_n")
@@ -45,7 +68,8 @@ class Attack(abc.ABC):
         if not lo < hi:
             raise ValueError(f"clip must be (lo, hi) with lo < hi, got {clip!r}")
         self.clip = (lo, hi)
-        self.stream = Stream(seed)
+        self.stream = attack_stream(seed)
+        self.success = None
 
     def loss(self, logits, y):
         """The loss the attack ascends: cross-entropy, or minus it toward targets."""
@@ -59,24 +83,37 @@ class Attack(abc.ABC):
 
     @torch.no_grad()
     def predict(self, x, model=None):
-        """The defended prediction of model (default: the attacked one): argmax of the MC ensemble
-        (ties to the smaller index)."""
+        """The defended prediction of model (default: the attacked one): argmax of its MC prediction
+        over judge_n passes (ties to the smaller index)."""
         return ensemble.mc_predict(self.model if model is None else model, x, self.judge_n, reduce=self.judge).argmax(1)
 
     @torch.no_grad()
     def succeeded(self, x_adv, y, model=None):
+        """Per input: does model's MC prediction on fresh noise miss y (or hit the target)?"""
         pred = self.predict(x_adv, model)
         return pred == y if self.targeted else pred != y
+
+    def judge_success(self, x_adv, y):
+        """The success reported in attack.success (MultiSurrogate: its validators decide)."""
+        return self.succeeded(x_adv, y)
 
     def project_to_range(self, x):
         return x.clamp(*self.clip)
 
-    def __call__(self, x, y):
+    def perturb(self, x, y):
+        """The adversarial batch alone, not judged (attack.success is left as it was): for
+        adversarial training and timing, where no verdict is needed."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating tensor")
         if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
             raise ValueError(f"y must be a tensor of x's batch size {x.shape[0]}")
         return self.forward(x.detach(), y.detach())
+
+    def __call__(self, x, y):
+        """The adversarial batch; attack.success then holds the independent MC verdict on it."""
+        x_adv = self.perturb(x, y)
+        self.success = self.judge_success(x_adv, y)
+        return x_adv
 
     @abc.abstractmethod
     def forward(self, x, y):

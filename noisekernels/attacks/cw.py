@@ -3,8 +3,10 @@
 Minimises |x' - x|^2 + c * f(x') over w, x' = lo + (hi - lo) (tanh(w) + 1) / 2, with Adam, where
 f averages over `eot` noise draws the hinge max(Z_y - max_{j != y} Z_j, -kappa) (untargeted) or
 max(max_{j != t} Z_j - Z_t, -kappa) (targeted); the draws come from one batched pass. A binary
-search over c (binary_steps rounds) keeps, per input, the successful example of smallest L2;
-success is judged by the attack's MC prediction.
+search over c (binary_steps rounds) keeps, per input, the candidate of smallest L2 whose step's
+draws (their mean prediction) were fooled. Those draws selected the candidate, so they cannot
+judge it: attack.success comes from an independent MC prediction afterwards, and attack.l2 is
+inf wherever that prediction was not fooled.
 """
 
 import torch
@@ -15,7 +17,8 @@ from .base import Attack, _check_nonnegative, _check_positive_int
 
 class CW(Attack):
     """CW(model, c=1e-2, kappa=0, steps=100, lr=1e-2, binary_steps=5, eot=1)(x, y) returns the best
-    adversarial batch (x where none was found); attack.l2 holds each input's best L2 (inf if none)."""
+    candidate per input (x where none was found); attack.success and attack.l2 (inf where not
+    successful) are judged by an MC prediction on fresh noise."""
 
     def __init__(self, model, c=1e-2, kappa=0.0, steps=100, lr=1e-2, binary_steps=5, **kwargs):
         super().__init__(model, **kwargs)
@@ -24,7 +27,14 @@ class CW(Attack):
         self.steps = _check_positive_int(steps, "steps")
         self.lr = _check_nonnegative(lr, "lr")
         self.binary_steps = _check_positive_int(binary_steps, "binary_steps")
-        self.l2 = None
+        self._best_l2 = None
+
+    @property
+    def l2(self):
+        """Each input's L2 distortion where the attack succeeded (independently judged), else inf."""
+        if self._best_l2 is None:
+            return None
+        return torch.where(self.success, self._best_l2, torch.full_like(self._best_l2, torch.inf))
 
     def _to_x(self, w):
         lo, hi = self.clip
@@ -42,6 +52,11 @@ class CW(Attack):
         margin = other - real if self.targeted else real - other
         return margin.clamp(min=-self.kappa).mean(0)
 
+    def _fooled(self, logits, y):
+        """Selection: is the mean prediction of this step's draws fooled?"""
+        pred = torch.softmax(logits, -1).mean(0).argmax(-1)
+        return pred == y if self.targeted else pred != y
+
     def forward(self, x, y):
         batch = x.shape[0]
         lower = torch.zeros(batch, device=x.device)
@@ -57,22 +72,22 @@ class CW(Attack):
             found = torch.zeros(batch, dtype=torch.bool, device=x.device)
             for _ in range(self.steps):
                 x_adv = self._to_x(w)
-                l2 = (x_adv - x).flatten(1).square().sum(1)
-                loss = l2.sum() + (c * self._hinge(ensemble.replica_logits(self.model, x_adv, self.eot), y)).sum()
+                l2sq = (x_adv - x).flatten(1).square().sum(1)
+                logits = ensemble.replica_logits(self.model, x_adv, self.eot)
+                loss = l2sq.sum() + (c * self._hinge(logits, y)).sum()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    x_now = self._to_x(w)
-                    l2_now = (x_now - x).flatten(1).norm(dim=1)
-                    ok = self.succeeded(x_now, y)
-                    better = ok & (l2_now < best_l2)
-                    best_l2 = torch.where(better, l2_now, best_l2)
-                    best = torch.where(better.view(shape), x_now, best)
+                    ok = self._fooled(logits.detach(), y)
+                    l2 = l2sq.detach().sqrt()
+                    better = ok & (l2 < best_l2)
+                    best_l2 = torch.where(better, l2, best_l2)
+                    best = torch.where(better.view(shape), x_adv.detach(), best)
                     found |= ok
             # Binary search: a success lowers c's upper bound; a failure raises the lower bound.
             upper = torch.where(found, torch.minimum(upper, c), upper)
             lower = torch.where(found, lower, torch.maximum(lower, c))
             c = torch.where(upper < 1e9, (lower + upper) / 2, c * 10)
-        self.l2 = best_l2
+        self._best_l2 = best_l2
         return best.detach()

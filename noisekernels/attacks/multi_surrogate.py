@@ -30,27 +30,30 @@ def _stackable(models):
 
 
 class _SurrogateSum(nn.Module):
-    """Logits of t surrogates as one (t*B, C) output, so one loss sums their losses."""
+    """Logits of t surrogates as one (B, t, C) output: one row per input, so the engine batches
+    its replicas and sees every surrogate's noise layers, BatchNorm and streams (state_dict too)."""
 
     def __init__(self, surrogates):
         super().__init__()
-        self.surrogates = list(surrogates)
-        self.stacked = _stackable(self.surrogates)
+        self.surrogates = nn.ModuleList(surrogates)
+        self.stacked = _stackable(list(self.surrogates))
         if self.stacked:
-            self.params, self.buffers_ = stack_module_state(self.surrogates)
-            self.base = copy.deepcopy(self.surrogates[0]).to("meta")
+            # Stacked copies of the weights (taken now) and a weightless skeleton, kept out of the
+            # module tree so they are neither parameters nor state.
+            self._stack = stack_module_state(list(self.surrogates))
+            self._base = (copy.deepcopy(self.surrogates[0]).to("meta"),)
 
     def forward(self, x):
         if self.stacked:
-            call = lambda p, b, x: functional_call(self.base, (p, b), (x,))  # noqa: E731
-            logits = torch.vmap(call, in_dims=(0, 0, None))(self.params, self.buffers_, x)
-            return logits.flatten(0, 1)
-        return torch.cat([m(x) for m in self.surrogates])
+            call = lambda p, b, x: functional_call(self._base[0], (p, b), (x,))  # noqa: E731
+            return torch.vmap(call, in_dims=(0, 0, None))(*self._stack, x).transpose(0, 1)
+        return torch.stack([m(x) for m in self.surrogates], dim=1)
 
 
 class MultiSurrogate(PGD):
     """MultiSurrogate(surrogates, validators, k=5, eps=..., alpha=..., steps=...)(x, y) crafts
-    against sum_s loss(s(x'), y); attack.kept marks the examples that fool >= k validators."""
+    against sum_s loss(s(x'), y); attack.kept (also attack.success) marks the examples that fool
+    at least k validators, each judged by its MC prediction on fresh noise."""
 
     def __init__(self, surrogates, validators, k, **pgd_options):
         self.surrogates, self.validators = list(surrogates), list(validators)
@@ -65,20 +68,21 @@ class MultiSurrogate(PGD):
 
     def loss(self, logits, y):
         t = len(self.surrogates)
-        ce = nn.functional.cross_entropy(logits, y.repeat(t), reduction="sum") / y.shape[0]  # sum over surrogates
+        # Summed over surrogates, averaged over rows (the engine's EOT rule).
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(t), reduction="sum") / y.shape[0]
         return -ce if self.targeted else ce
 
-    def forward(self, x, y):
-        x_adv = super().forward(x, y)
+    def judge_success(self, x_adv, y):
         votes = sum(self.succeeded(x_adv, y, v).long() for v in self.validators)
         self.kept = votes >= self.k if self.validators else torch.ones_like(y, dtype=torch.bool)
-        return x_adv
+        return self.kept
 
 
 def rotate_targets(models, x, y, *, t, v, k, **pgd_options):
     """Each model of the pool in turn is the held-out target: the next t models are surrogates and
-    the v after them validators. Returns one dict per target: index, kept (count), transfer (the
-    fraction of kept examples that fool the target, judged by its MC prediction)."""
+    the v after them validators. Returns one dict per target: target (its index in the pool), kept
+    (how many examples passed validation), transfer (the fraction of kept examples that fool the
+    target, judged by its MC prediction; nan when none was kept)."""
     models = list(models)
     if t + v + 1 > len(models):
         raise ValueError(f"need t + v + 1 <= len(models), got t={t}, v={v} for {len(models)} models")
@@ -89,5 +93,5 @@ def rotate_targets(models, x, y, *, t, v, k, **pgd_options):
         x_adv = attack(x, y)
         kept = attack.kept
         fooled = attack.succeeded(x_adv[kept], y[kept], target) if kept.any() else torch.zeros(0, dtype=torch.bool)
-        results.append({"target": i, "kept": int(kept.sum()), "transfer": fooled.float().mean().item() if kept.any() else float("nan")})
+        results.append({"target": i, "kept": int(kept.sum()), "transfer": fooled.double().mean().item() if kept.any() else float("nan")})
     return results

@@ -52,6 +52,8 @@ class AnisotropicNoise(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         draws = x.shape[0] if self.draw == "sample" else replicas.current()
+        if x.shape[0] == 0:
+            return x.clone()
         if x.shape[0] % draws:
             raise ValueError(f"replicas={draws} must divide the batch size {x.shape[0]}")
         eps = normal((draws, self.dim), *self.stream.reserve(draws * self.dim), dtype=x.dtype)

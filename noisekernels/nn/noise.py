@@ -1,5 +1,9 @@
 """Additive noise layers: fixed Gaussian / uniform / Laplace noise (RSE), learnable noise on
-activations and weights (PNI). Each owns a Stream; noise comes from the fused noise_add op."""
+activations and weights (PNI). Each owns a Stream; noise comes from the fused noise_add op.
+
+In these defenses the noise is part of the model at test time (RSE, PNI, the random-perturbation
+defenses), so every layer here is on in eval mode too by default (mc=True); mc=False makes a layer
+a training-only regulariser, the identity in eval mode."""
 
 import torch
 from torch import nn
@@ -9,7 +13,7 @@ from ..stream import Stream
 
 
 class _NoiseLayer(nn.Module):
-    """Active in training and, with mc=True, in eval mode too (Monte-Carlo inference, RSE)."""
+    """Active in training and, with mc=True (the default), in eval mode too."""
 
     def __init__(self, dist, mc, seed):
         super().__init__()
@@ -31,9 +35,10 @@ class AdditiveNoise(_NoiseLayer):
     expand (set by the ensemble engine): the input holds B rows and the output expand*B noisy
     replicas, made in one fused pass (the counters of repeating the input first)."""
 
-    def __init__(self, scale, dist="gaussian", mc=False, seed=None, name="scale"):
+    def __init__(self, scale, dist="gaussian", mc=True, seed=None, name="scale"):
         super().__init__(dist, mc, seed)
         self.scale = check_scale_value(scale, name)
+        self.scale_name = name
         self.expand = 1
 
     def forward(self, x):
@@ -43,27 +48,27 @@ class AdditiveNoise(_NoiseLayer):
         return noise_add(x, self.scale, *self.stream.reserve(x.numel() * n), dist=self.dist, replicas=n)
 
     def extra_repr(self):
-        return f"scale={self.scale}, dist={self.dist!r}, mc={self.mc}"
+        return f"{self.scale_name}={self.scale}, dist={self.dist!r}, mc={self.mc}"
 
 
 class GaussianNoise(AdditiveNoise):
-    """x + N(0, sigma^2): RSE's noise layer (random-self-ensemble.txt; mc=True keeps it on at test)."""
+    """x + N(0, sigma^2): RSE's noise layer (random-self-ensemble.txt), on at test time too."""
 
-    def __init__(self, sigma, mc=False, seed=None):
+    def __init__(self, sigma, mc=True, seed=None):
         super().__init__(sigma, "gaussian", mc, seed, name="sigma")
 
 
 class UniformNoise(AdditiveNoise):
     """x + U(-b, b)."""
 
-    def __init__(self, b, mc=False, seed=None):
+    def __init__(self, b, mc=True, seed=None):
         super().__init__(b, "uniform", mc, seed, name="b")
 
 
 class LaplaceNoise(AdditiveNoise):
     """x + Laplace(0, b)."""
 
-    def __init__(self, b, mc=False, seed=None):
+    def __init__(self, b, mc=True, seed=None):
         super().__init__(b, "laplace", mc, seed, name="b")
 
 
@@ -76,9 +81,10 @@ def _alpha(shape, init):
 
 class LearnableNoise(_NoiseLayer):
     """PNI on activations: x + alpha * eps with learnable alpha of shape () (layer-wise), (C,)
-    (channel-wise) or (C, H, W) (element-wise). alpha starts at `init` (0.25 in PNI)."""
+    (channel-wise) or (C, H, W) (element-wise). alpha starts at `init` (0.25 in PNI). On at test
+    time too, as in PNI."""
 
-    def __init__(self, shape=(), init=0.25, dist="gaussian", mc=False, seed=None):
+    def __init__(self, shape=(), init=0.25, dist="gaussian", mc=True, seed=None):
         super().__init__(dist, mc, seed)
         self.alpha = _alpha(shape, init)
 
@@ -92,15 +98,22 @@ class LearnableNoise(_NoiseLayer):
 class WeightNoise(_NoiseLayer):
     """PNI on weights, as a parametrization: w + alpha * std(w) * eps, std taken on the device and
     not differentiated (as in PNI). alpha: () layer-wise (PNI's default) or (out_channels, 1, ...)
-    per output channel. Register with noisekernels.nn.add_weight_noise or
-    torch.nn.utils.parametrize.register_parametrization(module, "weight", WeightNoise())."""
+    per output channel. On at test time too, as in PNI. Register with noisekernels.nn.add_weight_noise
+    or torch.nn.utils.parametrize.register_parametrization(module, "weight", WeightNoise()).
+    The weight needs at least two elements (its std sets the scale)."""
 
-    def __init__(self, shape=(), init=0.25, dist="gaussian", mc=False, seed=None):
+    def __init__(self, shape=(), init=0.25, dist="gaussian", mc=True, seed=None):
         super().__init__(dist, mc, seed)
         self.alpha = _alpha(shape, init)
 
     def forward(self, w):
+        if w.numel() < 2:
+            raise ValueError(f"WeightNoise needs a weight with at least 2 elements (its scale is alpha * std(w)), "
+                             f"got shape {tuple(w.shape)}")
         return self.add_noise(w, self.alpha * w.detach().std()) if self.active() else w
+
+    def extra_repr(self):
+        return f"alpha_shape={tuple(self.alpha.shape)}, dist={self.dist!r}, mc={self.mc}"
 
 
 def add_weight_noise(module, **kwargs):

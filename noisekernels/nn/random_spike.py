@@ -9,23 +9,31 @@ from ..stream import Stream
 
 
 class RandomSpike(nn.Module):
-    """Random Spiking (random-spiking.txt section 4.2): keeps each unit with probability p, else
-    replaces it by a value uniform in [min, max] of its batch (or sample); spiked units pass no
-    gradient. The paper uses it once, after the first conv layer and before pooling, p = 0.8.
+    """Random Spiking (random-spiking.txt section 4.2): keeps each unit with probability `keep`,
+    else replaces it by a value uniform in [min, max] of its batch (or sample); spiked units pass no
+    gradient. The paper uses it once, after the first conv layer and before pooling, keep = 0.8.
 
-    Like nn.Dropout it is active in training and the identity in eval mode; mc=True keeps it on in
-    eval mode too, for Monte-Carlo inference. Inside noisekernels.replicas.replicas(n) the batch
-    holds n replicas and min/max are taken per replica.
+    keep is the probability a unit is KEPT: the opposite of nn.Dropout's p, which is the
+    probability a unit is dropped. RandomSpike(keep=0.8) spikes 20% of the units.
 
-    p: keep probability in [0, 1]. range: "batch" (default) or "sample". seed: the stream's seed
-    (default: drawn from torch's generator).
+    Like nn.Dropout it is active in training and the identity in eval mode (the paper's "single
+    prediction"); mc=True keeps it on in eval mode too, for its "MC Avg" and "Voting" predictions.
+    Inside noisekernels.replicas(n) the batch holds n replicas and min/max are taken per replica.
+
+    range: "batch" (default) or "sample". seed: the stream's seed (default: drawn from torch's
+    generator).
     """
 
-    def __init__(self, p=0.8, range="batch", mc=False, seed=None):
+    def __init__(self, keep=0.8, range="batch", mc=False, seed=None, **kwargs):
         super().__init__()
+        if "p" in kwargs:
+            raise TypeError("RandomSpike takes keep=, the probability a unit is KEPT (0.8 in the paper), not p=: "
+                            "nn.Dropout's p is the probability a unit is dropped, the opposite")
+        if kwargs:
+            raise TypeError(f"RandomSpike got unexpected arguments {sorted(kwargs)}; it takes keep, range, mc, seed")
         if range not in RANGES:
             raise ValueError(f"range must be one of {RANGES}, got {range!r}")
-        self.p = check_probability(p)
+        self.keep = check_probability(keep, "keep")
         self.range = range
         self.mc = bool(mc)
         self.stream = Stream(seed)
@@ -34,7 +42,7 @@ class RandomSpike(nn.Module):
         if not (self.training or self.mc):
             return x
         seed, offset = self.stream.reserve(x.numel())
-        return random_spike(x, self.p, seed, offset, range=self.range, replicas=replicas.current())
+        return random_spike(x, self.keep, seed, offset, range=self.range, replicas=replicas.current())
 
     def extra_repr(self):
-        return f"p={self.p}, range={self.range!r}, mc={self.mc}"
+        return f"keep={self.keep}, range={self.range!r}, mc={self.mc}"
