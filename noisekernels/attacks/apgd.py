@@ -7,9 +7,10 @@ the last checkpoint raised the loss, or when the step was not reduced last time 
 did not improve since. Losses: cross-entropy ("ce"), the difference of logits ratio ("dlr"), and the
 targeted DLR of APGD-T ("dlr-targeted": each input is attacked toward its 2nd, 3rd, ... most likely
 class in turn). With eot > 1 the gradient and the per-input loss are means over eot noise draws,
-all from one batched pass. Inside the loop a point counts as adversarial when the mean prediction
-of those draws is wrong; what the attack returns is then judged by the attack's MC prediction
-on noise independent of the draws the attack selected with (attack.robust).
+all from one batched pass. Inside a run a point counts as adversarial when the mean prediction of
+those draws is wrong; between runs (restarts, targets) the attack's MC prediction decides which
+points are still robust; what the attack returns is judged by the base's MC prediction on noise
+none of these saw (attack.success).
 """
 
 import torch
@@ -61,7 +62,6 @@ class APGD(Attack):
     rho: the checkpoint's fraction of loss-raising steps. n_targets: target classes of
     "dlr-targeted" (the 2nd .. (n_targets+1)-th most likely, as APGD-T). targeted=True (y holds
     targets) is supported with loss="ce". Restarts (and targets) run on the points still robust.
-    After a call, attack.robust marks the inputs the MC prediction still classifies correctly.
     """
 
     def __init__(self, model, norm="Linf", eps=8 / 255, steps=100, loss="ce", restarts=1, rho=0.75, n_targets=9, **kwargs):
@@ -80,7 +80,6 @@ class APGD(Attack):
         if self.rho > 1:
             raise ValueError(f"rho must be in [0, 1], got {rho!r}")
         self.n_targets = _check_positive_int(n_targets, "n_targets")
-        self.robust = None
 
     def per_input_loss(self, logits, y, target):
         if self.loss_name == "dlr":
@@ -187,17 +186,16 @@ class APGD(Attack):
                 raise ValueError(f"n_targets={self.n_targets} needs at least {self.n_targets + 1} classes, "
                                  f"the model has {probs.shape[1]}")
             ranks, order = range(1, self.n_targets + 1), probs.argsort(dim=1, descending=True, stable=True)
-        for rank in ranks:
-            for _ in range(self.restarts):
-                idx = robust.nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    break
-                xs, ys = x[idx], y[idx]
-                target = None if rank is None else order[idx, rank]
-                x_best, adversarial, x_best_adv = self.run_once(xs, ys, target)
-                found = torch.where(_per_sample(adversarial, xs), x_best_adv, x_best)
-                fooled = self.succeeded(found, ys)  # independent noise: the draws above selected `found`
-                x_adv[idx] = found
-                robust[idx] = ~fooled
-        self.robust = robust
+        runs = [(rank, r) for rank in ranks for r in range(self.restarts)]
+        for i, (rank, _) in enumerate(runs):
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            xs, ys = x[idx], y[idx]
+            target = None if rank is None else order[idx, rank]
+            x_best, adversarial, x_best_adv = self.run_once(xs, ys, target)
+            found = torch.where(_per_sample(adversarial, xs), x_best_adv, x_best)
+            x_adv[idx] = found
+            if i + 1 < len(runs):  # which points the next run attacks: MC on noise the run never saw
+                robust[idx] = ~self.succeeded(found, ys)
         return x_adv

@@ -6,10 +6,10 @@ EOT 20 and one restart. version="standard" (deterministic models): APGD-CE, APGD
 Every stage runs on the points the previous ones left robust, as auto-attack does; a point is
 robust while the MC prediction on noise independent of the attack's draws still classifies it
 correctly ("rand" needs judge_n >= 2: never a single draw). attack.log holds each stage's robust
-accuracy and cumulative time, as auto-attack prints them. Those running figures reuse one noisy
-judgement per stage, and a point gets a chance to be judged fooled at every stage, so the reported
-result (attack.robust, attack.robust_accuracy, the log's "final" line) is a last MC judgement of
-the returned examples on fresh noise.
+accuracy and cumulative time, as auto-attack prints them. Those running figures come from one
+noisy judgement per stage, and a point gets a chance to be judged fooled at every stage, so the
+reported result (attack.success, attack.robust_accuracy, the log's "final" line) is the base's
+last MC judgement of the returned examples on fresh noise.
 """
 
 import time
@@ -24,7 +24,7 @@ VERSIONS = ("rand", "standard")
 
 
 class AutoAttack(Attack):
-    """AutoAttack(model, eps=8/255, norm="Linf", version="rand", steps=100, judge_n=20)(x, y).
+    """AutoAttack(model, eps=8/255, norm="Linf", version="rand", steps=100)(x, y).
 
     eot: draws per gradient of the "rand" APGDs (default 20). queries: Square's budget and
     n_targets: APGD-T's target classes (default 9), both "standard" only. verbose: print each
@@ -32,14 +32,13 @@ class AutoAttack(Attack):
     """
 
     def __init__(self, model, eps=8 / 255, norm="Linf", version="rand", steps=100, queries=None, n_targets=None,
-                 verbose=False, eot=None, judge_n=None, **kwargs):
+                 verbose=False, eot=None, **kwargs):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         if kwargs.get("targeted"):
             raise ValueError("AutoAttack is untargeted: targeted=True is not accepted")
         rand = version == "rand"
-        super().__init__(model, eot=(20 if rand else 1) if eot is None else eot,
-                         judge_n=(20 if rand else 1) if judge_n is None else judge_n, **kwargs)
+        super().__init__(model, eot=(20 if rand else 1) if eot is None else eot, **kwargs)
         if rand and (queries is not None or n_targets is not None):
             raise ValueError("queries and n_targets belong to version='standard' (Square and APGD-T)")
         if rand and self.judge_n < 2:
@@ -61,7 +60,7 @@ class AutoAttack(Attack):
         for i, (_, attack) in enumerate(stages):
             attack.stream = self.stream.fork(i)  # the stages' streams come from this attack's seed
         self.stages = stages
-        self.log, self.robust, self.robust_accuracy = [], None, None
+        self.log, self.robust_accuracy, self._start = [], None, None
 
     def _note(self, name, robust, start):
         entry = {"attack": name, "robust_accuracy": robust.float().mean().item(), "seconds": time.perf_counter() - start}
@@ -72,7 +71,7 @@ class AutoAttack(Attack):
             print(f"{label}: {entry['robust_accuracy']:.2%} (total time {entry['seconds']:.1f} s)")
 
     def forward(self, x, y):
-        start = time.perf_counter()
+        self._start = start = time.perf_counter()
         self.log = []
         robust = ~self.succeeded(x, y)
         self._note("clean", robust, start)
@@ -81,11 +80,14 @@ class AutoAttack(Attack):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() > 0:
                 found = attack(x[idx], y[idx])
-                fooled = ~attack.robust
+                fooled = attack.success
                 x_adv[idx[fooled]] = found[fooled]
                 robust[idx[fooled]] = False
             self._note(name, robust, start)
-        self.robust = ~self.succeeded(x_adv, y)
-        self._note("final", self.robust, start)
-        self.robust_accuracy = self.log[-1]["robust_accuracy"]
         return x_adv
+
+    def judge_success(self, x_adv, y):
+        success = super().judge_success(x_adv, y)
+        self._note("final", ~success, self._start)
+        self.robust_accuracy = self.log[-1]["robust_accuracy"]
+        return success

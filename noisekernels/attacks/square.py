@@ -6,8 +6,8 @@ the margin z_y - max_{j != y} z_j (targeted: max_{j != t} z_j - z_t). The square
 auto-attack's schedule of p (the fraction of pixels changed), rescaled to the query budget. With
 eot > 1 the margin of every query is the mean over eot noise draws, all in one batched pass of
 the engine (auto-attack leaves EOT Square out: eot passes per query). Inputs whose mean margin is
-<= 0 stop querying; what the attack returns is then judged by the attack's MC prediction on
-independent noise (attack.robust).
+<= 0 stop querying; what the attack returns is judged by the base's MC prediction on independent
+noise (attack.success).
 """
 
 import math
@@ -39,7 +39,6 @@ class Square(Attack):
         self.p_init = _check_nonnegative(p_init, "p_init")
         if not 0 < self.p_init <= 1:
             raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-        self.robust = None
 
     @torch.no_grad()
     def margin(self, x, y):
@@ -84,5 +83,4 @@ class Square(Attack):
             better = new_margin < margin[idx]
             x_best[idx] = torch.where(better.view(n, 1, 1, 1), candidate, x_best[idx])
             margin[idx] = torch.where(better, new_margin, margin[idx])
-        self.robust = ~self.succeeded(x_best, y)
         return x_best
