@@ -1,4 +1,4 @@
-"""`noisekernels train | eval | attack | bench | demo` (also `python -m noisekernels ...`).
+"""`noisekernels train | eval | attack | certify | bench | demo` (also `python -m noisekernels ...`).
 
 Each subcommand is one function registered with @command: it declares its arguments on the
 parser it is given and returns the function that runs them, so adding a subcommand is one small
@@ -200,7 +200,7 @@ def eval_(p):
 
 # ----------------------------------------------------------------------------- attack
 
-@command("robust accuracy of trained models under an attack of the library, per eps")
+@command("robust accuracy of trained models under an attack of the library, per eps (shards across torchrun ranks)")
 def attack(p):
     from . import evaluate
     _models_args(p)
@@ -211,31 +211,81 @@ def attack(p):
                    help="attack option, e.g. --set steps=10 --set eot=20 --set alpha_ratio=0.25 (alpha = eps * "
                         "ratio); repeatable")
     p.add_argument("--judge-n", type=_positive_int, default=10, help="MC passes that judge the attack (default 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=100,
+                   help="inputs per batch; batches are dealt to torchrun ranks (default 100)")
     _common(p, run_dir=False)
 
     def run(args):
+        from . import distributed
         _setup(args)
         options = _pairs(args.set, "--set")
         if "eps" in options:
             raise UsageError("give the budgets with --eps, not --set eps=")
+        rank, world = distributed.init()
         loaded, x, y, out = _load_runs(args)
         results, curves, rows = {}, {}, []
         for run_dir, model, preset, _ in loaded:
             try:
-                robust = evaluate.robust_accuracy(model, x, y, args.attack, args.eps, options, judge_n=args.judge_n,
-                                                  seed=args.seed)
+                robust = evaluate.sharded_robust_accuracy(model, x, y, args.attack, args.eps, options, judge_n=args.judge_n,
+                                                          seed=args.seed, batch_size=args.batch_size)
             except TypeError as e:
                 raise UsageError(f"attack {args.attack}: {e}")
             curves[_label(run_dir)] = robust
             results[run_dir] = {"defense": preset.name, "attack": args.attack, "options": options,
-                                "judge_n": args.judge_n, "robust_accuracy": robust}
+                                "judge_n": args.judge_n, "processes": world, "robust_accuracy": robust}
             rows.append([_label(run_dir), preset.name] + [_pct(robust[e]) for e in args.eps])
+        if rank != 0:
+            return
         print(evaluate.table(f"robust accuracy (%) under {args.attack} {options} on {len(y)} inputs, judged by the MC mean "
                      f"over {args.judge_n} passes", ["model", "defense"] + [f"eps={e:g}" for e in args.eps], rows))
         evaluate.write_json(os.path.join(out, "attack.json"), results)
         evaluate.plot(os.path.join(out, "robust_accuracy.png"), curves, "eps", "robust accuracy",
                       f"{args.attack}: robust accuracy against eps")
         print(f"wrote {os.path.join(out, 'attack.json')} and robust_accuracy.png")
+    return run
+
+
+# ----------------------------------------------------------------------------- certify
+
+@command("randomized-smoothing certification (Cohen et al.) of trained models (shards across torchrun ranks)")
+def certify(p):
+    _models_args(p)
+    p.add_argument("--sigma", type=_nonnegative_float, default=0.25, help="smoothing noise std (default 0.25)")
+    # --N0 and --N as in locuslab/smoothing's certify.py (a bare --n would also clash with torchrun's flags)
+    p.add_argument("--N0", dest="n0", type=_positive_int, default=100, help="selection samples (default 100)")
+    p.add_argument("--N", dest="n", type=_positive_int, default=10000, help="estimation samples (default 10000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="noisy copies per forward pass (default 1000)")
+    _common(p, run_dir=False)
+
+    def run(args):
+        from . import certify as smoothing
+        from . import distributed, evaluate
+        _setup(args)
+        rank, world = distributed.init()
+        loaded, x, y, out = _load_runs(args)
+        results, rows = {}, []
+        radii = [0.0, 0.25, 0.5, 0.75, 1.0]
+        for run_dir, model, preset, _ in loaded:
+            per_example = distributed.gather(smoothing.certify_dataset(
+                model, x, y, args.sigma, args.n0, args.n, args.alpha, batch_size=args.batch_size, seed=args.seed))
+            accuracy = smoothing.certified_accuracy(per_example, radii)
+            results[run_dir] = {"defense": preset.name, "sigma": args.sigma, "n0": args.n0, "n": args.n,
+                                "alpha": args.alpha, "processes": world,
+                                "certified_accuracy": dict(zip(map(str, radii), accuracy)),
+                                "abstained": int((per_example["prediction"] < 0).sum()),
+                                "radius": per_example["radius"].tolist(), "correct": per_example["correct"].tolist()}
+            rows.append([_label(run_dir), preset.name] + [_pct(a) for a in accuracy])
+            if rank == 0:
+                smoothing.plot_certified_accuracy(per_example, os.path.join(out, f"certified_{_label(run_dir)}.png"),
+                                                  label=_label(run_dir))
+        if rank != 0:
+            return
+        print(evaluate.table(f"certified accuracy (%) at radius, sigma {args.sigma}, n0 {args.n0}, n {args.n}, "
+                             f"alpha {args.alpha}, {len(y)} inputs", ["model", "defense"] + [f"r={r:g}" for r in radii],
+                             rows))
+        evaluate.write_json(os.path.join(out, "certify.json"), results)
+        print(f"wrote {os.path.join(out, 'certify.json')} and the certified-accuracy plots")
     return run
 
 

@@ -104,6 +104,32 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=10, seed=0)
     return result
 
 
+def sharded_robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=10, seed=0, batch_size=100):
+    """robust_accuracy with the inputs split into batches dealt to torchrun ranks (one process
+    outside torchrun): every batch draws from streams derived from (seed, batch index), so the
+    gathered result is the same for any number of processes. An input is robust at eps when the
+    attack's independent MC verdict says it was not fooled and the clean input was classified
+    correctly. Minimum-norm attacks (CW) run in one process only."""
+    from . import distributed
+    options = dict(options)
+    ratio = options.pop("alpha_ratio", None)
+    options.setdefault("judge_n", judge_n)
+    if not uses_eps(name):
+        rank, world = distributed._rank_world(None, None)
+        if world > 1:
+            raise ValueError(f"attack {name} has no eps: it runs in one process (without torchrun)")
+        return robust_accuracy(model, x, y, name, eps_list, {**options, **({} if ratio is None else {"alpha_ratio": ratio})},
+                               judge_n=judge_n, seed=seed)
+    result = {}
+    for eps in eps_list:
+        extra = {"eps": eps} if ratio is None else {"eps": eps, "alpha": eps * ratio}
+        rows = distributed.gather(distributed.attack_dataset(
+            model, lambda s: make_attack(name, model, {**options, **extra, "seed": s}), x, y,
+            batch_size=batch_size, seed=seed))
+        result[eps] = int(rows["robust"].sum()) / len(rows["robust"]) if len(rows["robust"]) else math.nan
+    return result
+
+
 def _timed(fn, repeats=3):
     fn()  # warm-up (plans, caches)
     best = math.inf

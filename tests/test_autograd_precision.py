@@ -17,9 +17,9 @@ SEED, OFFSET = 11, 2**32 - 37
 
 
 def _eps(n, dist, seed=SEED, offset=OFFSET):
-    """The contract's noise of counters offset + i, in float64, from the pure-PyTorch Philox."""
-    w0, w1, _, _ = philox.words(*stream_tensors(seed, offset), n)
-    return philox.noise_from_words(DISTS[dist], w0, w1).double()
+    """The contract's noise of a one-segment call at (seed, offset), in float64, from the
+    pure-PyTorch Philox."""
+    return philox.call_noise(DISTS[dist], *stream_tensors(seed, offset), n).double()
 
 
 # --- learnable-scale gradients of float16 / bfloat16 inputs ---------------------------------------

@@ -65,6 +65,35 @@ def test_attack(runs, capsys, tmp_path, attack, options):
     assert (tmp_path / "robust_accuracy.png").stat().st_size > 1000
 
 
+def test_certify(runs, capsys, tmp_path):
+    cli.main(["certify", str(runs / "standard"), "--sigma", "0.25", "--N0", "10", "--N", "100", "--alpha", "0.01",
+              "--limit", "4", "--batch-size", "50", "--out", str(tmp_path)])
+    assert "certified accuracy" in capsys.readouterr().out
+    result = json.loads((tmp_path / "certify.json").read_text())[str(runs / "standard")]
+    assert len(result["radius"]) == 4 and result["certified_accuracy"]["0.0"] >= result["certified_accuracy"]["1.0"]
+    assert (tmp_path / "certified_standard.png").stat().st_size > 1000
+
+
+def test_attack_and_certify_across_two_processes_equal_one(runs, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    common = {"attack": ["--attack", "PGD", "--eps", "0.2", "--set", "steps=2", "--set", "eot=2", "--judge-n", "3",
+                         "--batch-size", "8"],
+              "certify": ["--N0", "10", "--N", "60", "--alpha", "0.01", "--batch-size", "30"]}
+    for command, options in common.items():
+        outs = []
+        for launcher in ([sys.executable, "-m", "noisekernels"],
+                         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "noisekernels"]):
+            out = tmp_path / f"{command}{len(outs)}"
+            done = subprocess.run([*launcher, command, str(runs / "rs1"), *options, "--limit", "24", "--threads", "1",
+                                   "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            outs.append(json.loads((out / f"{command}.json").read_text())[str(runs / "rs1")])
+        single, sharded = outs
+        assert sharded.pop("processes") == 2 and single.pop("processes") == 1
+        assert single == sharded
+
+
 def test_bench(runs, capsys, tmp_path):
     cli.main(["bench", str(runs / "rs1"), "--n", "3", "--batch", "16", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -103,8 +132,9 @@ def test_bad_arguments_are_clear_errors(runs, capsys, tmp_path, argv, message):
 def test_module_entry_point_and_help(capsys):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     out = subprocess.run([sys.executable, "-m", "noisekernels", "--help"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "attack", "bench", "demo"))
-    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "bench": "--batch", "demo": "--quick"}
+    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "attack", "certify", "bench", "demo"))
+    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "certify": "--sigma", "bench": "--batch",
+                "demo": "--quick"}
     assert set(cli.COMMANDS) == set(expected)
     for name, flag in expected.items():
         with pytest.raises(SystemExit) as exit_info:
