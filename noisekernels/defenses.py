@@ -84,7 +84,7 @@ def _apply_rs(model, opts):
     convs = _convs(model)
     if not convs:
         raise ValueError("Random Spiking needs a conv layer in the model")
-    _attach(convs[0], "random_spike", RandomSpike(p=opts["p"], range=opts["range"]), before=False)
+    _attach(convs[0], "random_spike", RandomSpike(keep=opts["p"], range=opts["range"]), before=False)
 
 
 def _apply_rsd(model, opts):
