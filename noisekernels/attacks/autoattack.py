@@ -6,7 +6,10 @@ EOT 20 and one restart. version="standard" (deterministic models): APGD-CE, APGD
 Every stage runs on the points the previous ones left robust, as auto-attack does; a point is
 robust while the MC prediction on noise independent of the attack's draws still classifies it
 correctly ("rand" needs judge_n >= 2: never a single draw). attack.log holds each stage's robust
-accuracy and cumulative time, as auto-attack prints them; attack.robust the final judgement.
+accuracy and cumulative time, as auto-attack prints them. Those running figures reuse one noisy
+judgement per stage, and a point gets a chance to be judged fooled at every stage, so the reported
+result (attack.robust, attack.robust_accuracy, the log's "final" line) is a last MC judgement of
+the returned examples on fresh noise.
 """
 
 import time
@@ -23,12 +26,13 @@ VERSIONS = ("rand", "standard")
 class AutoAttack(Attack):
     """AutoAttack(model, eps=8/255, norm="Linf", version="rand", steps=100, judge_n=20)(x, y).
 
-    eot: draws per gradient of the "rand" APGDs (default 20). queries: Square's budget
-    ("standard"). verbose: print each stage's line.
+    eot: draws per gradient of the "rand" APGDs (default 20). queries: Square's budget and
+    n_targets: APGD-T's target classes (default 9), both "standard" only. verbose: print each
+    stage's line.
     """
 
-    def __init__(self, model, eps=8 / 255, norm="Linf", version="rand", steps=100, queries=5000, verbose=False,
-                 eot=None, judge_n=None, **kwargs):
+    def __init__(self, model, eps=8 / 255, norm="Linf", version="rand", steps=100, queries=None, n_targets=None,
+                 verbose=False, eot=None, judge_n=None, **kwargs):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         if kwargs.get("targeted"):
@@ -36,12 +40,13 @@ class AutoAttack(Attack):
         rand = version == "rand"
         super().__init__(model, eot=(20 if rand else 1) if eot is None else eot,
                          judge_n=(20 if rand else 1) if judge_n is None else judge_n, **kwargs)
+        if rand and (queries is not None or n_targets is not None):
+            raise ValueError("queries and n_targets belong to version='standard' (Square and APGD-T)")
         if rand and self.judge_n < 2:
             raise ValueError(f"version='rand' judges by an MC prediction: judge_n must be >= 2, got {self.judge_n}")
         self.version, self.norm, self.verbose = version, norm, bool(verbose)
         self.eps = _check_nonnegative(eps, "eps")
         self.steps = _check_positive_int(steps, "steps")
-        self.queries = _check_positive_int(queries, "queries")
         common = dict(eps=eps, eot=self.eot, judge_n=self.judge_n, judge=self.judge, clip=self.clip, seed=0)
         if rand:
             stages = [("apgd-ce", APGD(model, norm=norm, steps=steps, loss="ce", **common)),
@@ -50,18 +55,20 @@ class AutoAttack(Attack):
             if norm != "Linf":
                 raise ValueError(f"version='standard' runs Square, which is L-inf here: norm must be 'Linf', got {norm!r}")
             stages = [("apgd-ce", APGD(model, norm=norm, steps=steps, loss="ce", **common)),
-                      ("apgd-t", APGD(model, norm=norm, steps=steps, loss="dlr-targeted", **common)),
-                      ("square", Square(model, queries=queries, **common))]
+                      ("apgd-t", APGD(model, norm=norm, steps=steps, loss="dlr-targeted",
+                                      n_targets=9 if n_targets is None else n_targets, **common)),
+                      ("square", Square(model, queries=5000 if queries is None else queries, **common))]
         for i, (_, attack) in enumerate(stages):
             attack.stream = self.stream.fork(i)  # the stages' streams come from this attack's seed
         self.stages = stages
-        self.log, self.robust = [], None
+        self.log, self.robust, self.robust_accuracy = [], None, None
 
     def _note(self, name, robust, start):
         entry = {"attack": name, "robust_accuracy": robust.float().mean().item(), "seconds": time.perf_counter() - start}
         self.log.append(entry)
         if self.verbose:
-            label = "initial accuracy" if name == "clean" else f"robust accuracy after {name.upper()}"
+            label = {"clean": "initial accuracy", "final": "robust accuracy (MC on fresh noise)"}.get(
+            name, f"robust accuracy after {name.upper()}")
             print(f"{label}: {entry['robust_accuracy']:.2%} (total time {entry['seconds']:.1f} s)")
 
     def forward(self, x, y):
@@ -78,5 +85,7 @@ class AutoAttack(Attack):
                 x_adv[idx[fooled]] = found[fooled]
                 robust[idx[fooled]] = False
             self._note(name, robust, start)
-        self.robust = robust
+        self.robust = ~self.succeeded(x_adv, y)
+        self._note("final", self.robust, start)
+        self.robust_accuracy = self.log[-1]["robust_accuracy"]
         return x_adv
