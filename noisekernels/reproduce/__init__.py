@@ -74,9 +74,10 @@ def _section(record, directory, report_dir):
     return "\n\n".join(parts)
 
 
-def report(out=DEFAULT_OUT, to="REPRODUCTION.md"):
-    """Writes the report of the latest records under out to `to`; returns the names included."""
-    records = latest_records(out)
+def report(out=DEFAULT_OUT, to="REPRODUCTION.md", scales=("full", "default")):
+    """Writes the report of the latest records under out (of the first of `scales` each experiment
+    has) to `to`; returns the names included."""
+    records = latest_records(out, scales)
     report_dir = os.path.dirname(os.path.abspath(to))
     missing = [n for n in REGISTRY if n not in records]
     total = sum(r["seconds"] for r, _ in records.values())

@@ -154,7 +154,8 @@ def write_plots(plots, out_dir):
         ax.set_xlabel(p["xlabel"])
         ax.set_ylabel(p["ylabel"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, p["file"])
         fig.savefig(path, dpi=90)
