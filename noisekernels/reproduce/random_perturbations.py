@@ -71,16 +71,16 @@ def run(ctx):
         adaptive[label] = 1 - fooled.double().mean().item()
         rows.append([label, clean, non_adaptive[label], base_l2, adaptive[label], _mean_finite(cw.l2)])
         ctx.log(f"  {label}: clean {clean:.3f}, non-adaptive {non_adaptive[label]:.3f}, adaptive {adaptive[label]:.3f}")
-    layer_rows, layer_l2 = [], {}
+    layer_rows, layer_acc = [], {}
     for label, options in (("noise in every layer (0.2/0.1)", {"init_sigma": 0.2, "inner_sigma": 0.1}),
                            ("noise in the first layer only (0.2/0)", {"init_sigma": 0.2, "inner_sigma": 0.0})):
         model = ctx.model("rse", options=options)
         cw = _cw(s, model, eot=s["eot"])
         cw(x, y)
-        layer_l2[label] = _mean_finite(cw.l2)
+        layer_acc[label] = 1 - cw.success.double().mean().item()
         clean = 1 - cw.succeeded(x, y).double().mean().item()
-        layer_rows.append([label, clean, 1 - cw.success.double().mean().item(), layer_l2[label]])
-        ctx.log(f"  {label}: clean {clean:.3f}, L2 {layer_l2[label]:.3f}")
+        layer_rows.append([label, clean, layer_acc[label], _mean_finite(cw.l2)])
+        ctx.log(f"  {label}: clean {clean:.3f}, under C&W {layer_acc[label]:.3f}")
     tables = [{"title": f"Accuracy (MC-{s['judge_n']}) under untargeted C&W: non-adaptive (crafted on the undefended model) "
                         f"and adaptive (BPDA / EOT {s['eot']} against the defense)",
                "columns": ["defense", "clean", "non-adaptive acc", "non-adaptive mean L2", "adaptive acc", "adaptive mean L2"],
@@ -97,9 +97,9 @@ def run(ctx):
         {"claim": "Table 1 / Fig 2: an attack adapted to the defense (BPDA, EOT) takes most of that accuracy back",
          "held": all(adaptive[k] <= non_adaptive[k] - 0.3 for k in labels),
          "detail": ", ".join(f"{k} {non_adaptive[k]:.2f}->{adaptive[k]:.2f}" for k in labels)},
-        {"claim": "Fig 2: noise in every layer beats noise in the first layer only (here: larger C&W L2 needed)",
-         "held": bool(layer_l2["noise in every layer (0.2/0.1)"] > layer_l2["noise in the first layer only (0.2/0)"]),
-         "detail": ", ".join(f"{k} {v:.3f}" for k, v in layer_l2.items())},
+        {"claim": "Fig 2: noise in every layer beats noise in the first layer only (accuracy under adaptive C&W)",
+         "held": bool(layer_acc["noise in every layer (0.2/0.1)"] > layer_acc["noise in the first layer only (0.2/0)"]),
+         "detail": ", ".join(f"{k} {v:.3f}" for k, v in layer_acc.items())},
     ]
     return {"tables": tables, "checks": checks, "plots": []}
 
@@ -131,8 +131,11 @@ EXPERIMENT = Experiment(
              "crafted once on the undefended model",
              "adaptive: BPDA (straight-through identity backward) for frequency, colour depth and SVD, EOT over the "
              "noise draws for Gaussian, uniform and Laplace; accuracy judged on the defense itself by MC-100",
-             "noise per layer is compared by the mean L2 a successful adaptive C&W needs (and accuracy), both models "
-             "trained with their noise (RSE preset, inner sigma 0.1 or 0)"),
+             "noise per layer is compared by accuracy under the adaptive C&W (EOT), both models trained with their "
+             "noise (RSE preset, inner sigma 0.1 or 0); the mean L2 of its successes (0 where the clean input is "
+             "already misclassified) is shown beside it",
+             "C&W keeps kappa 0 in the adaptive attacks too: its examples sit on the boundary of the draws it averaged, "
+             "and the independent MC-100 judgement decides whether they survive fresh noise"),
     deviations=lambda s, dataset: ([f"dataset {dataset} instead of CIFAR-10"] if dataset != "cifar10" else [])
     + ([f"{s['model']} {s['model_options']}, {s['epochs']} epochs instead of ResNet-18/VGG-16"] if s["model"] != "resnet18" else [])
     + [f"C&W {s['cw_steps']} steps lr {s['cw_lr']}, {s['cw_binary']} binary steps, {s['n']} inputs; PGD not run"],
