@@ -100,7 +100,8 @@ def test_module_entry_point_and_help(capsys):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     out = subprocess.run([sys.executable, "-m", "noisekernels", "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "attack", "bench", "demo"))
-    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "bench": "--batch", "demo": "--quick"}
+    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "bench": "--batch", "demo": "--quick",
+                "reproduce": "--report"}
     assert set(cli.COMMANDS) == set(expected)
     for name, flag in expected.items():
         with pytest.raises(SystemExit) as exit_info:

@@ -74,6 +74,16 @@ def test_command_line(capsys, tmp_path):
     torch.set_num_threads(1)
 
 
+def test_noisekernels_reproduce_subcommand(capsys, tmp_path):
+    from noisekernels import cli
+    cli.main(["reproduce", "--list"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in NAMES)
+    cli.main(["reproduce", "efficient-defenses", "--smoke", "--out", str(tmp_path)])
+    assert len(os.listdir(tmp_path / "efficient-defenses")) == 1
+    torch.set_num_threads(1)
+
+
 @pytest.mark.slow
 def test_default_mode_of_every_experiment(tmp_path):
     records = [reproduce.run(name, out=str(tmp_path)) for name in NAMES]

@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -51,15 +52,21 @@ def latest_records(out=DEFAULT_OUT, scales=("full", "default")):
     return records
 
 
-def _section(record, directory, report_dir):
+def _section(record, directory, report_dir, figures):
     checks = "\n".join(f"- {'HELD' if c['held'] else 'NOT HELD'}: {c['claim']} ({c['detail']})" for c in record["checks"])
-    plots = "\n".join(f"![{p}]({os.path.relpath(os.path.join(directory, p), report_dir)})" for p in record["plots"])
+    # The plots are copied beside the report (runs/ is not committed), to FIGURES/NAME/.
+    target = os.path.join(report_dir, figures, record["name"])
+    for p in record["plots"]:
+        os.makedirs(target, exist_ok=True)
+        shutil.copyfile(os.path.join(directory, p), os.path.join(target, p))
+    plots = "\n".join(f"![{p}]({figures}/{record['name']}/{p})" for p in record["plots"])
     settings = ", ".join(f"{k}={v}" for k, v in record["settings"].items())
     trained = sum(m["seconds"] for m in record["models_trained"])
     parts = [
         f"## {record['title']}",
         f"`noisekernels reproduce {record['name']}` ({record['paper']}); scale {record['scale']} on {record['dataset']}, "
-        f"finished {record['finished']} UTC, **{record['seconds']:.0f} s** on {record['threads']} threads "
+        f"finished {record['finished']} UTC, **{record['seconds']:.0f} s** on {record['threads']} thread(s), "
+        f"machine load {record['load_average'][0]:.1f} -> {record['load_average'][1]:.1f} "
         f"({len(record['models_trained'])} models trained or loaded in {trained:.0f} s of it).",
         f"**Paper's setting.** {record['paper_setting']}",
         "**Paper's numbers.**\n\n" + record["paper_numbers"],
@@ -92,7 +99,8 @@ def report(out=DEFAULT_OUT, to="REPRODUCTION.md", scales=("full", "default")):
     lines += ["", f"Total: {total:.0f} s ({total / 60:.1f} min)."]
     if missing:
         lines += ["", "Not run (no record): " + ", ".join(missing) + "."]
-    body = [_section(r, d, report_dir) for r, d in records.values()]
+    figures = os.path.splitext(os.path.basename(to))[0].lower() + "-figures"
+    body = [_section(r, d, report_dir, figures) for r, d in records.values()]
     with open(to, "w") as f:
         f.write("\n".join(lines) + "\n\n" + "\n\n".join(body) + "\n")
     return list(records)

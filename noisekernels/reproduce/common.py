@@ -176,7 +176,7 @@ def execute(experiment, scale, data_dir, out_root, log=print):
     ctx = Context(experiment, scale, dataset, os.path.join(out_root, "models"), log)
     os.makedirs(out_dir, exist_ok=True)
     log(f"[{experiment.name}] {scale} on {dataset.name} -> {out_dir}")
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         result = experiment.run(ctx)
@@ -185,6 +185,7 @@ def execute(experiment, scale, data_dir, out_root, log=print):
     record = {
         "name": experiment.name, "paper": experiment.paper, "title": experiment.title, "scale": scale,
         "dataset": dataset.name, "finished": stamp, "seconds": seconds, "threads": torch.get_num_threads(),
+        "load_average": [load, os.getloadavg()[0]],  # the machine's 1-minute load at start and end
         "paper_setting": experiment.paper_setting, "paper_numbers": experiment.paper_numbers,
         "settings": experiment.settings[scale], "choices": list(experiment.choices),
         "deviations": experiment.deviations(experiment.settings[scale], dataset.name),

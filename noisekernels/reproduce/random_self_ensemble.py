@@ -6,7 +6,7 @@ from ..attacks import CW
 from .common import Experiment
 
 PAPER = "random-self-ensemble.txt"
-SCHEMES = {"RSE": ("rse", {}), "no defense": ("standard", {}), "distillation (T=40)": ("distill", {"temperature": 40.0}),
+SCHEMES = {"RSE": ("rse", {"init_sigma": 0.2, "inner_sigma": 0.1}), "no defense": ("standard", {}), "distillation (T=40)": ("distill", {"temperature": 40.0}),
            "GDA + BReLU": ("gda", {"brelu": 1.0})}
 
 
