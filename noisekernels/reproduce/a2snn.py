@@ -100,7 +100,7 @@ EXPERIMENT = Experiment(
     settings={
         "smoke": {"model_options": {"widths": (4, 8, 8), "embed": 8}, "epochs": 1, "n": 4, "n_clean": 8, "eps": 0.1,
                   "eot": 2, "pgd_steps": 2, "judge_n": 4},
-        "default": {"model_options": _TINY, "epochs": 10, "batch_size": 32, "n": 200, "n_clean": 450, "eps": 0.1, "eot": 50,
+        "default": {"model_options": _TINY, "epochs": 20, "batch_size": 32, "n": 200, "n_clean": 450, "eps": 0.1, "eot": 50,
                     "pgd_steps": 10, "judge_n": 100},
         "full": {"model_options": {}, "epochs": 100, "schedule": "a2snn-fmnist", "n": 1000, "n_clean": 10000,
                  "eps": 8 / 255, "eot": 50, "pgd_steps": 10, "judge_n": 100},

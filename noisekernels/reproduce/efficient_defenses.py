@@ -64,7 +64,7 @@ EXPERIMENT = Experiment(
     settings={
         "smoke": {"model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16}, "epochs": 1, "n": 4,
                   "n_clean": 8, "eps": 0.1, "eps_step": 0.1, "eps_max": 0.5},
-        "default": {"model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 10,
+        "default": {"model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 20,
                     "batch_size": 32, "n": 450, "n_clean": 450, "eps": 0.1, "eps_step": 0.01, "eps_max": 1.0},
         "full": {"model": "mnist-cnn", "model_options": {}, "epochs": 50, "schedule": "cw-mnist", "n": 10000,
                  "n_clean": 10000, "eps": 0.1, "eps_step": 0.01, "eps_max": 1.0},

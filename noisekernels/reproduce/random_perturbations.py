@@ -122,8 +122,8 @@ EXPERIMENT = Experiment(
     settings={
         "smoke": {**_T1, "model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16}, "epochs": 1, "n": 4,
                   "cw_c": 0.1, "cw_steps": 3, "cw_lr": 0.05, "cw_binary": 1, "eot": 2, "judge_n": 4},
-        "default": {**_T1, "model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 10,
-                    "batch_size": 32, "n": 60, "cw_c": 0.01, "cw_steps": 50, "cw_lr": 0.05, "cw_binary": 5, "eot": 10,
+        "default": {**_T1, "model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 20,
+                    "batch_size": 32, "n": 100, "cw_c": 0.01, "cw_steps": 50, "cw_lr": 0.05, "cw_binary": 5, "eot": 10,
                     "judge_n": 100},
         "full": {**_T1, "model": "resnet18", "model_options": {}, "epochs": 200, "schedule": "wrn-cifar", "n": 2000,
                  "cw_c": 0.01, "cw_steps": 100, "cw_lr": 0.005, "cw_binary": 5, "eot": 10, "judge_n": 100},

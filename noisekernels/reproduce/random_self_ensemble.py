@@ -85,7 +85,7 @@ EXPERIMENT = Experiment(
         "smoke": {"model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16}, "epochs": 1, "n": 4,
                   "n_clean": 8, "cs": (0.1,), "cw_steps": 3, "cw_lr": 0.05, "eot": 2, "ensemble": 4,
                   "sigmas": ((0.1, 0.05), (0.2, 0.1))},
-        "default": {"model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 10, "batch_size": 32, "n": 60,
+        "default": {"model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 20, "batch_size": 32, "n": 100,
                     "n_clean": 450, "cs": _CS, "cw_steps": 50, "cw_lr": 0.05, "eot": 5, "ensemble": 10,
                     "sigmas": ((0.1, 0.05), (0.2, 0.1), (0.4, 0.2))},
         "full": {"model": "vgg", "model_options": {}, "epochs": 200, "schedule": "wrn-cifar", "n": 1000,
