@@ -86,6 +86,7 @@ def report(out=DEFAULT_OUT, to="REPRODUCTION.md", scales=("full", "default")):
     has) to `to`; returns the names included."""
     records = latest_records(out, scales)
     report_dir = os.path.dirname(os.path.abspath(to))
+    os.makedirs(report_dir, exist_ok=True)
     missing = [n for n in REGISTRY if n not in records]
     total = sum(r["seconds"] for r, _ in records.values())
     lines = ["# Reproduction of the seed papers' experiments", "",
