@@ -158,6 +158,11 @@ def run_transfer(ctx):
         r = [rates[(scheme, n)] for n in names]
         checks.append({"claim": f"Fig 3 ({LABELS[scheme]}): Single < Multi < Multi + validation in transfer rate",
                        "held": bool(r[0] < r[1] < r[2]), "detail": ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r))})
+    for scheme in s["schemes"]:
+        if scheme != "standard" and "standard" in s["schemes"]:
+            a, b = rates[(scheme, names[2])], rates[("standard", names[2])]
+            checks.append({"claim": f"Fig 4: under the validated attack {LABELS[scheme]} transfers less than Standard",
+                           "held": bool(a < b), "detail": f"{LABELS[scheme]} {a:.3f}, Standard {b:.3f}"})
     return {"tables": tables, "checks": checks, "plots": plots}
 
 
