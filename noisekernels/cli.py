@@ -325,6 +325,13 @@ def demo(p):
     return run
 
 
+@command("re-run the seed papers' experiments (--list; NAME or all [--full] [--data DIR]; --report)")
+def reproduce(p):
+    from . import reproduce as experiments
+    experiments.add_arguments(p)
+    return experiments.command
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def parser():

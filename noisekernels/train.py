@@ -297,7 +297,7 @@ class Trainer:
         weight = self.options["adv_weight"] if self.attack is not None else 0.0
         if weight > 0:
             with _crafting(self.model):
-                x_adv = self.attack(x, y)
+                x_adv = self.attack.perturb(x, y)  # crafting needs no MC verdict
         with autocast:
             if weight < 1:
                 logits = self.forward(x)
