@@ -60,7 +60,7 @@ def sample_counts(model, x, sigma, n, stream, *, batch_size=1000):
     counts = None
     for start in range(0, n, per_pass):
         m = min(per_pass, n - start)
-        noisy = noise_add(x, sigma, *stream.reserve(x.numel() * m), replicas=m)
+        noisy = noise_add(x, sigma, stream=stream, replicas=m)
         with replicas(m):
             logits = model(noisy)
         votes = replica_reduce(logits.reshape(m, x.shape[0], -1), "vote").long()

@@ -132,7 +132,7 @@ def _apply_gda(model, opts):
 def _gda_augment(x, y, opts, stream):
     # The clean batch plus `copies` noisy copies of it (efficient-defenses-brelu-gda.txt).
     n, sigma = opts["copies"], opts["sigma"]
-    xs, ys = gaussian_augment(x, y, n, sigma, *stream.reserve(x.numel() * n))
+    xs, ys = gaussian_augment(x, y, n, sigma, stream=stream)
     return torch.cat([x, xs]), torch.cat([y, ys])
 
 

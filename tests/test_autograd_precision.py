@@ -171,16 +171,16 @@ def _opcheck_cases():
     half = torch.randn(4, 3, 5).half().requires_grad_()
     scale = torch.rand(3, requires_grad=True)
     return {
-        "random_spike": [(x, 0.7, seed, offset, 2)],
-        "random_spike_backward": [(x, 0.7, seed, offset)],
-        "noise_add": [(x, scale, seed, offset, 1, 5, 3, 2, -0.5, 0.5), (half, scale, seed, offset, 0, 5, 3, 1, 0.0, 1.0),
-                      (half, scale, seed, offset, 2, 5, 3, 3, None, None)],
-        "noise_mul": [(x, seed, offset, 0), (half, seed, offset, 2)],
+        "random_spike": [(x, 0.7, seed, offset, 2, 2), (x, 0.7, seed, offset, 1, 1)],
+        "random_spike_backward": [(x, 0.7, seed, offset, 1), (x, 0.7, seed, offset, 4)],
+        "noise_add": [(x, scale, seed, offset, 1, 5, 3, 2, -0.5, 0.5, 2), (half, scale, seed, offset, 0, 5, 3, 1, 0.0, 1.0, 1),
+                      (half, scale, seed, offset, 2, 5, 3, 3, None, None, 3)],
+        "noise_mul": [(x, seed, offset, 0, 1), (half, seed, offset, 2, 2)],
         "noise_add_foreach": [([x, x[0]], torch.rand(2, requires_grad=True), seed, offset, [0, 60], 1),
                               ([half, half[1:]], torch.rand(2, requires_grad=True), seed, offset, [0, 60], 2)],
         "philox4x32": [(torch.randint(0, 2**32, (5, 4)), torch.tensor([SEED, 0]))],
-        "philox_uniform": [(seed, offset, [3, 5], torch.float16)],
-        "philox_normal": [(seed, offset, [7], torch.float32)],
+        "philox_uniform": [(seed, offset, [3, 5], torch.float16, 3)],
+        "philox_normal": [(seed, offset, [7], torch.float32, 1)],
         "replica_reduce": [(torch.randn(3, 4, 6), 0), (torch.randn(3, 4, 6), 1)],
     }
 

@@ -81,15 +81,19 @@ def compiled_spike():
     torch._dynamo.reset()
 
 
+def _spike_counters(x, replicas):
+    return nk.philox.counters(x.numel(), replicas, nk.philox.TWO_DRAWS)
+
+
 def test_compiled_layer_follows_the_replicas_block(compiled_spike):
     layer, step = compiled_spike
     x = _batch()
-    n = x.numel()
+    one, two = _spike_counters(x, 1), _spike_counters(x, 2)
     assert torch.equal(step(x), _expected(x, 1, offset=0))
     with nk.replicas(2):
-        assert torch.equal(step(x), _expected(x, 2, offset=n))
-    assert torch.equal(step(x), _expected(x, 1, offset=2 * n))
-    assert layer.stream.offset.item() == 3 * n
+        assert torch.equal(step(x), _expected(x, 2, offset=one))
+    assert torch.equal(step(x), _expected(x, 1, offset=one + two))
+    assert layer.stream.offset.item() == 2 * one + two
 
 
 def test_compiled_layer_in_other_thread_ignores_this_threads_block(compiled_spike):
@@ -99,7 +103,7 @@ def test_compiled_layer_in_other_thread_ignores_this_threads_block(compiled_spik
         inside = step(x)  # compiled for 2 replicas in this thread first
     got = _run_while_other_thread_in_replicas(lambda: step(x))
     assert torch.equal(inside, _expected(x, 2, offset=0))
-    assert torch.equal(got, _expected(x, 1, offset=x.numel()))
+    assert torch.equal(got, _expected(x, 1, offset=_spike_counters(x, 2)))
 
 
 def test_the_engines_expansion_of_a_layer_is_per_thread():

@@ -29,7 +29,7 @@ def test_no_weaker_than_torchattacks_square(spike, eps, eot):
     acc_ours = nk.metrics.accuracy(model, x_ours, y, n=50)
     acc_ref = nk.metrics.accuracy(model, x_ref, y, n=50)
     print(f"robust accuracy (eps {eps}, eot {eot}): noisekernels {acc_ours:.3f}, torchattacks.Square {acc_ref:.3f}")
-    assert acc_ours < nk.metrics.accuracy(model, x, y, n=50) - 0.1  # the attack works
+    assert acc_ours < nk.metrics.accuracy(model, x, y, n=50) - 0.05  # the attack works
     assert no_higher(acc_ours, acc_ref, len(y))
     assert ((x_ours - x).abs() <= eps + 1e-6).all() and x_ours.min() >= 0 and x_ours.max() <= 1
     assert (~attack.success).float().mean().item() == pytest.approx(acc_ours, abs=0.12)

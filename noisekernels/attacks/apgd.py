@@ -117,11 +117,10 @@ class APGD(Attack):
         return v / _per_sample(size + _TINY, v)
 
     def _start(self, x):
-        seed, offset = self.stream.reserve(x.numel())
         if self.norm == "Linf":
-            t = uniform(x.shape, seed, offset, dtype=x.dtype).to(x.device) * 2 - 1
+            t = uniform(x.shape, stream=self.stream, dtype=x.dtype).to(x.device) * 2 - 1
         else:
-            t = normal(x.shape, seed, offset, dtype=x.dtype).to(x.device)
+            t = normal(x.shape, stream=self.stream, dtype=x.dtype).to(x.device)
         return self.project_to_range(x + self.eps * self._normalize(t))
 
     def _project(self, x, v):

@@ -14,8 +14,6 @@ last MC judgement of the returned examples on fresh noise.
 
 import time
 
-import torch
-
 from .apgd import APGD
 from .base import Attack, _check_nonnegative, _check_positive_int
 from .square import Square

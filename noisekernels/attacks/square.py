@@ -50,8 +50,7 @@ class Square(Attack):
         return margin.mean(0)
 
     def _uniform(self, shape, device, dtype):
-        seed, offset = self.stream.reserve(math.prod(shape))
-        return uniform(shape, seed, offset, dtype=dtype).to(device)
+        return uniform(shape, stream=self.stream, dtype=dtype).to(device)
 
     def _signs(self, shape, x):
         return torch.where(self._uniform(shape, x.device, x.dtype) < 0.5, -1.0, 1.0).to(x.dtype)

@@ -46,7 +46,7 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        u = uniform(x.shape, *self.stream.reserve(x.numel()), dtype=x.dtype, device=x.device)
+        u = uniform(x.shape, stream=self.stream, dtype=x.dtype, device=x.device)
         return x * (u >= self.p).to(x.dtype) / (1 - self.p)
 
     def extra_repr(self):
