@@ -12,8 +12,9 @@ setup:
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
+# The main job: train six defenses on the bundled digits, evaluate and attack them (noisekernels demo).
 demo: build
-	$(PY) python_examples/selfcheck.py
+	$(PY) -m noisekernels demo
 
 # The CUDA sources are compiled with nvcc wherever nvcc is on the PATH (they need no torch); the
 # tests also build them with g++ against a CPU emulation of CUDA and run them (tests/emulated_cuda.py).

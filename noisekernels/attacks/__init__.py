@@ -1,9 +1,12 @@
 """Attacks on stochastic defenses, one small class per attack over a shared base, all EOT-aware:
 called like torchattacks, attack(x, y) -> adversarial batch."""
 
+from .apgd import APGD
+from .autoattack import AutoAttack
 from .base import Attack
 from .cw import CW
 from .multi_surrogate import MultiSurrogate, rotate_targets
 from .pgd import FGSM, PGD
+from .square import Square
 
-__all__ = ["Attack", "CW", "FGSM", "MultiSurrogate", "PGD", "rotate_targets"]
+__all__ = ["APGD", "Attack", "AutoAttack", "CW", "FGSM", "MultiSurrogate", "PGD", "Square", "rotate_targets"]

@@ -1,0 +1,7 @@
+"""python -m noisekernels ...: the command line (noisekernels/cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

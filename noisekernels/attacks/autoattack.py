@@ -1,0 +1,91 @@
+"""AutoAttack (Croce & Hein 2020, fra31/auto-attack) on the batched engine.
+
+version="rand" (randomized defenses): APGD-CE, then APGD-DLR on the points still robust, each with
+EOT 20 and one restart. version="standard" (deterministic models): APGD-CE, APGD-T (targeted DLR,
+9 target classes) and Square (5000 queries); auto-attack's FAB-T is not part of this library.
+Every stage runs on the points the previous ones left robust, as auto-attack does; a point is
+robust while the MC prediction on noise independent of the attack's draws still classifies it
+correctly ("rand" needs judge_n >= 2: never a single draw). attack.log holds each stage's robust
+accuracy and cumulative time, as auto-attack prints them. Those running figures reuse one noisy
+judgement per stage, and a point gets a chance to be judged fooled at every stage, so the reported
+result (attack.robust, attack.robust_accuracy, the log's "final" line) is a last MC judgement of
+the returned examples on fresh noise.
+"""
+
+import time
+
+import torch
+
+from .apgd import APGD
+from .base import Attack, _check_nonnegative, _check_positive_int
+from .square import Square
+
+VERSIONS = ("rand", "standard")
+
+
+class AutoAttack(Attack):
+    """AutoAttack(model, eps=8/255, norm="Linf", version="rand", steps=100, judge_n=20)(x, y).
+
+    eot: draws per gradient of the "rand" APGDs (default 20). queries: Square's budget and
+    n_targets: APGD-T's target classes (default 9), both "standard" only. verbose: print each
+    stage's line.
+    """
+
+    def __init__(self, model, eps=8 / 255, norm="Linf", version="rand", steps=100, queries=None, n_targets=None,
+                 verbose=False, eot=None, judge_n=None, **kwargs):
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if kwargs.get("targeted"):
+            raise ValueError("AutoAttack is untargeted: targeted=True is not accepted")
+        rand = version == "rand"
+        super().__init__(model, eot=(20 if rand else 1) if eot is None else eot,
+                         judge_n=(20 if rand else 1) if judge_n is None else judge_n, **kwargs)
+        if rand and (queries is not None or n_targets is not None):
+            raise ValueError("queries and n_targets belong to version='standard' (Square and APGD-T)")
+        if rand and self.judge_n < 2:
+            raise ValueError(f"version='rand' judges by an MC prediction: judge_n must be >= 2, got {self.judge_n}")
+        self.version, self.norm, self.verbose = version, norm, bool(verbose)
+        self.eps = _check_nonnegative(eps, "eps")
+        self.steps = _check_positive_int(steps, "steps")
+        common = dict(eps=eps, eot=self.eot, judge_n=self.judge_n, judge=self.judge, clip=self.clip, seed=0)
+        if rand:
+            stages = [("apgd-ce", APGD(model, norm=norm, steps=steps, loss="ce", **common)),
+                      ("apgd-dlr", APGD(model, norm=norm, steps=steps, loss="dlr", **common))]
+        else:
+            if norm != "Linf":
+                raise ValueError(f"version='standard' runs Square, which is L-inf here: norm must be 'Linf', got {norm!r}")
+            stages = [("apgd-ce", APGD(model, norm=norm, steps=steps, loss="ce", **common)),
+                      ("apgd-t", APGD(model, norm=norm, steps=steps, loss="dlr-targeted",
+                                      n_targets=9 if n_targets is None else n_targets, **common)),
+                      ("square", Square(model, queries=5000 if queries is None else queries, **common))]
+        for i, (_, attack) in enumerate(stages):
+            attack.stream = self.stream.fork(i)  # the stages' streams come from this attack's seed
+        self.stages = stages
+        self.log, self.robust, self.robust_accuracy = [], None, None
+
+    def _note(self, name, robust, start):
+        entry = {"attack": name, "robust_accuracy": robust.float().mean().item(), "seconds": time.perf_counter() - start}
+        self.log.append(entry)
+        if self.verbose:
+            label = {"clean": "initial accuracy", "final": "robust accuracy (MC on fresh noise)"}.get(
+            name, f"robust accuracy after {name.upper()}")
+            print(f"{label}: {entry['robust_accuracy']:.2%} (total time {entry['seconds']:.1f} s)")
+
+    def forward(self, x, y):
+        start = time.perf_counter()
+        self.log = []
+        robust = ~self.succeeded(x, y)
+        self._note("clean", robust, start)
+        x_adv = x.clone()
+        for name, attack in self.stages:
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() > 0:
+                found = attack(x[idx], y[idx])
+                fooled = ~attack.robust
+                x_adv[idx[fooled]] = found[fooled]
+                robust[idx[fooled]] = False
+            self._note(name, robust, start)
+        self.robust = ~self.succeeded(x_adv, y)
+        self._note("final", self.robust, start)
+        self.robust_accuracy = self.log[-1]["robust_accuracy"]
+        return x_adv

@@ -1,0 +1,196 @@
+"""Datasets as in-memory tensors with inputs in [0, 1] (normalisation lives in the model).
+
+digits (default): scikit-learn's bundled 8x8 digits, nothing downloaded, a fixed stratified split.
+mnist / fashion-mnist: IDX files (gzipped or not) in a directory the user names.
+cifar10: the python pickle batches (data_batch_1..5, test_batch) in a directory the user names,
+read by an unpickler that accepts only numpy arrays, lists, dicts, strings and numbers, so a
+file never executes code.
+"""
+
+import dataclasses
+import gzip
+import io
+import os
+import pickle
+
+import numpy as np
+import torch
+
+NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Train and test tensors: x float32 (N, C, H, W) in [0, 1], y int64 (N,)."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple  # per channel, of the training inputs (for the model's Normalize layer)
+    std: tuple
+
+    @property
+    def shape(self):
+        """(C, H, W) of one input."""
+        return tuple(self.x_train.shape[1:])
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or is not in the format expected."""
+
+
+def _stats(x):
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp(min=1e-3).tolist())
+
+
+def _make(name, x_train, y_train, x_test, y_test, num_classes):
+    mean, std = _stats(x_train)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std)
+
+
+def digits(test_fraction=0.25, seed=0):
+    """scikit-learn's 8x8 digits (1797 images, values 0..16 scaled to [0, 1]), split once with a
+    fixed seed, stratified by class."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    bunch = load_digits()
+    x = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    i_train, i_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
+                                       stratify=bunch.target)
+    return _make("digits", x[i_train], y[i_train], x[i_test], y[i_test], 10)
+
+
+# ----------------------------------------------------------------------------- IDX (MNIST family)
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def _find(root, base):
+    for name in (base, base + ".gz"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise DatasetError(f"missing dataset file {os.path.join(root, base)}[.gz] (expected an IDX file, "
+                       "gzipped or not, as distributed with MNIST / Fashion-MNIST)")
+
+
+def read_idx(path, ndim):
+    """An IDX file (gzipped if it ends in .gz) of unsigned bytes with `ndim` dimensions, as numpy."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"{path}: cannot be read as an IDX file{' (gzip)' if path.endswith('.gz') else ''}: {e}")
+    expected = f"an IDX file of unsigned bytes with {ndim} dimension(s)"
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES or data[3] != ndim:
+        raise DatasetError(f"{path}: bad header, expected {expected} (magic 0x0000 08 {ndim:02x})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated header, expected {expected}")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    if len(data) - header != size:
+        raise DatasetError(f"{path}: header says {dims} ({size} bytes of data) but the file holds "
+                           f"{len(data) - header}; expected {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_split(root, split):
+    images_file, labels_file = (_find(root, base) for base in _IDX_FILES[split])
+    images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+    if len(images) != len(labels):
+        raise DatasetError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise DatasetError(f"{labels_file}: labels must be in 0..9, found {labels.max()}")
+    x = torch.tensor(images, dtype=torch.float32).div_(255).unsqueeze(1)
+    return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def mnist(root, name="mnist"):
+    """MNIST (or Fashion-MNIST: the same IDX files) from directory `root`."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset directory {root!r} does not exist (expected the four IDX files of {name})")
+    return _make(name, *_idx_split(root, "train"), *_idx_split(root, "test"), 10)
+
+
+def fashion_mnist(root):
+    return mnist(root, "fashion-mnist")
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 (pickle)
+
+_CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+_CIFAR_TEST = ["test_batch"]
+_CIFAR_EXPECTED = ("a CIFAR-10 python batch: a pickled dict with b'data' (N x 3072 uint8) and b'labels' "
+                   "(N ints in 0..9)")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds (numpy arrays and builtins): no code runs."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("numpy._core.numeric", "_frombuffer"),
+                ("numpy.core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batch(path):
+    if not os.path.isfile(path):
+        raise DatasetError(f"missing dataset file {path} (expected {_CIFAR_EXPECTED})")
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(io.BytesIO(f.read()), encoding="bytes").load()
+    except Exception as e:  # any unpickling failure is a malformed file
+        raise DatasetError(f"{path}: not {_CIFAR_EXPECTED}: {e}")
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DatasetError(f"{path}: not {_CIFAR_EXPECTED} (keys found: {sorted(batch) if isinstance(batch, dict) else type(batch).__name__})")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise DatasetError(f"{path}: data {data.dtype} {data.shape} and labels {labels.shape}; expected {_CIFAR_EXPECTED}")
+    if labels.size and not (0 <= labels.min() and labels.max() <= 9):
+        raise DatasetError(f"{path}: labels must be in 0..9; expected {_CIFAR_EXPECTED}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def cifar10(root):
+    """CIFAR-10 from the python batches in directory `root` (as in cifar-10-python.tar.gz)."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset directory {root!r} does not exist (expected data_batch_1..5 and test_batch)")
+
+    def load(names):
+        parts = [_cifar_batch(os.path.join(root, n)) for n in names]
+        x = torch.tensor(np.concatenate([p[0] for p in parts]), dtype=torch.float32).div_(255)
+        return x, torch.tensor(np.concatenate([p[1] for p in parts]), dtype=torch.int64)
+
+    return _make("cifar10", *load(_CIFAR_TRAIN), *load(_CIFAR_TEST), 10)
+
+
+def load(name="digits", root=None):
+    """The dataset `name` (one of NAMES); mnist, fashion-mnist and cifar10 read from `root`."""
+    if name not in NAMES:
+        raise ValueError(f"dataset must be one of {NAMES}, got {name!r}")
+    if name == "digits":
+        if root is not None:
+            raise ValueError("the digits dataset is bundled with scikit-learn: do not pass a data root")
+        return digits()
+    if root is None:
+        raise ValueError(f"dataset {name!r} is read from local files: pass their directory (--data-root)")
+    return {"mnist": mnist, "fashion-mnist": fashion_mnist, "cifar10": cifar10}[name](root)
+
+
+__all__ = ["Dataset", "DatasetError", "NAMES", "cifar10", "digits", "fashion_mnist", "load", "mnist", "read_idx"]

@@ -1,0 +1,404 @@
+"""One training loop for every defense preset: SGD or Adam on the papers' schedules, progress bars,
+a JSON-lines metrics log, and a checkpoint every epoch that resumes bit for bit.
+
+    config = TrainConfig(defense="rse", epochs=10)
+    model = Trainer(config, "runs/rse").fit()
+
+A run directory holds config.json, metrics.jsonl and checkpoint/ (weights.safetensors: the model's
+state_dict, noise streams included; state.pt: optimiser, scheduler, epoch, the shuffling
+generator and the driver's own streams, loaded with torch.load(weights_only=True), so loading
+never executes code). Shuffling uses a torch.Generator the trainer owns, never the global RNG.
+
+Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
+GPU) over a DistributedSampler; each rank's noise streams are its own (for_rank, applied after
+DDP's initial broadcast, which would otherwise copy rank 0's seeds). Rank 0 writes checkpoints with
+the streams' base seeds, so a run resumes under any world size.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+import types
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data.distributed import DistributedSampler
+
+from . import data as datasets
+from . import defenses
+from .attacks import PGD
+from .stream import Stream, for_rank
+
+# The papers' optimiser schedules (milestones in epochs, lr multiplied by gamma at each).
+SCHEDULES = {
+    "adam": dict(optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, epochs=20, batch_size=64,
+                 milestones=(), gamma=1.0),
+    # random-spiking.txt Table 7, MNIST: SGD lr 0.01, momentum 0.9, batch 128, 50 epochs.
+    "cw-mnist": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, epochs=50, batch_size=128,
+                     milestones=(), gamma=1.0),
+    # random-spiking.txt Table 7, F-MNIST / CIFAR-10 (WRN): lr 0.1 x0.2 at 60, 120, 160; 200 epochs.
+    "wrn-cifar": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=200, batch_size=128,
+                      milestones=(60, 120, 160), gamma=0.2),
+    # a2snn-anisotropic-noise.txt appendix B: batch 128; F-MNIST lr 1e-3 100 epochs, CIFAR lr 1e-2 200
+    # epochs; SGD (section 3.2); momentum is not stated (0.9 here).
+    "a2snn-fmnist": dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, epochs=100, batch_size=128,
+                         milestones=(), gamma=1.0),
+    "a2snn-cifar": dict(optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=0.0, epochs=200, batch_size=128,
+                        milestones=(), gamma=1.0),
+}
+_RESUME_FREE = ("epochs", "progress", "compile")  # may change when a run is resumed
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What a run trains. None takes the preset's (model) or the schedule's (epochs, batch_size, lr,
+    weight_decay) value. options: the defense's options (defenses.PRESETS[...].options)."""
+
+    defense: str = "standard"
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    model: Optional[str] = None
+    model_options: dict = dataclasses.field(default_factory=dict)
+    options: dict = dataclasses.field(default_factory=dict)
+    schedule: str = "adam"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False
+    channels_last: bool = False
+    bf16: bool = False
+    progress: bool = True
+
+    def resolved(self):
+        """A copy with every None filled from the preset and schedule, values checked."""
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
+        preset = defenses.get(self.defense)
+        sched = SCHEDULES[self.schedule]
+        cfg = dataclasses.replace(
+            self, model=self.model or preset.model,
+            options=defenses.resolve_options(preset, self.options),
+            epochs=sched["epochs"] if self.epochs is None else self.epochs,
+            batch_size=sched["batch_size"] if self.batch_size is None else self.batch_size,
+            lr=sched["lr"] if self.lr is None else self.lr,
+            weight_decay=sched["weight_decay"] if self.weight_decay is None else self.weight_decay)
+        for name in ("epochs", "batch_size"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'epochs' else 1}, got {value!r}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**62:
+            raise ValueError(f"seed must be an int in [0, 2**62), got {cfg.seed!r}")
+        if cfg.bf16 and torch.device(cfg.device).type not in ("cpu", "cuda"):
+            raise ValueError("bf16 autocast needs device cpu or cuda")
+        return cfg
+
+
+def world():
+    """(rank, world_size), initialising torch.distributed from torchrun's environment if needed."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def model_info(dataset):
+    """What a model needs from its dataset (shape, classes, normalisation)."""
+    return types.SimpleNamespace(shape=dataset.shape, num_classes=dataset.num_classes, mean=dataset.mean,
+                                 std=dataset.std)
+
+
+class _DriverStreams(nn.Module):
+    """The loop's own noise: data augmentation (GDA) and the adversarial-training attack's starts."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.augment = Stream(2 * seed + 1)
+        self.attack = Stream(2 * seed + 2)
+
+
+@contextlib.contextmanager
+def _crafting(model):
+    """Adversarial examples are crafted in eval mode (batch norm on running statistics, as the
+    ensemble engine requires) with every noise layer on, as the noisy model trains."""
+    layers = defenses.noise_layers(model)
+    saved = model.training, [m.mc for m in layers]
+    model.eval()
+    for m in layers:
+        m.mc = True
+    try:
+        yield
+    finally:
+        model.train(saved[0])
+        for m, mc in zip(layers, saved[1]):
+            m.mc = mc
+
+
+def _stream_seeds(model):
+    return {name: s.seed.clone() for name, s in model.named_modules() if isinstance(s, Stream)}
+
+
+def save_weights(model, path, base_seeds=None):
+    """The model's state_dict as safetensors; base_seeds replace the per-rank stream seeds."""
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    for name, seed in (base_seeds or {}).items():
+        state[f"{name}.seed"] = seed.cpu()
+    save_file(state, path)
+
+
+def _atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains one model of one preset in run_dir; resume=True continues a run there from its last
+    checkpoint (the same run bit for bit: weights, noise, shuffling)."""
+
+    def __init__(self, config, run_dir, *, resume=False, dataset=None, _teacher_of=None):
+        self.is_teacher = _teacher_of is not None
+        self.config = cfg = config.resolved()
+        self.run_dir = run_dir
+        self.rank, self.world = world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+        self.device = torch.device(cfg.device)
+        self.data = dataset if dataset is not None else datasets.load(cfg.dataset, cfg.data_root)
+        self.model, self.preset, self.options = defenses.build(
+            cfg.defense, model_info(self.data), model=cfg.model, model_options=cfg.model_options,
+            options=cfg.options, seed=cfg.seed)
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.streams = _DriverStreams(cfg.seed).to(self.device)
+        sched = SCHEDULES[cfg.schedule]
+        groups = defenses.weight_decay_groups(self.model, cfg.weight_decay)
+        if sched["optimizer"] == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=sched["momentum"])
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(sched["milestones"]), sched["gamma"])
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0
+        self.teacher = None
+        self._prepare_run_dir(resume)
+        # Base seeds (what checkpoints hold); each rank then draws from its own streams.
+        self.base_seeds = _stream_seeds(self.model)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+            for_rank(self.model, self.rank)
+            for_rank(self.streams, self.rank)
+        forward = self.ddp or self.model
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.attack = None
+        if self.preset.adversarial:
+            o = self.options
+            alpha = o["adv_alpha"] if o["adv_alpha"] is not None else 2.5 * o["adv_eps"] / o["adv_steps"]
+            self.attack = PGD(self.model, eps=o["adv_eps"], alpha=alpha, steps=o["adv_steps"], seed=0)
+            self.attack.stream = self.streams.attack
+
+    # ------------------------------------------------------------------ run directory, checkpoints
+
+    @property
+    def checkpoint_dir(self):
+        return os.path.join(self.run_dir, "checkpoint")
+
+    def _config_json(self):
+        return {**dataclasses.asdict(self.config), "input_shape": list(self.data.shape),
+                "num_classes": self.data.num_classes}
+
+    def _prepare_run_dir(self, resume):
+        saved = os.path.join(self.run_dir, "config.json")
+        has_checkpoint = os.path.exists(os.path.join(self.checkpoint_dir, "state.pt"))
+        if has_checkpoint and not resume:
+            raise FileExistsError(f"{self.run_dir} already holds a run: resume it or choose another run directory")
+        if has_checkpoint:
+            with open(saved) as f:
+                old = json.load(f)
+            new = json.loads(json.dumps(self._config_json()))
+            diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
+            if diff:
+                raise ValueError(f"cannot resume {self.run_dir}: its run differs in {diff}")
+            self.load_checkpoint()
+        if self.rank == 0:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+            with open(saved, "w") as f:
+                json.dump(self._config_json(), f, indent=1)
+
+    def save_checkpoint(self):
+        if self.rank != 0:
+            return
+        _atomic(os.path.join(self.checkpoint_dir, "weights.safetensors"),
+                lambda p: save_weights(self.model, p, self.base_seeds))
+        base_streams = {k: v.clone() for k, v in self.streams.state_dict().items()}
+        if self.world > 1:  # the driver streams' base seeds, as for the model
+            base = _DriverStreams(self.config.seed).state_dict()
+            base_streams.update({k: v for k, v in base.items() if k.endswith(".seed")})
+        state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                 "streams": base_streams}
+        _atomic(os.path.join(self.checkpoint_dir, "state.pt"), lambda p: torch.save(state, p))
+
+    def load_checkpoint(self):
+        weights = load_file(os.path.join(self.checkpoint_dir, "weights.safetensors"), device=str(self.device))
+        self.model.load_state_dict(weights)
+        state = torch.load(os.path.join(self.checkpoint_dir, "state.pt"), weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())
+        self.streams.load_state_dict(state["streams"])
+        self.epoch = state["epoch"]
+
+    # ------------------------------------------------------------------ training
+
+    def _batches(self):
+        """This rank's batches of one epoch, shuffled by the trainer's generator."""
+        n = len(self.data.y_train)
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        sampler = DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed)
+        order = torch.tensor(list(sampler))
+        per_rank = self.config.batch_size // self.world
+        x, y = self.data.x_train, self.data.y_train
+        for start in range(0, len(order), per_rank):
+            idx = order[start:start + per_rank]
+            yield x[idx].to(self.device), y[idx].to(self.device)
+
+    def _loss(self, logits, y, x):
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+        if self.preset.loss is None:
+            return nn.functional.cross_entropy(logits, y)
+        return self.preset.loss(self.model, logits.float(), y, self.options, teacher_logits)
+
+    def step(self, x, y):
+        """One optimiser step on a batch; returns (loss, correct, rows) as tensors (no host sync)."""
+        if self.preset.augment is not None:
+            x, y = self.preset.augment(x, y, self.options, self.streams.augment)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        weight = self.options["adv_weight"] if self.attack is not None else 0.0
+        if weight > 0:
+            with _crafting(self.model):
+                x_adv = self.attack(x, y)
+        with autocast:
+            if weight < 1:
+                logits = self.forward(x)
+                loss = self._loss(logits, y, x)
+            if weight > 0:  # accuracy is then reported on the adversarial batch
+                logits = self.forward(x_adv)
+                loss = self._loss(logits, y, x_adv) if weight == 1 else (1 - weight) * loss + weight * self._loss(logits, y, x_adv)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.preset.after_step is not None:
+            self.preset.after_step(self.model, self.options)
+        return loss.detach(), (logits.argmax(1) == y).sum(), y.shape[0]
+
+    @torch.no_grad()
+    def test_accuracy(self):
+        """Accuracy of one pass in eval mode (the preset's test-time noise on) on the test split."""
+        self.model.eval()
+        correct = 0
+        for start in range(0, len(self.data.y_test), 500):
+            x = self.data.x_test[start:start + 500].to(self.device)
+            correct += int((self.model(x).argmax(1) == self.data.y_test[start:start + 500].to(self.device)).sum())
+        self.model.train()
+        return correct / len(self.data.y_test)
+
+    def _progress(self, total):
+        from tqdm import tqdm
+        return tqdm(total=total, desc=f"{self.config.defense} {self.epoch + 1}/{self.config.epochs}", leave=False,
+                    disable=not self.config.progress or self.rank != 0, unit="batch")
+
+    def fit(self):
+        """Trains until config.epochs, checkpointing after every epoch; returns the model."""
+        if self.preset.distill and not self.is_teacher and self.teacher is None:
+            self.teacher = self._train_teacher()
+        self.model.train()
+        per_rank = self.config.batch_size // self.world
+        steps = -(-((len(self.data.y_train) + self.world - 1) // self.world) // per_rank)
+        while self.epoch < self.config.epochs:
+            start, loss_sum, correct, rows = time.perf_counter(), 0.0, 0, 0
+            bar = self._progress(steps)
+            for i, (x, y) in enumerate(self._batches()):
+                loss, right, n = self.step(x, y)
+                loss_sum, correct, rows = loss_sum + loss * n, correct + right, rows + n
+                bar.update(1)
+                if i % 10 == 9 or i == steps - 1:  # a host sync every 10 steps, for the bar only
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{int(correct) / rows:.3f}",
+                                    samples_s=f"{rows * self.world / elapsed:.0f}")
+            bar.close()
+            self.scheduler.step()
+            self.epoch += 1
+            elapsed = time.perf_counter() - start
+            record = {"epoch": self.epoch, "loss": float(loss_sum) / rows, "train_acc": int(correct) / rows,
+                      "test_acc": self.test_accuracy(), "samples_per_s": rows * self.world / elapsed,
+                      "lr": self.optimizer.param_groups[0]["lr"], "seconds": elapsed}
+            self.save_checkpoint()
+            if self.rank == 0:
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        self.model.eval()
+        return self.model
+
+    def _train_teacher(self):
+        """Defensive distillation's teacher: the same architecture trained at temperature T on the
+        labels, in run_dir/teacher (resumable like any run)."""
+        teacher = Trainer(self.config, os.path.join(self.run_dir, "teacher"), dataset=self.data, _teacher_of=self,
+                          resume=os.path.exists(os.path.join(self.run_dir, "teacher", "checkpoint", "state.pt")))
+        model = teacher.fit()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+def load_model(run_dir, device="cpu"):
+    """(model, preset, config dict) of a finished or checkpointed run, in eval mode. Weights come
+    from safetensors; nothing is unpickled."""
+    path = os.path.join(run_dir, "config.json")
+    weights = os.path.join(run_dir, "checkpoint", "weights.safetensors")
+    if not os.path.isfile(path) or not os.path.isfile(weights):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (needs config.json and checkpoint/weights.safetensors)")
+    with open(path) as f:
+        saved = json.load(f)
+    shape = tuple(saved["input_shape"])
+    info = types.SimpleNamespace(shape=shape, num_classes=saved["num_classes"], mean=(0.0,) * shape[0],
+                                 std=(1.0,) * shape[0])  # the real values are buffers in the weights
+    model, preset, _ = defenses.build(saved["defense"], info, model=saved["model"],
+                                      model_options=saved["model_options"], options=saved["options"],
+                                      seed=saved["seed"])
+    model.load_state_dict(load_file(weights, device=device))
+    return model.to(device).eval(), preset, saved
+
+
+def train_replicas(config, run_dir, k, **kwargs):
+    """k models of one scheme with seeds seed, seed+1, ... in run_dir/replica-i (surrogates for the
+    multi-surrogate attack); returns them."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"replicas must be an int >= 1, got {k!r}")
+    if k == 1:
+        return [Trainer(config, run_dir, **kwargs).fit()]
+    return [Trainer(dataclasses.replace(config, seed=config.seed + i), os.path.join(run_dir, f"replica-{i}"),
+                    **kwargs).fit() for i in range(k)]
+
+
+__all__ = ["SCHEDULES", "TrainConfig", "Trainer", "load_model", "save_weights", "train_replicas", "world"]

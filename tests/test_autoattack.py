@@ -1,0 +1,74 @@
+"""AutoAttack: the 'rand' version against torchattacks' AutoAttack(version='rand') at the same
+budget (APGD-CE and APGD-DLR, 10 steps, EOT 20), both judged by the same MC prediction; its log;
+the 'standard' version's stages on a deterministic model."""
+
+import math
+
+import pytest
+import torch
+import torchattacks
+
+import noisekernels as nk
+from attack_models import make_data, trained
+from noisekernels.attacks import APGD, AutoAttack
+
+
+@pytest.mark.slow
+def test_rand_no_weaker_than_torchattacks_rand():
+    model = trained(spike=True)
+    x, y = make_data(100, 13)
+    attack = AutoAttack(model, eps=0.2, version="rand", steps=10, seed=0)
+    x_ours = attack(x, y)
+    x_ref = torchattacks.AutoAttack(model, eps=0.2, version="rand", n_classes=4, seed=0)(x, y)
+    acc_ours = nk.metrics.accuracy(model, x_ours, y, n=50)
+    acc_ref = nk.metrics.accuracy(model, x_ref, y, n=50)
+    print(f"robust accuracy: noisekernels {acc_ours:.3f}, torchattacks AutoAttack(rand) {acc_ref:.3f}; log {attack.log}")
+    p = (acc_ours + acc_ref) / 2
+    assert acc_ours <= acc_ref + 3 * math.sqrt(2 * p * (1 - p) / len(y)) + 0.01
+    # The report is an MC judgement on fresh noise: it agrees with another one within sampling error.
+    assert abs(attack.robust_accuracy - acc_ours) <= 4 * math.sqrt(acc_ours * (1 - acc_ours) / len(y)) + 0.02
+
+
+def test_rand_log_and_report():
+    model = trained(spike=True)
+    x, y = make_data(40, 13)
+    attack = AutoAttack(model, eps=0.25, version="rand", steps=4, eot=4, judge_n=10, seed=0)
+    x_adv = attack(x, y)
+    assert [e["attack"] for e in attack.log] == ["clean", "apgd-ce", "apgd-dlr", "final"]
+    running = [e["robust_accuracy"] for e in attack.log[:-1]]
+    assert running == sorted(running, reverse=True) and running[-1] < running[0]
+    assert attack.robust_accuracy == attack.log[-1]["robust_accuracy"] == attack.robust.float().mean().item()
+    assert ((x_adv - x).abs() <= 0.25 + 1e-6).all()
+
+
+def test_standard_runs_its_stages_on_the_robust_points(capsys):
+    model = trained()
+    x, y = make_data(40, 5)
+    attack = AutoAttack(model, eps=0.18, version="standard", steps=10, queries=50, n_targets=3, seed=1, verbose=True)
+    x_adv = attack(x, y)
+    assert [e["attack"] for e in attack.log] == ["clean", "apgd-ce", "apgd-t", "square", "final"]
+    assert "robust accuracy after APGD-CE" in capsys.readouterr().out
+    fooled = model(x_adv).argmax(1) != y
+    assert torch.equal(~fooled, attack.robust)
+    ce = APGD(model, eps=0.18, steps=10, seed=5)
+    ce(x, y)
+    assert attack.robust.sum() <= ce.robust.sum() + 3  # more stages, never much weaker than the first alone
+    assert ((x_adv - x).abs() <= 0.18 + 1e-6).all()
+
+
+def test_rng_mode_and_arguments():
+    model = trained(spike=True)
+    model.train()
+    x, y = make_data(8, 1)
+    rng = torch.get_rng_state()
+    AutoAttack(model, eps=0.2, steps=2, eot=2, judge_n=2, seed=0)(x, y)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    model.eval()
+    with pytest.raises(ValueError, match="judge_n must be >= 2"):
+        AutoAttack(model, judge_n=1)
+    with pytest.raises(ValueError, match="version must be one of"):
+        AutoAttack(model, version="plus")
+    with pytest.raises(ValueError, match="norm must be 'Linf'"):
+        AutoAttack(model, version="standard", norm="L2")
+    with pytest.raises(ValueError, match="queries and n_targets belong to version='standard'"):
+        AutoAttack(model, queries=100)

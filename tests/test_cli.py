@@ -1,0 +1,108 @@
+"""The command line end to end on tiny settings: train, eval, attack, bench (demo: test_demo.py),
+run-directory outputs, --help, and clear errors for bad arguments."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from noisekernels import cli
+
+TINY = ["--model", "mnist-cnn", "--model-option", "widths=[4,8]", "--model-option", "dense=16"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(threads):
+    threads(1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for defense in ("rs1", "standard"):
+        cli.main(["train", "--defense", defense, *TINY, "--epochs", "1", "--batch-size", "128", "--no-progress",
+                  "--run-dir", str(root / defense), "--threads", "1"])
+    return root
+
+
+def test_train_writes_a_run_directory(runs, capsys):
+    run = runs / "rs1"
+    assert {"config.json", "metrics.jsonl", "checkpoint"} <= set(os.listdir(run))
+    assert {"weights.safetensors", "state.pt"} <= set(os.listdir(run / "checkpoint"))
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    cli.main(["train", "--defense", "rs1", *TINY, "--epochs", "2", "--batch-size", "128", "--no-progress",
+              "--run-dir", str(run), "--resume"])
+    assert "epoch 2" in capsys.readouterr().out
+
+
+def test_eval(runs, capsys):
+    cli.main(["eval", str(runs / "rs1"), str(runs / "standard"), "--n", "3", "--ns", "1", "3", "--limit", "40"])
+    out = capsys.readouterr().out
+    assert "noise off" in out and "MC mean" in out and "rs1" in out
+    results = json.loads((runs / "eval.json").read_text())  # the runs' common parent
+    assert set(results[str(runs / "rs1")]) >= {"noise_off", "single", "mean", "vote", "accuracy_vs_n"}
+    assert (runs / "accuracy_vs_n.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("attack, options", [
+    ("PGD", ["--set", "steps=2", "--set", "eot=2", "--set", "alpha_ratio=0.5"]),
+    ("FGSM", ["--set", "eot=2"]),
+    ("CW", ["--set", "steps=3", "--set", "binary_steps=1", "--set", "c=1.0"]),
+])
+def test_attack(runs, capsys, tmp_path, attack, options):
+    cli.main(["attack", str(runs / "rs1"), "--attack", attack, "--eps", "0.1", "0.5", *options, "--judge-n", "3",
+              "--limit", "16", "--out", str(tmp_path)])
+    assert "robust accuracy" in capsys.readouterr().out
+    result = json.loads((tmp_path / "attack.json").read_text())[str(runs / "rs1")]
+    acc = result["robust_accuracy"]
+    assert set(acc) == {"0.1", "0.5"} and all(0 <= v <= 1 for v in acc.values())
+    assert (tmp_path / "robust_accuracy.png").stat().st_size > 1000
+
+
+def test_bench(runs, capsys, tmp_path):
+    cli.main(["bench", str(runs / "rs1"), "--n", "3", "--batch", "16", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "MC engine" in out and "shared" in out
+    assert json.loads((tmp_path / "bench.json").read_text())[str(runs / "rs1")]["n"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--defense", "magic"], "invalid choice: 'magic'"),
+    (["train", "--defense", "rs1", "--set", "p=2"], "p must be in [0, 1]"),
+    (["train", "--defense", "rs1", "--set", "sigma=0.1"], "unknown option(s) ['sigma'] for defense 'rs1'"),
+    (["train", "--set", "novalue"], "--set takes key=value"),
+    (["train", "--batch-size", "0"], "--batch-size: must be an int >= 1"),
+    (["train", "--epochs", "-2"], "epochs must be an int >= 0"),
+    (["train", "--dataset", "mnist"], "--data-root"),
+    (["train", "--dataset", "mnist", "--data-root", "/nonexistent"], "does not exist"),
+    (["train", "--model-option", "depth=3"], "unknown option(s) ['depth'] for model 'mnist-cnn'"),
+    (["attack", "RUN", "--set", "foo=1"], "unknown option(s) ['foo'] for attack PGD"),
+    (["attack", "RUN", "--set", "eps=0.1"], "give the budgets with --eps"),
+    (["attack", "RUN", "--set", "steps=-1"], "steps must be an int >= 0"),
+    (["attack", "RUN", "--attack", "Magic"], "invalid choice: 'Magic'"),
+    (["eval", "/nonexistent/run"], "is not a run directory"),
+    (["eval", "RUN", "--n", "0"], "--n: must be an int >= 1"),
+    ([], "the following arguments are required"),
+])
+def test_bad_arguments_are_clear_errors(runs, capsys, tmp_path, argv, message):
+    argv = [str(runs / "rs1") if a == "RUN" else a for a in argv]
+    if argv and argv[0] == "train":
+        argv += ["--run-dir", str(tmp_path / "r"), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_module_entry_point_and_help(capsys):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-m", "noisekernels", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "attack", "bench", "demo"))
+    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "bench": "--batch", "demo": "--quick"}
+    assert set(cli.COMMANDS) == set(expected)
+    for name, flag in expected.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([name, "--help"])
+        assert exit_info.value.code == 0 and flag in capsys.readouterr().out
