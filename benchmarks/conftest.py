@@ -13,16 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-HAS_CUDA = torch.cuda.is_available()
-# The devices every benchmark runs on; CUDA ones skip cleanly without a GPU.
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
-
-
-def sync(device):
-    """Waits for the device's queued work (timings of asynchronous GPU launches)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
+from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, MODE_NAME, sync  # noqa: E402,F401
 
 
 def paired_ratio(ours, baseline, rounds, sync=lambda: None):
@@ -50,6 +41,16 @@ def rss_peak_mib(fn):
     before = status("VmRSS:")
     fn()
     return round(status("VmHWM:") - before, 1)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The machine the report states: CPU model, cores, versions, the extension's build, the GPU."""
+    from noisekernels.benchmarking import machine
+    machine_info["noisekernels"] = machine.describe()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["noisekernels"] = {"mode": MODE_NAME, "command": os.environ.get("NK_BENCH_COMMAND", "pytest benchmarks")}
 
 
 def pytest_terminal_summary(terminalreporter, config):
