@@ -66,7 +66,8 @@ def measure(defense, kind, impl, n, batch, device):
 
 
 def peak_in_fresh_process(*args):
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    path = os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run([sys.executable, __file__, json.dumps(args)], capture_output=True, text=True, env=env,
                          cwd=HERE, timeout=600)
     if out.returncode:
@@ -76,8 +77,8 @@ def peak_in_fresh_process(*args):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["batched", "loop"])
-@pytest.mark.parametrize("kind", ["mc_predict", "eot_grad"])
-@pytest.mark.parametrize("defense", ["rs1", "rse", "a2snn"])
+@pytest.mark.parametrize("kind", MODE.memory_calls)
+@pytest.mark.parametrize("defense", MODE.memory_defenses)
 def test_peak_memory(benchmark, defense, kind, impl, device):
     n = max(MODE.replicas) if kind == "mc_predict" else min(N_EOT, max(MODE.replicas))
     args = (defense, kind, impl, n, MODE.batch, device)

@@ -30,13 +30,16 @@ class Mode:
     scaling_sizes: tuple  # tensor sizes of bench_scaling
     replicas: tuple  # n of the replica scaling and of the engine's memory runs
     batch: int  # inputs per engine batch (scaling and memory)
+    memory_defenses: tuple = ("rs1", "rse", "a2snn")  # each measurement is a fresh process (seconds)
+    memory_calls: tuple = ("mc_predict", "eot_grad")
     # torch.compile's backend for the "compile" providers: inductor (what users get), except in the
     # smoke run, which checks agreement and the report in seconds (inductor's codegen takes minutes).
     compile_backend: str = "inductor"
 
 
 MODES = {
-    "smoke": Mode(4096, 1, 0, (1_000, 10_000), (1, 4), 8, compile_backend="aot_eager"),
+    "smoke": Mode(4096, 1, 0, (1_000, 10_000), (1, 4), 8, memory_defenses=("rs1",),
+                  memory_calls=("mc_predict",), compile_backend="aot_eager"),
     "quick": Mode(128 * 32 * 28 * 28, 7, 2, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50, 100), 32),
     "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
                  (1, 2, 5, 10, 20, 50, 100), 100),
