@@ -66,11 +66,12 @@ def _nonnegative_float(text):
     return value
 
 
-def _common(parser, run_dir=True):
+def _common(parser, run_dir=True, threads=None):
     if run_dir:
         parser.add_argument("--run-dir", help="where the run's files go")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=_positive_int, default=threads,
+                        help="torch intra-op threads (default: " + (str(threads) if threads else "torch's") + ")")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, noise streams and shuffling (default 0)")
 
 
@@ -160,7 +161,7 @@ def train(p):
         run_dir = args.run_dir or os.path.join("runs", args.defense)
         train_replicas(config, run_dir, args.replicas, resume=args.resume)
         metrics = os.path.join(run_dir if args.replicas == 1 else os.path.join(run_dir, "replica-0"), "metrics.jsonl")
-        if os.path.exists(metrics):
+        if os.path.exists(metrics) and os.environ.get("RANK", "0") == "0":
             with open(metrics) as f:
                 last = json.loads(f.readlines()[-1])
             print(f"trained {args.defense} in {run_dir}: epoch {last['epoch']}, loss {last['loss']:.4f}, "
@@ -302,7 +303,7 @@ def bench(p):
 def demo(p):
     p.add_argument("--quick", action="store_true", help="a fast smoke run (few epochs and inputs; for tests)")
     p.add_argument("--epochs", type=_positive_int, help="override every model's epochs")
-    _common(p)
+    _common(p, threads=1)  # small models: one thread is fastest (and robust on a loaded machine)
 
     def run(args):
         from .demo import run_demo
