@@ -200,3 +200,14 @@ def test_multi_surrogate_refuses_batch_statistics(data):
     attack = MultiSurrogate([bn, trained()], [], k=0, eps=0.1, alpha=0.02, steps=1)
     with pytest.raises(ValueError, match="BatchNorm2d at 'surrogates.0.1' is in training mode"):
         attack(*data)
+
+
+def test_perturb_crafts_the_same_batch_without_judging(data):
+    model, (x, y) = trained(spike=True), data
+    a, b = PGD(model, steps=2, eot=2, seed=3), PGD(model, steps=2, eot=2, seed=3)
+    offset = model.spike.stream.offset.clone()
+    crafted = a.perturb(x, y)
+    used = model.spike.stream.offset - offset
+    model.spike.stream.offset.copy_(offset)
+    assert a.success is None and torch.equal(crafted, b(x, y)) and b.success is not None
+    assert model.spike.stream.offset - offset > used  # the verdict drew fresh noise past the attack's

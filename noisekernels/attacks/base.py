@@ -49,6 +49,7 @@ def attack_stream(seed):
 class Attack(abc.ABC):
     """Base of the attacks: called as attack(x, y) -> adversarial batch, like torchattacks; then
     attack.success holds each input's success, judged by an independent MC prediction.
+    attack.perturb(x, y) crafts without judging.
 
     eot: noise draws averaged per gradient (1 = a plain gradient). judge_n / judge: the MC
     prediction that decides success (n passes on fresh noise, "mean" or "vote"). clip: the input
@@ -99,12 +100,18 @@ class Attack(abc.ABC):
     def project_to_range(self, x):
         return x.clamp(*self.clip)
 
-    def __call__(self, x, y):
+    def perturb(self, x, y):
+        """The adversarial batch alone, not judged (attack.success is left as it was): for
+        adversarial training and timing, where no verdict is needed."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating tensor")
         if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
             raise ValueError(f"y must be a tensor of x's batch size {x.shape[0]}")
-        x_adv = self.forward(x.detach(), y.detach())
+        return self.forward(x.detach(), y.detach())
+
+    def __call__(self, x, y):
+        """The adversarial batch; attack.success then holds the independent MC verdict on it."""
+        x_adv = self.perturb(x, y)
         self.success = self.judge_success(x_adv, y)
         return x_adv
 
