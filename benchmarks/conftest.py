@@ -31,18 +31,6 @@ def paired_ratio(ours, baseline, rounds, sync=lambda: None):
     return statistics.median(ratios)
 
 
-def rss_peak_mib(fn):
-    """Peak resident memory while fn runs, above the resident memory before it (Linux), in MiB."""
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak (VmHWM) to the current resident size
-    before = status("VmRSS:")
-    fn()
-    return round(status("VmHWM:") - before, 1)
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The machine the report states: CPU model, cores, versions, the extension's build, the GPU."""
     from noisekernels.benchmarking import machine

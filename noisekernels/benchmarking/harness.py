@@ -30,6 +30,7 @@ class Mode:
     scaling_sizes: tuple  # tensor sizes of bench_scaling
     replicas: tuple  # n of the replica scaling and of the engine's memory runs
     batch: int  # inputs per engine batch (scaling and memory)
+    paired_rounds: int = 7  # rounds of the engine's paired ratios (bench_ensemble)
     memory_defenses: tuple = ("rs1", "rse", "a2snn")  # each measurement is a fresh process (seconds)
     memory_calls: tuple = ("mc_predict", "eot_grad")
     # torch.compile's backend for the "compile" providers: inductor (what users get), except in the
@@ -39,8 +40,9 @@ class Mode:
 
 MODES = {
     "smoke": Mode(4096, 1, 0, (1_000, 10_000), (1, 4), 8, memory_defenses=("rs1",),
-                  memory_calls=("mc_predict",), compile_backend="aot_eager"),
-    "quick": Mode(128 * 32 * 28 * 28, 7, 2, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50, 100), 32),
+                  memory_calls=("mc_predict",), paired_rounds=1, compile_backend="aot_eager"),
+    "quick": Mode(32 * 32 * 28 * 28, 5, 1, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50, 100), 32,
+                  paired_rounds=3),
     "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
                  (1, 2, 5, 10, 20, 50, 100), 100),
 }

@@ -26,4 +26,5 @@ def describe():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": _version("triton"), "numpy": _version("numpy"),
-            "python": platform.python_version(), "gpu": gpu, "build": noisekernels.build_info()}
+            "python": platform.python_version(), "gpu": gpu, "build": noisekernels.build_info(),
+            "load_average": os.getloadavg()}

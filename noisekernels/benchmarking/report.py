@@ -326,7 +326,9 @@ def _machine_md(run):
              f"{' (uncommitted changes)' if run.get('commit_info', {}).get('dirty') else ''}.",
              f"- CPU: {m.get('cpu', '?')}, {m.get('cores', '?')} cores visible, torch threads {m.get('torch_threads', '?')}; "
              f"torch {m.get('torch', '?')}, triton {m.get('triton')}, numpy {m.get('numpy')}, Python {m.get('python')}; "
-             f"extension built {'with' if build.get('avx512') else 'without'} AVX-512, CUDA {build.get('cuda')}.",
+             f"extension built {'with' if build.get('avx512') else 'without'} AVX-512, CUDA {build.get('cuda')}; "
+             f"load average at the start {', '.join(f'{v:.1f}' for v in m.get('load_average', ()))} "
+             "(a shared machine: absolute times drift, ratios of one run less so).",
              f"- GPU: {gpu}." if gpu else
              "- GPU: none on this machine, so the CUDA and Triton kernels and the achieved GB/s against a GPU's "
              "bandwidth were not measured; the same command on a GPU machine adds them (providers "
