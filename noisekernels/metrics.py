@@ -72,7 +72,7 @@ def prediction_stability(model, x, l2, *, trials=10, mode="mean", n=10, seed=0):
     clean = predict(model, x, mode=mode, n=n)
     same = []
     for _ in range(trials):
-        z = _normal(x.shape, *stream.reserve(x.numel()), dtype=x.dtype)
+        z = _normal(x.shape, stream=stream, dtype=x.dtype)
         z = z / z.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1))) * l2
         same.append(predict(model, x + z, mode=mode, n=n) == clean)
     return _fraction(torch.stack(same))
@@ -99,7 +99,7 @@ def obfuscation_report(model, x, y, eps_list, *, surrogate=None, steps=10, eot=1
     unbounded = _success_rate(model, y, _PGD(model, eps=1.0, alpha=0.1, steps=max(steps, 20), seed=seed, **kwargs)(x, y), mode, n)
     report["unbounded attack reaches 100%"] = (unbounded == 1.0, {"success": unbounded})
     stream = _Stream(seed).to(x.device)
-    noise = (_uniform(x.shape, *stream.reserve(x.numel()), dtype=x.dtype) * 2 - 1) * lo_eps
+    noise = (_uniform(x.shape, stream=stream, dtype=x.dtype) * 2 - 1) * lo_eps
     random = _success_rate(model, y, (x + noise).clamp(0, 1), mode, n)
     report["random sampling does not beat gradients"] = (random <= pgd[lo_eps], {"random": random, "pgd": pgd[lo_eps]})
     rates = [pgd[e] for e in sorted(eps_list)]

@@ -53,13 +53,6 @@ def uniform_from_word(w):
     return s.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=w.device)
 
 
-def normal_from_words(w0, w1):
-    """Box-Muller, cosine branch: sqrt(-2 ln max(1e-7, U(w0))) * cos(2 pi U(w1)), in float32."""
-    u0 = uniform_from_word(w0).clamp_min(MIN_UNIFORM_FOR_LOG)
-    theta = uniform_from_word(w1) * torch.tensor(TWO_PI, dtype=torch.float32, device=w0.device)
-    return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
-
-
 _LOG_COEFFS = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
                -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
 
@@ -94,11 +87,79 @@ def laplace_from_uniform(u):
 
 
 GAUSSIAN, UNIFORM, LAPLACE = 0, 1, 2
+# Version 2 of the contract: all four words of a counter, replica-aligned segments.
+ONE_DRAW, TWO_DRAWS = 1, 2  # words per element: uniform/normal/noise, Random Spiking
+_ELEMENTS_PER_COUNTER = {ONE_DRAW: 4, TWO_DRAWS: 2}
 
 
-def noise_from_words(dist, w0, w1):
-    """eps from an element's words: N(0, 1), U(-1, 1) or Laplace(0, 1), float32."""
+def _check_draws(draws):
+    if draws not in _ELEMENTS_PER_COUNTER:
+        raise ValueError(f"draws must be 1 (one word per element) or 2 (Random Spiking), got {draws!r}")
+    return _ELEMENTS_PER_COUNTER[draws]
+
+
+def check_segments(numel, segments, name="segments"):
+    """segments as an int >= 1 dividing numel (any segment count divides an empty call)."""
+    if isinstance(segments, bool) or not isinstance(segments, (int, torch.SymInt)) or segments < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {segments!r}")
+    if numel % segments:
+        raise ValueError(f"{name}={segments} must divide the number of elements {numel}")
+    return segments
+
+
+def counters(numel, segments=1, draws=ONE_DRAW):
+    """The counters a call over `numel` elements in `segments` equal segments reserves: each
+    segment starts on a fresh counter and packs 4 elements (draws=1) or 2 (draws=2) per counter.
+    The one place a reservation is computed (modules, functional ops, the engine)."""
+    per = _check_draws(draws)
+    check_segments(numel, segments)
+    size = numel // segments
+    return segments * ((size + per - 1) // per)
+
+
+def call_words(seed, offset, numel, segments, draws):
+    """The four words (w0, w1, w2, w3) of each element's counter and each element's lane: element
+    j of segment k is lane j % per of counter offset + k * ceil(S / per) + j // per."""
+    per = _check_draws(draws)
+    size = max(numel // segments, 1)
+    ws = words(seed, offset, counters(numel, segments, draws))
+    i = torch.arange(numel, device=offset.device)
+    k, j = i // size, i % size
+    index = k * ((size + per - 1) // per) + j // per
+    return tuple(w[index] for w in ws), j % per
+
+
+def _pick(ws, index):
+    return torch.stack(ws).gather(0, index.unsqueeze(0)).squeeze(0)
+
+
+def call_uniforms(seed, offset, numel, segments=1):
+    """U(word j mod 4) of every element (one draw per element)."""
+    ws, lane = call_words(seed, offset, numel, segments, ONE_DRAW)
+    return uniform_from_word(_pick(ws, lane))
+
+
+def call_normals(seed, offset, numel, segments=1):
+    """The Box-Muller normals of every element: lanes 0, 1 are (cos, sin) of (w0, w1), lanes 2, 3
+    (cos, sin) of (w2, w3): Triton's tl.randn4x."""
+    ws, lane = call_words(seed, offset, numel, segments, ONE_DRAW)
+    pair = lane // 2 * 2
+    u0 = uniform_from_word(_pick(ws, pair)).clamp_min(MIN_UNIFORM_FOR_LOG)
+    theta = uniform_from_word(_pick(ws, pair + 1)) * torch.tensor(TWO_PI, dtype=torch.float32, device=seed.device)
+    r = torch.sqrt(-2.0 * torch.log(u0))
+    return torch.where(lane % 2 == 0, r * torch.cos(theta), r * torch.sin(theta))
+
+
+def call_noise(dist, seed, offset, numel, segments=1):
+    """eps of every element: N(0, 1), U(-1, 1) or Laplace(0, 1), float32."""
     if dist == GAUSSIAN:
-        return normal_from_words(w0, w1)
-    u = uniform_from_word(w0)
+        return call_normals(seed, offset, numel, segments)
+    u = call_uniforms(seed, offset, numel, segments)
     return (u + u) - 1.0 if dist == UNIFORM else laplace_from_uniform(u)
+
+
+def call_spike_uniforms(seed, offset, numel, segments=1):
+    """(keep, value) uniforms of every element of a two-draw call: (w0, w1) for even j, (w2, w3)
+    for odd j."""
+    ws, lane = call_words(seed, offset, numel, segments, TWO_DRAWS)
+    return uniform_from_word(_pick(ws, 2 * lane)), uniform_from_word(_pick(ws, 2 * lane + 1))

@@ -67,7 +67,7 @@ def test_reference_mode_runs_the_ops_without_the_extension():
     code = (
         "import sys, torch, noisekernels as nk\n"
         "assert 'noisekernels._C' not in sys.modules and nk.build_info()['reference_only']\n"
-        "u = torch.ops.noisekernels.philox_uniform(torch.tensor(3), torch.tensor(2**32 - 2), [5], torch.float32)\n"
+        "u = torch.ops.noisekernels.philox_uniform(torch.tensor(3), torch.tensor(2**32 - 2), [5], torch.float32, 1)\n"
         "z = nk.random.normal(5, 3, 2**32 - 2)\n"
         "print(repr(u.tolist())); print(repr(z.tolist()))\n"
         "try:\n"

@@ -9,6 +9,7 @@ import torch
 
 from conftest import KERNEL_BACKENDS
 import noisekernels as nk
+from noisekernels import philox
 from noisekernels.ops.noise_add import gaussian_augment, noise_add, noise_mul
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -168,7 +169,15 @@ def test_gaussian_augment():
     assert xs.min() >= 0 and xs.max() <= 1
     assert torch.equal(xs, noise_add(x, 0.3, 5, 0, replicas=10, clip=(0, 1)))
     assert not torch.equal(xs[:6], xs[6:12])
-    with pytest.raises(ValueError, match="y must have x's batch size 6"):
+    # Each copy is one segment: the call equals 10 calls on one stream (S = 96 elements here, and
+    # 6 * 3 * 3 = 54 below, not a multiple of 4).
+    for shape in ((6, 1, 4, 4), (6, 3, 3)):
+        x = torch.rand(shape)
+        s, loop_stream = nk.Stream(seed=2), nk.Stream(seed=2)
+        xs, _ = gaussian_augment(x, None, 10, 0.3, stream=s)
+        loop = [gaussian_augment(x, None, 1, 0.3, stream=loop_stream)[0] for _ in range(10)]
+        assert torch.equal(xs, torch.cat(loop)) and s.offset.item() == loop_stream.offset.item()
+    with pytest.raises(ValueError, match=r"y must have x's batch size, got shape \(3,\)"):
         gaussian_augment(x, y[:3], 2, 0.3, 5, 0)
 
 
@@ -193,7 +202,13 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(TypeError, match="scale must be a floating tensor"):
         noise_add(x, torch.ones((), dtype=torch.int64), 0, 0)
     with pytest.raises(RuntimeError, match="dist must be 0"):
-        torch.ops.noisekernels.noise_add(x, torch.ones(1), torch.tensor(0), torch.tensor(0), 7, 1, 1, 1, None, None)
+        torch.ops.noisekernels.noise_add(x, torch.ones(1), torch.tensor(0), torch.tensor(0), 7, 1, 1, 1, None, None, 1)
+    with pytest.raises(RuntimeError, match="segments must be >= 1 and divide the number of elements 12, got 5"):
+        torch.ops.noisekernels.noise_add(x, torch.ones(1), torch.tensor(0), torch.tensor(0), 0, 1, 1, 1, None, None, 5)
+    with pytest.raises(ValueError, match="segments=3 must divide the output's rows, got 8 output rows"):
+        noise_add(x, 0.1, 0, 0, replicas=2, segments=3)
+    with pytest.raises(ValueError, match="pass either seed and offset or stream"):
+        noise_add(x, 0.1, 0, 0, stream=nk.Stream(seed=1))
 
 
 def test_opcheck():
@@ -201,8 +216,45 @@ def test_opcheck():
     x = torch.randn(4, 3, 5, requires_grad=True)
     for scale, inner, channels in ((torch.rand(1, requires_grad=True), 1, 1), (torch.rand(3, requires_grad=True), 5, 3)):
         for replicas, lo, hi in ((1, None, None), (3, -1.0, 1.0)):
-            torch.library.opcheck(torch.ops.noisekernels.noise_add, (x, scale, seed, offset, 2, inner, channels, replicas, lo, hi))
-    torch.library.opcheck(torch.ops.noisekernels.noise_mul, (x.detach(), seed, offset, 0))
+            torch.library.opcheck(torch.ops.noisekernels.noise_add,
+                                  (x, scale, seed, offset, 2, inner, channels, replicas, lo, hi, replicas))
+    torch.library.opcheck(torch.ops.noisekernels.noise_mul, (x.detach(), seed, offset, 0, 2))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
+def test_segments_equal_separate_calls(backend, device, dist):
+    """x holding 3 replicas of 2 x 3 x 3 = 18 elements (not a multiple of 4): one call with
+    segments=3 equals three calls on one stream, outputs and the learnable scale's gradient."""
+    x = _x(torch.float64, (6, 3, 3)).to(device)
+    alpha = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64, device=device, requires_grad=True)
+    s, loop_stream = nk.Stream(seed=4).to(device), nk.Stream(seed=4).to(device)
+    y = noise_add(x, alpha, stream=s, dist=dist, segments=3, backend=backend)
+    loop = torch.cat([noise_add(x[2 * r:2 * r + 2], alpha, stream=loop_stream, dist=dist, backend=backend)
+                      for r in range(3)])
+    _assert_matches(y.detach(), loop.detach().cpu(), dist)
+    assert s.offset.item() == loop_stream.offset.item() == 3 * philox.counters(18)
+    if backend == "triton":  # called directly, not through the dispatcher: no autograd
+        return
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, alpha, g)
+    (grad_loop,) = torch.autograd.grad(loop, alpha, g)
+    torch.testing.assert_close(grad, grad_loop)
+    if backend == "cpu":
+        assert torch.autograd.gradcheck(lambda a: noise_add(x, a, 1, 0, dist=dist, segments=3), (alpha,))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+def test_empty_inputs(backend, device):
+    """Issue 9: every op handles empty input the same way on every backend."""
+    for shape in ((0, 3), (0,), (2, 0)):
+        x = torch.empty(shape, device=device)
+        for kw in (dict(), dict(replicas=3), dict(clip=(0.0, 1.0)), dict(segments=2 if shape[0] else 1)):
+            assert noise_add(x, 0.5, 1, 0, backend=backend, **kw).shape == (shape[0] * kw.get("replicas", 1), *shape[1:])
+        assert noise_mul(x, 1, 0, backend=backend).shape == shape
+        assert nk.functional.noise_add_foreach([x, x], 0.5, 1, 0, backend=backend)[1].shape == shape
+        xs, ys = gaussian_augment(x, None, 3, 0.1, 1, 0, backend=backend) if x.dim() > 1 else (None, None)
+        assert xs is None or xs.shape == (3 * shape[0], *shape[1:])
 
 
 def test_modules_train_eval_mc():

@@ -1,11 +1,13 @@
-"""The stream contract: Philox4x32-10 known answers and uniform/normal fills on every backend,
-checked against the pure-PyTorch reference and Triton's own tl.randint4x / tl.rand / tl.randn."""
+"""The stream contract (version 2): Philox4x32-10 known answers and uniform/normal fills on every
+backend, checked against the pure-PyTorch reference and Triton's own tl.randint4x / tl.rand4x /
+tl.randn4x, with replica segments."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+import noisekernels as nk
 from conftest import HAS_CUDA, KERNEL_BACKENDS
 from noisekernels import philox, random
 
@@ -32,20 +34,35 @@ def _oracle_kernel(words_ptr, uniform_ptr, normal_ptr, seed, offset_ptr, n, BLOC
     w0, w1, w2, w3 = tl.randint4x(seed, counter)
     for j, w in enumerate((w0, w1, w2, w3)):
         tl.store(words_ptr + 4 * idx + j, w.to(tl.uint32, bitcast=True).to(tl.int64), mask=mask)
-    tl.store(uniform_ptr + idx, tl.rand(seed, counter), mask=mask)
-    tl.store(normal_ptr + idx, tl.randn(seed, counter), mask=mask)
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    for j, u in enumerate((u0, u1, u2, u3)):
+        tl.store(uniform_ptr + 4 * idx + j, u, mask=mask)
+    z0, z1, z2, z3 = tl.randn4x(seed, counter)
+    for j, z in enumerate((z0, z1, z2, z3)):
+        tl.store(normal_ptr + 4 * idx + j, z, mask=mask)
 
 
 def oracle(seed, offset, n):
-    """Triton's own generator for counters offset + i: (words (n, 4), tl.rand, tl.randn)."""
+    """Triton's own generator for n counters from offset: (words (n, 4), tl.rand4x and tl.randn4x
+    flattened, i.e. the contract's one-segment fills of 4n elements)."""
     words = torch.empty(n, 4, dtype=torch.int64, device=ORACLE_DEVICE)
-    u = torch.empty(n, device=ORACLE_DEVICE)
-    z = torch.empty(n, device=ORACLE_DEVICE)
+    u = torch.empty(4 * n, device=ORACLE_DEVICE)
+    z = torch.empty(4 * n, device=ORACLE_DEVICE)
     off = torch.tensor(offset - 2**64 if offset >= 2**63 else offset, device=ORACLE_DEVICE)
     if n:
         seed_arg = seed - 2**64 if seed >= 2**63 else seed  # passed as a 64-bit integer
         _oracle_kernel[(triton.cdiv(n, 256),)](words, u, z, seed_arg, off, n, BLOCK=256)
     return words.cpu(), u.cpu(), z.cpu()
+
+
+def oracle_fill(seed, offset, numel, segments, normal=False):
+    """The contract's fill built segment by segment from Triton's generator: segment k is a flat
+    fill from counter offset + k * ceil(S / 4)."""
+    size = numel // segments
+    per_segment = -(-size // 4)
+    parts = [oracle(seed, (offset + k * per_segment) % 2**64, per_segment)[2 if normal else 1][:size]
+             for k in range(segments)]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def t64(value, device="cpu"):
@@ -77,8 +94,8 @@ def test_reference_words_equal_triton_randint4x():
 @pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", id="kernel")])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_uniform_equals_triton_rand(backend, seed, offset):
-    _, expected, _ = oracle(seed, offset, 3001)
+def test_uniform_equals_triton_rand4x(backend, seed, offset):
+    expected = oracle(seed, offset, 751)[1][:3001]
     be = "reference" if backend == "reference" else None
     got = random.uniform(3001, seed, offset, backend=be)
     assert torch.equal(got, expected)
@@ -95,6 +112,45 @@ def test_uniform_kernels_equal_reference(backend, device, size, offset):
     assert torch.equal(got.cpu(), expected)
 
 
+# (numel, segments): S a multiple of 4, S not a multiple of 4 (odd, 2 mod 4), S = 1, empty.
+SEGMENTED = [(48, 4), (21, 3), (3 * 4098, 3), (7, 7), (4099 * 2, 2), (0, 5)]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("numel,segments", SEGMENTED)
+def test_segmented_fill_equals_triton_per_segment(backend, device, numel, segments):
+    """Each segment starts on a fresh counter: the call equals flat Triton fills at
+    offset + k * ceil(S / 4)."""
+    got = random.uniform(numel, 11, 2**32 - 9, segments=segments, device=device, backend=backend).cpu()
+    assert torch.equal(got, oracle_fill(11, 2**32 - 9, numel, segments))
+    z = random.normal(numel, 11, 2**32 - 9, segments=segments, device=device, backend=backend).cpu()
+    torch.testing.assert_close(z, oracle_fill(11, 2**32 - 9, numel, segments, normal=True), rtol=2e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("fill", [random.uniform, random.normal])
+@pytest.mark.parametrize("numel,segments", SEGMENTED)
+def test_segmented_fill_equals_separate_calls_on_one_stream(fill, numel, segments):
+    """A batched call over s segments draws exactly what s calls on one stream draw."""
+    batched = fill(numel, stream=nk.Stream(seed=3), segments=segments)
+    loop_stream = nk.Stream(seed=3)
+    loop = [fill(numel // segments, stream=loop_stream) for _ in range(segments)]
+    assert torch.equal(batched, torch.cat(loop) if loop else torch.empty(0))
+
+
+def test_counters_is_the_reservation_of_a_call():
+    assert philox.counters(0) == 0 and philox.counters(1) == 1 and philox.counters(4) == 1
+    assert philox.counters(5) == 2 and philox.counters(21, 3) == 6 and philox.counters(21, 3, draws=2) == 12
+    assert philox.counters(7, 7) == 7 and philox.counters(7, 7, draws=2) == 7 and philox.counters(0, 5) == 0
+    s = nk.Stream(seed=1)
+    random.uniform((), stream=s)  # a 0-dim tensor: one element, one counter
+    random.normal((3, 7), stream=s, segments=3)
+    assert s.offset.item() == 1 + 3 * 2
+    with pytest.raises(ValueError, match="segments=2 must divide the number of elements 7"):
+        philox.counters(7, 2)
+    with pytest.raises(ValueError, match="draws must be 1"):
+        philox.counters(8, 1, draws=3)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_uniform_dtypes_bit_exact(backend, device, dtype):
@@ -106,8 +162,8 @@ def test_uniform_dtypes_bit_exact(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_normal_within_few_ulp_of_triton_randn(backend, device, offset):
-    _, _, expected = oracle(7, offset, 20011)
+def test_normal_within_few_ulp_of_triton_randn4x(backend, device, offset):
+    expected = oracle(7, offset, 5003)[2][:20011]
     got = random.normal(20011, 7, offset, device=device, backend=backend).cpu()
     # Transcendentals differ by a few ulp between libm, libmvec, CUDA and numpy; the largest normal
     # here is about 5.5, so 8 ulp of it is under 4e-6.
@@ -136,9 +192,10 @@ def test_cpu_result_independent_of_thread_count(fill, threads):
 
 @pytest.mark.parametrize("fill", [random.uniform, random.normal])
 def test_fill_is_the_concatenation_of_its_parts(fill):
-    """Counters are positions: a fill of a + b equals fills of a and b at consecutive offsets."""
-    whole = fill(10_000, 3, 2**32 - 5000)
-    parts = torch.cat([fill(3333, 3, 2**32 - 5000), fill(6667, 3, 2**32 - 5000 + 3333)])
+    """Counters are positions: a fill of a + b (a a multiple of 4) equals fills of a and b at
+    consecutive reservations."""
+    whole = fill(10_001, 3, 2**32 - 5000)
+    parts = torch.cat([fill(3332, 3, 2**32 - 5000), fill(6669, 3, 2**32 - 5000 + philox.counters(3332))])
     assert torch.equal(whole, parts)
 
 
@@ -146,8 +203,8 @@ def test_different_offsets_and_seeds_differ():
     base = random.uniform(4096, 1, 0)
     assert not torch.equal(base, random.uniform(4096, 1, 1))
     assert not torch.equal(base, random.uniform(4096, 2, 0))
-    # A shifted offset is the same sequence shifted: no element is reused within a reservation.
-    assert torch.equal(base[1:], random.uniform(4095, 1, 1))
+    # A shifted offset is the same sequence shifted by a counter's four elements.
+    assert torch.equal(base[4:], random.uniform(4092, 1, 1))
 
 
 def _ks_statistic(sorted_samples, cdf):
@@ -205,19 +262,69 @@ def test_bad_arguments_raise_clear_errors():
         random.philox4x32(torch.zeros(1, 4), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"counter must have shape \(..., 4\)"):
         random.philox4x32(torch.zeros(1, 3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="segments must be an int >= 1"):
+        random.uniform(4, 0, 0, segments=0)
+    with pytest.raises(ValueError, match="segments=3 must divide the number of elements 4"):
+        random.normal(4, 0, 0, segments=3)
+    with pytest.raises(ValueError, match="pass either seed and offset or stream"):
+        random.uniform(4, 0, 0, stream=nk.Stream(seed=1))
+    with pytest.raises(ValueError, match="seed and offset must be given together"):
+        random.uniform(4, 0)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("name,bad", [("counter", 2**32), ("counter", -1), ("key", 2**32 + 5), ("key", -7)])
+def test_philox4x32_rejects_words_outside_32_bits(backend, device, name, bad):
+    """Issue 9: words outside 32 bits made backends disagree; now every backend gets a clear error."""
+    counter = torch.zeros(2, 4, dtype=torch.int64, device=device)
+    key = torch.zeros(2, dtype=torch.int64, device=device)
+    (counter.view(-1) if name == "counter" else key)[1] = bad
+    with pytest.raises(ValueError, match=rf"{name} words must be in \[0, 2\*\*32\)"):
+        random.philox4x32(counter, key, backend=backend)
+
+
+def test_philox4x32_op_rejects_words_outside_32_bits():
+    with pytest.raises(RuntimeError, match=r"counter words must be in \[0, 2\*\*32\)"):
+        torch.ops.noisekernels.philox4x32(torch.full((1, 4), 2**32), torch.zeros(2, dtype=torch.int64))
 
 
 def test_op_level_checks_name_the_argument():
     """Calling torch.ops directly (as compiled graphs do) still gets checked arguments."""
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
-        torch.ops.noisekernels.philox_uniform(torch.tensor(1.0), torch.tensor(0), [4], torch.float32)
+        torch.ops.noisekernels.philox_uniform(torch.tensor(1.0), torch.tensor(0), [4], torch.float32, 1)
     with pytest.raises(RuntimeError, match="offset must hold exactly one element"):
-        torch.ops.noisekernels.philox_uniform(torch.tensor(1), torch.zeros(2, dtype=torch.int64), [4], torch.float32)
+        torch.ops.noisekernels.philox_uniform(torch.tensor(1), torch.zeros(2, dtype=torch.int64), [4], torch.float32, 1)
     with pytest.raises(RuntimeError, match="dtype must be float32, float64, float16 or bfloat16"):
-        torch.ops.noisekernels.philox_uniform(torch.tensor(1), torch.tensor(0), [4], torch.int64)
+        torch.ops.noisekernels.philox_uniform(torch.tensor(1), torch.tensor(0), [4], torch.int64, 1)
+    with pytest.raises(RuntimeError, match="segments must be >= 1 and divide the number of elements 4, got 3"):
+        torch.ops.noisekernels.philox_normal(torch.tensor(1), torch.tensor(0), [4], torch.float32, 3)
 
 
 @pytest.mark.parametrize("op", ["philox_uniform", "philox_normal"])
 def test_opcheck(op):
     seed, offset = torch.tensor(5), torch.tensor(2**32 - 3)
-    torch.library.opcheck(getattr(torch.ops.noisekernels, op), (seed, offset, [3, 5], torch.float32))
+    torch.library.opcheck(getattr(torch.ops.noisekernels, op), (seed, offset, [3, 5], torch.float32, 3))
+
+
+def test_default_stream_reads_torch_rng_once_and_reserves_per_call():
+    """Functional calls without seed/offset draw from the library's default stream of the device:
+    torch's global RNG is read once (at creation), and every call advances the stream by exactly
+    its reservation, so two calls never reuse noise."""
+    from noisekernels.ops import _streams
+    saved = _streams._root_seed, dict(_streams._default_streams)
+    _streams._root_seed = None
+    _streams._default_streams.clear()
+    try:
+        torch.manual_seed(0)
+        a = random.uniform(10)
+        state = torch.get_rng_state()
+        b = random.normal((2, 5), segments=2)
+        c = random.uniform(10)
+        assert torch.equal(torch.get_rng_state(), state)
+        stream = _streams.default_stream("cpu")
+        assert stream is _streams.default_stream(None)
+        assert stream.offset.item() == philox.counters(10) + philox.counters(10, 2) + philox.counters(10)
+        assert torch.equal(c, random.uniform(10, stream.seed, philox.counters(10) + philox.counters(10, 2)))
+        assert not torch.equal(a, c) and b.shape == (2, 5)
+    finally:
+        _streams._root_seed, _streams._default_streams = saved[0], saved[1]

@@ -22,9 +22,15 @@ def _input(shape, dtype, seed=0):
     return (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
 
 
-def _mask(p, seed, offset, n):
-    w0, _, _, _ = philox.words(torch.tensor(seed), torch.tensor(offset), n)
-    return philox.uniform_from_word(w0) < torch.tensor(p, dtype=torch.float32)
+def _mask(p, seed, offset, n, segments=1):
+    """Kept units, from the contract's text: element j of segment k is kept when U(w0) (j even) or
+    U(w2) (j odd) of counter offset + k * ceil(S / 2) + j // 2 is below p."""
+    size = n // segments
+    per_segment = -(-size // 2)
+    words = torch.stack(philox.words(torch.tensor(seed), torch.tensor(offset), segments * per_segment), dim=1)
+    j = torch.arange(size)
+    keep_words = torch.cat([words[k * per_segment + j // 2, 2 * (j % 2)] for k in range(segments)])
+    return philox.uniform_from_word(keep_words) < torch.tensor(p, dtype=torch.float32)
 
 
 def _cases():
@@ -46,9 +52,11 @@ def test_forward_and_backward_equal_reference(backend, device, dtype, shape, ran
     assert got.dtype == dtype and got.shape == x.shape
     assert torch.equal(got.cpu(), expected)
     g = _input(shape, dtype, seed=1)
-    expected_grad = random_spike_backward(g, 0.6, 77, OFFSET, backend="reference")
-    got_grad = random_spike_backward(g.to(device), 0.6, 77, OFFSET, backend=backend)
+    expected_grad = random_spike_backward(g, 0.6, 77, OFFSET, replicas=replicas, backend="reference")
+    got_grad = random_spike_backward(g.to(device), 0.6, 77, OFFSET, replicas=replicas, backend=backend)
     assert torch.equal(got_grad.cpu(), expected_grad)
+    keep = _mask(0.6, 77, OFFSET, x.numel(), replicas).view(shape)
+    assert torch.equal(expected_grad, torch.where(keep, g, torch.zeros((), dtype=dtype)))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -61,9 +69,12 @@ def test_edge_probabilities_and_empty(backend, device, p):
         assert torch.equal(y, x.cpu())
     if p == 0.0:
         assert (y != x.cpu()).all() and y.min() >= x.min().item() and y.max() <= x.max().item()
-    empty = torch.empty(0, 4, device=device)
-    assert random_spike(empty, p, 3, 0, backend=backend).shape == (0, 4)
-    assert random_spike_backward(empty, p, 3, 0, backend=backend).shape == (0, 4)
+    for shape in ((0, 4), (0,), (3, 0)):
+        empty = torch.empty(shape, device=device)
+        for range_ in ("batch", "sample"):  # issue 9: an empty batch crashed the CPU sample range
+            assert random_spike(empty, p, 3, 0, range=range_, backend=backend).shape == shape
+        assert random_spike(empty, p, 3, 0, replicas=3 if shape[0] else 1, backend=backend).shape == shape
+        assert random_spike_backward(empty, p, 3, 0, backend=backend).shape == shape
 
 
 def test_mask_and_gradient_follow_the_stream():
@@ -116,9 +127,9 @@ def test_strided_inputs_equal_their_contiguous_copy(make, backend, device):
 
 def test_replicas_reproduce_separate_calls():
     """n replicas in one call equal n separate calls at consecutive offsets: min/max per replica."""
-    n, rows = 4, (5, 3, 8, 8)
+    n, rows = 4, (5, 3, 3, 3)  # 135 elements per replica: not a multiple of 2
     parts = [_input(rows, torch.float32, seed=r) * (r + 1) + 10 * r for r in range(n)]
-    per = parts[0].numel()
+    per = philox.counters(parts[0].numel(), draws=2)
     together = random_spike(torch.cat(parts), 0.7, 21, OFFSET, replicas=n)
     for r, part in enumerate(parts):
         alone = random_spike(part, 0.7, 21, OFFSET + r * per)
@@ -185,30 +196,61 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
         nk.nn.RandomSpike(keep=2.0)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\], got 2"):
-        torch.ops.noisekernels.random_spike(x, 2.0, torch.tensor(0), torch.tensor(0), 1)
+        torch.ops.noisekernels.random_spike(x, 2.0, torch.tensor(0), torch.tensor(0), 1, 1)
     with pytest.raises(RuntimeError, match="groups must be >= 1 and divide x.numel"):
-        torch.ops.noisekernels.random_spike(x, 0.5, torch.tensor(0), torch.tensor(0), 5)
+        torch.ops.noisekernels.random_spike(x, 0.5, torch.tensor(0), torch.tensor(0), 5, 1)
+    with pytest.raises(RuntimeError, match="segments must be >= 1 and divide the number of elements 12, got 5"):
+        torch.ops.noisekernels.random_spike(x, 0.5, torch.tensor(0), torch.tensor(0), 1, 5)
+    with pytest.raises(ValueError, match="pass either seed and offset or stream"):
+        random_spike(x, 0.5, 0, 0, stream=nk.Stream(seed=1))
 
 
 def test_opcheck():
     seed, offset = torch.tensor(3), torch.tensor(2**32 - 7)
     for x, groups in ((torch.randn(4, 3, 5, requires_grad=True), 1), (torch.randn(6, 7, requires_grad=True), 3),
                       (torch.randn(2, 3, 4).transpose(0, 2).requires_grad_(), 4)):
-        torch.library.opcheck(torch.ops.noisekernels.random_spike, (x, 0.7, seed, offset, groups))
-        torch.library.opcheck(torch.ops.noisekernels.random_spike_backward, (x.detach(), 0.7, seed, offset))
+        torch.library.opcheck(torch.ops.noisekernels.random_spike, (x, 0.7, seed, offset, groups, 2))
+        torch.library.opcheck(torch.ops.noisekernels.random_spike_backward, (x.detach(), 0.7, seed, offset, 2))
 
 
 def test_module_train_eval_and_mc():
     layer = nk.nn.RandomSpike(keep=0.5, seed=7)
     x = torch.randn(4, 8, 6, 6)
     y1, y2 = layer(x), layer(x)
-    assert not torch.equal(y1, y2) and layer.stream.offset.item() == 2 * x.numel()
+    reserved = philox.counters(x.numel(), draws=2)
+    assert not torch.equal(y1, y2) and layer.stream.offset.item() == 2 * reserved
     layer.eval()
-    assert layer(x) is x and layer.stream.offset.item() == 2 * x.numel()
+    assert layer(x) is x and layer.stream.offset.item() == 2 * reserved
     layer.mc = True
     assert not torch.equal(layer(x), x)
     assert set(layer.state_dict()) == {"stream.seed", "stream.offset"}
     assert "keep=0.5" in repr(layer)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("values", [(1e300, 2e300), (0.3, 0.3)])
+def test_float64_spikes_in_float64(backend, device, values):
+    """Issue 9: float64 min/max and spiked values were computed in float32, so [1e300, 2e300]
+    spiked to NaN and [0.3, 0.3] above its max. Every spiked value must lie in [min, max]."""
+    x = torch.tensor(values, dtype=torch.float64).repeat(500).to(device)
+    y = random_spike(x, 0.0, 5, 0, backend=backend).cpu()
+    lo, hi = min(values), max(values)
+    assert y.isfinite().all() and (y >= lo).all() and (y <= hi).all()
+    assert (y != x.cpu()).any() or lo == hi
+    # The value is lo + u * (hi - lo) in float64 with the contract's u (value word).
+    keep_u, value_u = philox.call_spike_uniforms(torch.tensor(5), torch.tensor(0), x.numel())
+    expected = (lo + value_u.double() * (hi - lo)).clamp(max=hi)
+    assert torch.equal(y, expected)
+
+
+def test_stream_and_default_stream_reserve_the_call():
+    x = torch.randn(3, 7)  # 21 elements: 11 counters at two per counter
+    s = nk.Stream(seed=4)
+    y = random_spike(x, 0.5, stream=s)
+    assert s.offset.item() == 11 and torch.equal(y, random_spike(x, 0.5, s.seed, 0))
+    random_spike(x, 0.5, stream=s, replicas=3)  # 7 per replica: 4 counters each
+    assert s.offset.item() == 11 + 12
+    assert random_spike(x, 0.5).shape == x.shape  # the default stream
 
 
 def test_module_per_replica_inside_replicas_block():

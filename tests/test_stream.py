@@ -29,8 +29,10 @@ def test_reserved_start_is_not_changed_by_later_reservations():
 
 def test_reservations_draw_the_contiguous_sequence():
     s = nk.Stream(seed=2**64 - 1)
-    parts = [random.uniform(n, *s.reserve(n)) for n in (5, 1, 300, 0, 17)]
-    assert torch.equal(torch.cat(parts), random.uniform(323, 2**64 - 1, 0))
+    parts = [random.uniform(n, stream=s) for n in (4, 8, 300, 0, 16)]  # whole counters
+    assert torch.equal(torch.cat(parts), random.uniform(328, 2**64 - 1, 0))
+    tail = random.uniform(5, stream=s)  # a call starts on a fresh counter: 5 elements use 2
+    assert torch.equal(tail, random.uniform(8, 2**64 - 1, 82)[:5]) and s.offset.item() == 84
 
 
 def test_state_dict_restores_the_exact_sequence():
@@ -64,16 +66,15 @@ def test_seed_argument_validated():
 def test_offsets_cross_2_pow_32_exactly():
     """A reservation straddling 2**32 matches Philox on the explicit (lo, hi, 0, 0) counters."""
     s = nk.Stream(seed=0xDEADBEEFCAFE)
-    s.offset.fill_(2**32 - 6)
-    seed, start = s.reserve(12)
-    got = random.uniform(12, seed, start)
-    counters = torch.arange(2**32 - 6, 2**32 + 6)
+    s.offset.fill_(2**32 - 2)
+    got = random.uniform(16, stream=s)  # four words of each of 4 counters
+    counters = torch.arange(2**32 - 2, 2**32 + 2)
     words = random.philox4x32(
         torch.stack([counters & MASK32, counters >> 32, torch.zeros_like(counters), torch.zeros_like(counters)], -1),
         torch.tensor([0xDEADBEEFCAFE & MASK32, 0xDEADBEEFCAFE >> 32]),
     )
-    assert torch.equal(got, uniform_from_word(words[:, 0]))
-    assert s.offset.item() == 2**32 + 6
+    assert torch.equal(got, uniform_from_word(words.reshape(-1)))
+    assert s.offset.item() == 2**32 + 2
 
 
 def test_forked_streams_differ_and_are_deterministic():

@@ -33,6 +33,8 @@ at::Tensor philox4x32(const at::Tensor& counter, const at::Tensor& key) {
               "philox4x32: counter must have shape (..., 4), got ", counter.sizes());
   TORCH_CHECK(key.numel() == 2 && key.device() == counter.device(),
               "philox4x32: key must hold 2 words on counter's device");
+  // Words outside 32 bits are rejected by noisekernels.random.philox4x32 (a check here would
+  // read the tensors back to the host).
   const c10::cuda::CUDAGuard guard(counter.device());
   const at::Tensor c = counter.contiguous(), k = key.contiguous();
   at::Tensor out = at::empty_like(c);
@@ -44,12 +46,13 @@ at::Tensor philox4x32(const at::Tensor& counter, const at::Tensor& key) {
 
 template <bool kNormal>
 at::Tensor philox_fill(const at::Tensor& seed, const at::Tensor& offset, at::IntArrayRef size,
-                       at::ScalarType dtype) {
+                       at::ScalarType dtype, int64_t segments) {
   check_stream_args(seed, offset);
   check_floating(dtype, "dtype");
   const c10::cuda::CUDAGuard guard(seed.device());
   at::Tensor out = at::empty(size, seed.options().dtype(dtype));
-  C10_CUDA_CHECK(launch_philox_fill(out.data_ptr(), to_dtype(dtype), out.numel(),
+  check_segments(out.numel(), segments);
+  C10_CUDA_CHECK(launch_philox_fill(out.data_ptr(), to_dtype(dtype), out.numel(), segments,
                                     seed.const_data_ptr<int64_t>(),
                                     offset.const_data_ptr<int64_t>(), kNormal,
                                     c10::cuda::getCurrentCUDAStream()));
@@ -57,27 +60,27 @@ at::Tensor philox_fill(const at::Tensor& seed, const at::Tensor& offset, at::Int
 }
 
 at::Tensor random_spike(const at::Tensor& x, double p, const at::Tensor& seed,
-                        const at::Tensor& offset, int64_t groups) {
-  check_random_spike_args(x, p, seed, offset, groups);
+                        const at::Tensor& offset, int64_t groups, int64_t segments) {
+  check_random_spike_args(x, p, seed, offset, groups, segments);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
-  at::Tensor workspace = at::empty({2 * groups}, xc.options().dtype(at::kInt));
+  at::Tensor workspace = at::empty({2 * groups}, xc.options().dtype(at::kLong));  // 64-bit keys fit all dtypes
   C10_CUDA_CHECK(launch_random_spike(
-      xc.const_data_ptr(), out.data_ptr(), to_dtype(xc.scalar_type()), xc.numel(), groups,
+      xc.const_data_ptr(), out.data_ptr(), to_dtype(xc.scalar_type()), xc.numel(), groups, segments,
       static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
-      reinterpret_cast<uint32_t*>(workspace.data_ptr<int32_t>()), c10::cuda::getCurrentCUDAStream()));
+      workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 at::Tensor random_spike_backward(const at::Tensor& grad, double p, const at::Tensor& seed,
-                                 const at::Tensor& offset) {
-  check_random_spike_args(grad, p, seed, offset, 1);
+                                 const at::Tensor& offset, int64_t segments) {
+  check_random_spike_args(grad, p, seed, offset, 1, segments);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous();
   at::Tensor out = at::empty_like(gc);
   C10_CUDA_CHECK(launch_random_spike_backward(
-      gc.const_data_ptr(), out.data_ptr(), to_dtype(gc.scalar_type()), gc.numel(),
+      gc.const_data_ptr(), out.data_ptr(), to_dtype(gc.scalar_type()), gc.numel(), segments,
       static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
       c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -85,8 +88,9 @@ at::Tensor random_spike_backward(const at::Tensor& grad, double p, const at::Ten
 
 at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
                      const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
-                     int64_t replicas, std::optional<double> lo, std::optional<double> hi) {
-  check_noise_add_args(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi);
+                     int64_t replicas, std::optional<double> lo, std::optional<double> hi,
+                     int64_t segments) {
+  check_noise_add_args(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
   std::vector<int64_t> size(xc.sizes().begin(), xc.sizes().end());
@@ -94,20 +98,20 @@ at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Ten
   at::Tensor out = at::empty(size, xc.options());
   C10_CUDA_CHECK(launch_noise_add(
       xc.const_data_ptr(), sc.const_data_ptr(), out.data_ptr(), to_dtype(xc.scalar_type()),
-      xc.numel(), replicas, inner, channels, static_cast<int>(dist), lo.has_value(),
+      xc.numel(), replicas, segments, inner, channels, static_cast<int>(dist), lo.has_value(),
       lo.value_or(0.0), hi.value_or(0.0), seed.const_data_ptr<int64_t>(),
       offset.const_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
-                     int64_t dist) {
-  check_noise_mul_args(g, seed, offset, dist);
+                     int64_t dist, int64_t segments) {
+  check_noise_mul_args(g, seed, offset, dist, segments);
   const c10::cuda::CUDAGuard guard(g.device());
   const at::Tensor gc = g.contiguous();
   at::Tensor out = at::empty_like(gc);
   C10_CUDA_CHECK(launch_noise_mul(gc.const_data_ptr(), out.data_ptr(), to_dtype(gc.scalar_type()),
-                                  gc.numel(), static_cast<int>(dist),
+                                  gc.numel(), segments, static_cast<int>(dist),
                                   seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
                                   c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -120,8 +124,9 @@ std::vector<at::Tensor> noise_add_foreach(at::TensorList xs, const at::Tensor& s
   const c10::cuda::CUDAGuard guard(seed.device());
   const int64_t k = static_cast<int64_t>(xs.size());
   std::vector<at::Tensor> inputs, outputs;
-  // The table the kernel reads: input and output pointers, prefix sums, counter starts.
-  at::Tensor meta = at::empty({4 * k + 1}, at::TensorOptions(at::kLong).pinned_memory(true));
+  // The table the kernel reads: input and output pointers, counter prefix sums, counter starts,
+  // element counts.
+  at::Tensor meta = at::empty({5 * k + 1}, at::TensorOptions(at::kLong).pinned_memory(true));
   int64_t* m = meta.data_ptr<int64_t>();
   m[2 * k] = 0;
   for (int64_t i = 0; i < k; ++i) {
@@ -129,8 +134,9 @@ std::vector<at::Tensor> noise_add_foreach(at::TensorList xs, const at::Tensor& s
     outputs.push_back(at::empty_like(inputs.back()));
     m[i] = reinterpret_cast<int64_t>(inputs.back().const_data_ptr());
     m[k + i] = reinterpret_cast<int64_t>(outputs.back().data_ptr());
-    m[2 * k + i + 1] = m[2 * k + i] + xs[i].numel();
+    m[2 * k + i + 1] = m[2 * k + i] + (xs[i].numel() + 3) / 4;
     m[3 * k + 1 + i] = starts[i];
+    m[4 * k + 1 + i] = xs[i].numel();
   }
   if (k == 0 || m[3 * k] == 0) return outputs;
   const at::Tensor meta_dev = meta.to(seed.device(), /*non_blocking=*/true);

@@ -31,10 +31,16 @@ void check_floating(at::ScalarType dtype, const char* name) {
               dtype);
 }
 
+void check_segments(int64_t numel, int64_t segments) {
+  TORCH_CHECK(segments >= 1 && numel % segments == 0, "noisekernels: segments must be >= 1 and ",
+              "divide the number of elements ", numel, ", got ", segments);
+}
+
 void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& seed,
-                             const at::Tensor& offset, int64_t groups) {
+                             const at::Tensor& offset, int64_t groups, int64_t segments) {
   check_stream_args(seed, offset);
   check_floating(x.scalar_type(), "x");
+  check_segments(x.numel(), segments);
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "random_spike: p must be in [0, 1], got ", p);
   TORCH_CHECK(groups >= 1 && x.numel() % groups == 0, "random_spike: groups must be >= 1 and ",
               "divide x.numel()=", x.numel(), ", got ", groups);
@@ -53,10 +59,12 @@ void check_dist(int64_t dist) {
 
 void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
                           const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
-                          int64_t replicas, std::optional<double> lo, std::optional<double> hi) {
+                          int64_t replicas, std::optional<double> lo, std::optional<double> hi,
+                          int64_t segments) {
   check_stream_args(seed, offset);
   check_floating(x.scalar_type(), "x");
   check_dist(dist);
+  check_segments(x.numel() * replicas, segments);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.scalar_type() == acc, "noise_add: scale must be ", acc, " for x of dtype ",
               x.scalar_type(), ", got ", scale.scalar_type());
@@ -72,8 +80,9 @@ void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at
 }
 
 void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
-                          int64_t dist) {
+                          int64_t dist, int64_t segments) {
   check_stream_args(seed, offset);
+  check_segments(g.numel(), segments);
   check_floating(g.scalar_type(), "grad");
   check_dist(dist);
   TORCH_CHECK(seed.device() == g.device(), "noise_mul: seed and offset must be on grad's device");
@@ -116,27 +125,30 @@ std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::
 TORCH_LIBRARY(noisekernels, m) {
   // Raw Philox4x32-10: counter (..., 4) and key (2,) as int64 tensors holding 32-bit words.
   m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
-  // Fill a new tensor on seed's device with the contract's uniforms / normals of counters
-  // offset + i (i in logical order).
-  m.def("philox_uniform(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype) -> Tensor");
-  m.def("philox_normal(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype) -> Tensor");
-  // Random Spiking: keep x where U(w0) < p, else a uniform value in the finite [min, max] of its
-  // group (x split into `groups` equal contiguous groups: 1 = batch, n = replicas, B = samples).
-  m.def("random_spike(Tensor x, float p, Tensor seed, Tensor offset, int groups) -> Tensor");
-  // Its gradient: grad where U(w0) < p, else 0 (the mask is recomputed from seed and offset).
-  m.def("random_spike_backward(Tensor grad, float p, Tensor seed, Tensor offset) -> Tensor");
+  // Fill a new tensor on seed's device with the contract's uniforms / normals: `segments` equal
+  // segments, each on fresh counters, four elements per counter (ARCHITECTURE.md section 2).
+  m.def("philox_uniform(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype, int segments) -> Tensor");
+  m.def("philox_normal(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype, int segments) -> Tensor");
+  // Random Spiking: keep x where U(keep word) < p, else a uniform value in the finite [min, max]
+  // of its group (x split into `groups` equal contiguous groups: 1 = batch, n = replicas,
+  // B = samples); two elements per counter, `segments` replica segments.
+  m.def("random_spike(Tensor x, float p, Tensor seed, Tensor offset, int groups, int segments) -> Tensor");
+  // Its gradient: grad where U(keep word) < p, else 0 (the mask is recomputed from the stream).
+  m.def("random_spike_backward(Tensor grad, float p, Tensor seed, Tensor offset, int segments) -> Tensor");
   // Additive noise: x + scale[(i / inner) % channels] * eps_i, eps of `dist` (0 gaussian N(0,1),
   // 1 uniform U(-1,1), 2 laplace(0,1)); `replicas` noisy copies of x, replica-major, each clipped
-  // to [lo, hi] when given.
+  // to [lo, hi] when given; the output forms `segments` segments of the stream.
   m.def("noise_add(Tensor x, Tensor scale, Tensor seed, Tensor offset, int dist, int inner, "
-        "int channels, int replicas, float? lo, float? hi) -> Tensor");
+        "int channels, int replicas, float? lo, float? hi, int segments) -> Tensor");
   // grad * eps_i: the learnable scale's gradient before its reduction.
-  m.def("noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist) -> Tensor");
-  // Multi-tensor noise_add: xs[k] + scales[k] * eps, tensor k on counters offset + starts[k] + i.
+  m.def("noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist, int segments) -> Tensor");
+  // Multi-tensor noise_add: xs[k] + scales[k] * eps, tensor k one flat segment on counters from
+  // offset + starts[k].
   m.def("noise_add_foreach(Tensor[] xs, Tensor scales, Tensor seed, Tensor offset, SymInt[] starts, "
         "int dist) -> Tensor[]");
   // Over the replica axis of (n, B, C) logits: mean softmax (mode 0) or argmax vote counts with
-  // ties to the smaller class index (mode 1); (B, C), float64 for float64 logits else float32.
+  // ties to the smaller class index and NaN counted as -inf (mode 1); (B, C), float64 for float64
+  // logits else float32.
   m.def("replica_reduce(Tensor logits, int mode) -> Tensor");
 }
 

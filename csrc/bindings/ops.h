@@ -12,20 +12,24 @@ namespace noisekernels {
 // device; the kernel reads them there, so nothing syncs with the host.
 void check_stream_args(const at::Tensor& seed, const at::Tensor& offset);
 
-// The dtypes the noise kernels read and write (computed in float32 inside the kernels).
+// The dtypes the noise kernels read and write.
 void check_floating(at::ScalarType dtype, const char* name);
+
+// A call's segment count (ARCHITECTURE.md section 2): >= 1 and dividing numel.
+void check_segments(int64_t numel, int64_t segments);
 
 // random_spike's and random_spike_backward's arguments; the stream must be on x's device.
 void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& seed,
-                             const at::Tensor& offset, int64_t groups);
+                             const at::Tensor& offset, int64_t groups, int64_t segments);
 
 // noise_add's arguments: scale holds `channels` values in x's compute dtype (float64 for float64 x,
 // else float32); element i of replica r of x uses scale[(i / inner) % channels].
 void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
                           const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
-                          int64_t replicas, std::optional<double> lo, std::optional<double> hi);
+                          int64_t replicas, std::optional<double> lo, std::optional<double> hi,
+                          int64_t segments);
 void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
-                          int64_t dist);
+                          int64_t dist, int64_t segments);
 
 // noise_add_foreach's arguments: tensors of one device and dtype, one scale and one counter start each.
 void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, const at::Tensor& seed,

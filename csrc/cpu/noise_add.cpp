@@ -18,15 +18,18 @@ namespace {
 
 template <typename scalar_t, bool kClamp>
 void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t* out,
-                      int64_t numel_x, int64_t replicas, int64_t inner, int64_t channels, int dist,
-                      acc_t<scalar_t> lo, acc_t<scalar_t> hi, uint64_t seed, uint64_t offset) {
+                      int64_t numel_x, int64_t replicas, int64_t segments, int64_t inner,
+                      int64_t channels, int dist, acc_t<scalar_t> lo, acc_t<scalar_t> hi,
+                      uint64_t seed, uint64_t offset) {
   using acc = acc_t<scalar_t>;
   const PhiloxKeys keys(seed);
-  at::parallel_for(0, numel_x * replicas, 8 * kTile, [&](int64_t begin, int64_t end) {
-    alignas(64) float eps[kTile];
-    for (int64_t t = begin; t < end; t += kTile) {
-      const int64_t m = std::min(kTile, end - t);
-      noise_tile(dist, keys, offset + t, m, eps);
+  const int64_t n = numel_x * replicas, tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[kTile];
+    for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 4, offset,
+                 [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+      noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
+      const float* eps = tile + skip;
       // Runs in which x is contiguous and the scale index is constant (or steps by one when
       // inner == 1), so each inner loop vectorises.
       for (int64_t i0 = 0; i0 < m;) {
@@ -60,34 +63,37 @@ void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t*
         }
         i0 += run;
       }
-    }
+    });
   });
 }
 
 template <typename scalar_t>
-void noise_mul_kernel(const scalar_t* g, scalar_t* out, int64_t n, int dist, uint64_t seed,
-                      uint64_t offset) {
+void noise_mul_kernel(const scalar_t* g, scalar_t* out, int64_t n, int64_t segments, int dist,
+                      uint64_t seed, uint64_t offset) {
   using acc = acc_t<scalar_t>;
   const PhiloxKeys keys(seed);
-  at::parallel_for(0, n, 8 * kTile, [&](int64_t begin, int64_t end) {
-    alignas(64) float eps[kTile];
-    for (int64_t t = begin; t < end; t += kTile) {
-      const int64_t m = std::min(kTile, end - t);
-      noise_tile(dist, keys, offset + t, m, eps);
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[kTile];
+    for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 4, offset,
+                 [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+      noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
+      const float* __restrict eps = tile + skip;
       const scalar_t* __restrict gs = g + t;
       scalar_t* __restrict os = out + t;
 #pragma omp simd
       for (int64_t k = 0; k < m; ++k) {
         os[k] = static_cast<scalar_t>(static_cast<acc>(gs[k]) * static_cast<acc>(eps[k]));
       }
-    }
+    });
   });
 }
 
 at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
                      const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
-                     int64_t replicas, std::optional<double> lo, std::optional<double> hi) {
-  check_noise_add_args(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi);
+                     int64_t replicas, std::optional<double> lo, std::optional<double> hi,
+                     int64_t segments) {
+  check_noise_add_args(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments);
   const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
   std::vector<int64_t> size(xc.sizes().begin(), xc.sizes().end());
   if (replicas != 1) size[0] *= replicas;
@@ -99,11 +105,11 @@ at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Ten
     const acc* sp = sc.const_data_ptr<acc>();
     if (lo.has_value()) {
       noise_add_kernel<scalar_t, true>(xc.const_data_ptr<scalar_t>(), sp, out.data_ptr<scalar_t>(),
-                                       xc.numel(), replicas, inner, channels, static_cast<int>(dist),
+                                       xc.numel(), replicas, segments, inner, channels, static_cast<int>(dist),
                                        static_cast<acc>(*lo), static_cast<acc>(*hi), s, o);
     } else {
       noise_add_kernel<scalar_t, false>(xc.const_data_ptr<scalar_t>(), sp, out.data_ptr<scalar_t>(),
-                                        xc.numel(), replicas, inner, channels, static_cast<int>(dist),
+                                        xc.numel(), replicas, segments, inner, channels, static_cast<int>(dist),
                                         acc(0), acc(0), s, o);
     }
   });
@@ -111,14 +117,14 @@ at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Ten
 }
 
 at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
-                     int64_t dist) {
-  check_noise_mul_args(g, seed, offset, dist);
+                     int64_t dist, int64_t segments) {
+  check_noise_mul_args(g, seed, offset, dist, segments);
   const at::Tensor gc = g.contiguous();
   at::Tensor out = at::empty_like(gc);
   if (out.numel() == 0) return out;
   const auto [s, o] = read_cpu_stream(seed, offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "noise_mul", [&] {
-    noise_mul_kernel(gc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gc.numel(),
+    noise_mul_kernel(gc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gc.numel(), segments,
                      static_cast<int>(dist), s, o);
   });
   return out;

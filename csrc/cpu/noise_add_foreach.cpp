@@ -1,5 +1,6 @@
 // CPU kernel of noise_add_foreach: x_k + scale_k * eps for a list of tensors in one parallel pass,
-// tensor k drawing counters offset + starts[k] + i (so it equals per-tensor noise_add calls).
+// tensor k one flat segment on counters from offset + starts[k] (so it equals per-tensor
+// noise_add calls).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,23 +22,31 @@ void foreach_kernel(const std::vector<const scalar_t*>& xs, const std::vector<sc
                     const std::vector<int64_t>& starts, int dist, const PhiloxKeys& keys,
                     uint64_t offset) {
   using acc = acc_t<scalar_t>;
-  // Work is indexed over the concatenation of all tensors; first[k] is where tensor k begins.
-  at::parallel_for(0, first.back(), 8 * kTile, [&](int64_t begin, int64_t end) {
-    alignas(64) float eps[kTile];
+  // Work is indexed over the concatenation of all tensors in tiles; first[k] is where tensor k
+  // begins. Each tensor is one flat segment on counters from offset + starts[k].
+  const int64_t total = first.back(), tiles = (total + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[kTile];
+    const int64_t begin = t0 * kTile, end = std::min(total, t1 * kTile);
     int64_t k = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t t = begin; t < end;) {
       while (t >= first[k + 1]) ++k;  // skips empty tensors too
       const int64_t local = t - first[k];
-      const int64_t m = std::min({kTile, end - t, first[k + 1] - t});
-      noise_tile(dist, keys, offset + starts[k] + local, m, eps);
-      const scalar_t* __restrict xp = xs[k] + local;
-      scalar_t* __restrict op = outs[k] + local;
-      const acc s = scales[k];
+      const int64_t stop = std::min(end, first[k + 1]);
+      for_each_run(local, stop - first[k], first[k + 1] - first[k], first[k + 1] - first[k], 4,
+                   offset + static_cast<uint64_t>(starts[k]),
+                   [&](int64_t i, int64_t m, uint64_t counter, int64_t skip) {
+        noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
+        const float* __restrict eps = tile + skip;
+        const scalar_t* __restrict xp = xs[k] + i;
+        scalar_t* __restrict op = outs[k] + i;
+        const acc s = scales[k];
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        op[i] = static_cast<scalar_t>(static_cast<acc>(xp[i]) + s * static_cast<acc>(eps[i]));
-      }
-      t += m;
+        for (int64_t e = 0; e < m; ++e) {
+          op[e] = static_cast<scalar_t>(static_cast<acc>(xp[e]) + s * static_cast<acc>(eps[e]));
+        }
+      });
+      t = stop;
     }
   });
 }

@@ -1,12 +1,13 @@
 // CPU kernel of replica_reduce: over the replica axis of (n, B, C) logits, the mean of the
 // softmax probabilities (mode 0, "MC Avg") or the vote counts of each replica's argmax with ties
-// to the smaller class index (mode 1, "Voting").
+// to the smaller class index, a NaN logit counting as -inf (mode 1, "Voting").
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -24,9 +25,19 @@ void reduce_kernel(const scalar_t* logits, out_t* out, int64_t n, int64_t b, int
       for (int64_t k = 0; k < c; ++k) acc[k] = 0;
       for (int64_t r = 0; r < n; ++r) {
         const scalar_t* x = logits + (r * b + i) * c;
+        // NaN counts as -inf (never wins); ties keep the smaller index.
+        auto key = [&](int64_t k) {
+          const out_t v = static_cast<out_t>(x[k]);
+          return std::isnan(v) ? -std::numeric_limits<out_t>::infinity() : v;
+        };
         int64_t best = 0;
+        out_t best_v = key(0);
         for (int64_t k = 1; k < c; ++k) {
-          if (static_cast<out_t>(x[k]) > static_cast<out_t>(x[best])) best = k;  // ties keep the smaller index
+          const out_t v = key(k);
+          if (v > best_v) {
+            best = k;
+            best_v = v;
+          }
         }
         if (vote) {
           acc[best] += 1;

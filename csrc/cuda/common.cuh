@@ -79,12 +79,33 @@ __device__ __forceinline__ float key_float(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
+// Order-preserving double <-> uint64 keys, for float64 min/max.
+__device__ __forceinline__ unsigned long long float_key(double f) {
+  const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(f));
+  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double key_float(unsigned long long k) {
+  return __longlong_as_double(static_cast<long long>((k & 0x8000000000000000ull) ? (k & 0x7FFFFFFFFFFFFFFFull) : ~k));
+}
+
+// The min/max key type of a compute type.
+template <typename A>
+struct MinMaxKey {
+  using type = uint32_t;
+};
+template <>
+struct MinMaxKey<double> {
+  using type = unsigned long long;
+};
+
 // Min and max over the block (blockDim.x a multiple of 32, at most 1024); thread 0 gets the result.
-__device__ __forceinline__ void block_minmax(float& mn, float& mx) {
-  __shared__ float smin[32], smax[32];
+template <typename A>
+__device__ __forceinline__ void block_minmax(A& mn, A& mx) {
+  __shared__ A smin[32], smax[32];
   for (int d = 16; d > 0; d >>= 1) {
-    mn = fminf(mn, __shfl_xor_sync(0xFFFFFFFFu, mn, d));
-    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, d));
+    const A omn = __shfl_xor_sync(0xFFFFFFFFu, mn, d), omx = __shfl_xor_sync(0xFFFFFFFFu, mx, d);
+    mn = omn < mn ? omn : mn;  // values are finite or +-inf: plain compares are exact
+    mx = omx > mx ? omx : mx;
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (lane == 0) {
@@ -93,11 +114,12 @@ __device__ __forceinline__ void block_minmax(float& mn, float& mx) {
   }
   __syncthreads();
   if (warp == 0) {
-    mn = lane < warps ? smin[lane] : kInf;
-    mx = lane < warps ? smax[lane] : -kInf;
+    mn = lane < warps ? smin[lane] : A(kInf);
+    mx = lane < warps ? smax[lane] : A(-kInf);
     for (int d = 16; d > 0; d >>= 1) {
-      mn = fminf(mn, __shfl_xor_sync(0xFFFFFFFFu, mn, d));
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, d));
+      const A omn = __shfl_xor_sync(0xFFFFFFFFu, mn, d), omx = __shfl_xor_sync(0xFFFFFFFFu, mx, d);
+      mn = omn < mn ? omn : mn;
+      mx = omx > mx ? omx : mx;
     }
   }
 }
@@ -139,5 +161,61 @@ template <>
 __device__ __forceinline__ double from_acc<double>(double v) {
   return v;
 }
+
+}  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+// Four (or two) consecutive elements as one aligned vector, so a thread's elements move in one
+// load or store where the address allows it.
+template <typename T, int kN>
+struct alignas(sizeof(T) * kN) Vec {
+  T v[kN];
+};
+
+// Loads m <= kN elements from p into v, vectorised when the run is whole and aligned.
+template <int kN, typename T>
+__device__ __forceinline__ void load_run(const T* p, int m, T* v) {
+  if (m == kN && reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T, kN>) == 0) {
+    const Vec<T, kN> w = *reinterpret_cast<const Vec<T, kN>*>(p);
+#pragma unroll
+    for (int l = 0; l < kN; ++l) v[l] = w.v[l];
+  } else {
+    for (int l = 0; l < m; ++l) v[l] = p[l];
+  }
+}
+
+// Stores m <= kN elements of v to p, vectorised when the run is whole and aligned.
+template <int kN, typename T>
+__device__ __forceinline__ void store_run(T* p, int m, const T* v) {
+  if (m == kN && reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T, kN>) == 0) {
+    Vec<T, kN> w;
+#pragma unroll
+    for (int l = 0; l < kN; ++l) w.v[l] = v[l];
+    *reinterpret_cast<Vec<T, kN>*>(p) = w;
+  } else {
+    for (int l = 0; l < m; ++l) p[l] = v[l];
+  }
+}
+
+// Where counter c of a call lands (ARCHITECTURE.md section 2): segments of `size` elements, each
+// on `per_segment` fresh counters of `kPer` elements; returns the flat index of the counter's
+// first element and sets m to how many of its kPer elements exist (fewer at a segment's end).
+template <int kPer>
+__device__ __forceinline__ int64_t counter_elements(int64_t c, int64_t size, int64_t per_segment,
+                                                    int* m) {
+  const int64_t k = c / per_segment, j = (c - k * per_segment) * kPer;
+  const int64_t left = size - j;
+  *m = left < kPer ? static_cast<int>(left) : kPer;
+  return k * size + j;
+}
+
+// Counters per segment of `size` elements at kPer elements per counter.
+inline int64_t counters_per_segment(int64_t size, int per) { return (size + per - 1) / per; }
+
+// Grid-stride loop over counters [0, total).
+#define NK_FOR_EACH_COUNTER(c, total)                                                       \
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < (total); \
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 }  // namespace noisekernels::cuda

@@ -1,5 +1,7 @@
 // CUDA kernel of noise_add_foreach: one launch over a list of tensors described by a device
-// metadata table; each element finds its tensor by binary search over the prefix sums.
+// metadata table. Each tensor is one flat segment; a thread-step takes one counter of the
+// concatenated counter ranges, finds its tensor by binary search over their prefix sums, and
+// writes that counter's four elements.
 #include <noisekernels/cuda_launchers.h>
 #include <noisekernels/philox.h>
 
@@ -15,21 +17,28 @@ __global__ void noise_add_foreach_kernel(const int64_t* meta, int64_t k, int64_t
   using A = typename Acc<T>::type;
   const int64_t* in_ptrs = meta;
   const int64_t* out_ptrs = meta + k;
-  const int64_t* first = meta + 2 * k;
+  const int64_t* first = meta + 2 * k;  // k + 1 counter prefix sums
   const int64_t* starts = meta + 3 * k + 1;
+  const int64_t* numels = meta + 4 * k + 1;
   const uint64_t s = static_cast<uint64_t>(*seed), o = static_cast<uint64_t>(*offset);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t lo = 0, hi = k;  // the last tensor with first[t] <= i (empty tensors are skipped)
+  NK_FOR_EACH_COUNTER(c, total) {
+    int64_t lo = 0, hi = k;  // the last tensor with first[t] <= c (empty tensors are skipped)
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (first[mid] <= i) lo = mid; else hi = mid;
+      if (first[mid] <= c) lo = mid; else hi = mid;
     }
-    const int64_t local = i - first[lo];
-    const Philox4 w = philox_at(s, o, static_cast<uint64_t>(starts[lo] + local));
-    const T* x = reinterpret_cast<const T*>(in_ptrs[lo]);
-    T* out = reinterpret_cast<T*>(out_ptrs[lo]);
-    out[local] = from_acc<T>(add_rn(to_acc(x[local]), mul_rn(scales[lo], static_cast<A>(noise_from_words(dist, w.w0, w.w1)))));
+    const int64_t local = c - first[lo];
+    float eps[4];
+    noise4_from_words(dist, philox_counter(s, o + static_cast<uint64_t>(starts[lo] + local)), eps);
+    const int64_t i = 4 * local, left = numels[lo] - i;
+    const int m = left < 4 ? static_cast<int>(left) : 4;
+    const T* x = reinterpret_cast<const T*>(in_ptrs[lo]) + i;
+    T* out = reinterpret_cast<T*>(out_ptrs[lo]) + i;
+    T t[4] = {};
+    load_run<4>(x, m, t);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) t[l] = from_acc<T>(add_rn(to_acc(t[l]), mul_rn(scales[lo], static_cast<A>(eps[l]))));
+    store_run<4>(out, m, t);
   }
 }
 

@@ -6,11 +6,16 @@
 namespace noisekernels::cuda {
 namespace {
 
-// Whether logit (v, k) comes before (best_v, best) in argmax order: larger first, NaN largest (as
-// torch.argmax), ties to the smaller index. A lane with no class holds (-inf, c), which any class beats.
+// A logit as the vote ranks it: NaN counts as -inf, so it never wins (one rule on every backend).
+template <typename A>
+__device__ __forceinline__ A vote_key(A v) {
+  return isnan(v) ? A(-kInf) : v;
+}
+
+// Whether logit key (v, k) comes before (best_v, best) in argmax order: larger first, ties to the
+// smaller index. A lane with no class holds (-inf, c), which any class beats.
 template <typename A>
 __device__ __forceinline__ bool argmax_before(A v, int64_t k, A best_v, int64_t best) {
-  if (isnan(v) || isnan(best_v)) return isnan(v) && (!isnan(best_v) || k < best);
   return v > best_v || (v == best_v && k < best);
 }
 
@@ -27,9 +32,9 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
   for (int64_t r = 0; r < n; ++r) {
     const T* x = logits + (r * b + i) * c;
     A best_v = -kInf;
-    int64_t best = c;  // the argmax: the smallest index of the largest logit, NaN the largest
+    int64_t best = c;  // the argmax: the smallest index of the largest non-NaN logit
     for (int64_t k = lane; k < c; k += 32) {
-      const A v = to_acc(x[k]);
+      const A v = vote_key(to_acc(x[k]));
       if (argmax_before(v, k, best_v, best)) {
         best_v = v;
         best = k;

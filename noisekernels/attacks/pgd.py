@@ -44,12 +44,11 @@ class PGD(Attack):
         self.norm = norm
 
     def _start(self, x):
-        seed, offset = self.stream.reserve(x.numel() if self.norm == "Linf" else x.numel() + x.shape[0])
         if self.norm == "Linf":
-            delta = (uniform(x.shape, seed, offset, dtype=x.dtype) * 2 - 1) * self.eps
+            delta = (uniform(x.shape, stream=self.stream, dtype=x.dtype) * 2 - 1) * self.eps
         else:
-            direction = normal(x.shape, seed, offset, dtype=x.dtype)
-            radius = uniform((x.shape[0],), seed, offset + x.numel(), dtype=x.dtype)
+            direction = normal(x.shape, stream=self.stream, dtype=x.dtype)
+            radius = uniform((x.shape[0],), stream=self.stream, dtype=x.dtype)
             delta = direction / _per_sample_norm(direction) * radius.view(-1, *([1] * (x.dim() - 1))) * self.eps
         return self.project_to_range(x + delta.to(x.device))
 

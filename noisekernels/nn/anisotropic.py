@@ -56,7 +56,7 @@ class AnisotropicNoise(nn.Module):
             return x.clone()
         if x.shape[0] % draws:
             raise ValueError(f"replicas={draws} must divide the batch size {x.shape[0]}")
-        eps = normal((draws, self.dim), *self.stream.reserve(draws * self.dim), dtype=x.dtype)
+        eps = normal((draws, self.dim), stream=self.stream, segments=replicas.current(), dtype=x.dtype)
         z = eps @ self.scale_tril().to(x.dtype).T
         if draws != x.shape[0]:
             z = z.repeat_interleave(x.shape[0] // draws, dim=0)  # replica-major rows

@@ -8,6 +8,7 @@ a training-only regulariser, the identity in eval mode."""
 import torch
 from torch import nn
 
+from .. import replicas
 from ..ops.noise_add import DISTS, check_dist, check_scale_value, noise_add
 from ..stream import Stream
 
@@ -25,8 +26,8 @@ class _NoiseLayer(nn.Module):
     def active(self):
         return self.training or self.mc
 
-    def add_noise(self, x, scale):
-        return noise_add(x, scale, *self.stream.reserve(x.numel()), dist=self.dist)
+    def add_noise(self, x, scale, segments=1):
+        return noise_add(x, scale, stream=self.stream, dist=self.dist, segments=segments)
 
 
 class AdditiveNoise(_NoiseLayer):
@@ -45,7 +46,8 @@ class AdditiveNoise(_NoiseLayer):
         n = self.expand
         if not self.active() or (self.scale == 0 and n == 1):
             return x
-        return noise_add(x, self.scale, *self.stream.reserve(x.numel() * n), dist=self.dist, replicas=n)
+        # The output holds replicas.current() replicas, one stream segment each (section 3).
+        return noise_add(x, self.scale, stream=self.stream, dist=self.dist, replicas=n, segments=replicas.current())
 
     def extra_repr(self):
         return f"{self.scale_name}={self.scale}, dist={self.dist!r}, mc={self.mc}"
@@ -89,7 +91,7 @@ class LearnableNoise(_NoiseLayer):
         self.alpha = _alpha(shape, init)
 
     def forward(self, x):
-        return self.add_noise(x, self.alpha) if self.active() else x
+        return self.add_noise(x, self.alpha, replicas.current()) if self.active() else x
 
     def extra_repr(self):
         return f"alpha_shape={tuple(self.alpha.shape)}, dist={self.dist!r}, mc={self.mc}"

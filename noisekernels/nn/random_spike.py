@@ -41,8 +41,7 @@ class RandomSpike(nn.Module):
     def forward(self, x):
         if not (self.training or self.mc):
             return x
-        seed, offset = self.stream.reserve(x.numel())
-        return random_spike(x, self.keep, seed, offset, range=self.range, replicas=replicas.current())
+        return random_spike(x, self.keep, stream=self.stream, range=self.range, replicas=replicas.current())
 
     def extra_repr(self):
         return f"keep={self.keep}, range={self.range!r}, mc={self.mc}"

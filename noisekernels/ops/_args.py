@@ -70,3 +70,8 @@ def check_floating_tensor(x, name="x"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     check_floating_dtype(x.dtype, f"{name}.dtype")
+
+
+def compute_dtype(dtype):
+    """The arithmetic dtype of the noise kernels: float64 for float64 tensors, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,7 +1,7 @@
 """noise_add and noise_mul: additive noise with a fixed or learnable scale, and its replicas.
 
 noise_add(x, scale, ...) = x + scale[(i / inner) % channels] * eps_i with eps_i ~ N(0, 1) (RSE's
-Gaussian layers), U(-1, 1) or Laplace(0, 1), from counter offset + i. The scale is a float (fixed:
+Gaussian layers), U(-1, 1) or Laplace(0, 1), one word per element (ARCHITECTURE.md section 2). The scale is a float (fixed:
 nothing is saved for backward), or a tensor: one value, one per channel (dim 1), or one per element
 of x.shape[1:] (PNI's layer-, channel- and element-wise alpha * ref). With replicas=n it writes n
 noisy copies of x, replica-major, optionally clipped to [lo, hi]: Gaussian data augmentation and
@@ -19,57 +19,52 @@ import torch
 
 from .. import philox
 from .._extension import call_op, register_op, triton_kernel
-from ._args import check_floating_tensor, stream_tensors
+from ._args import check_floating_tensor, compute_dtype, stream_tensors
+from ._streams import call_stream
 
 DISTS = {"gaussian": philox.GAUSSIAN, "uniform": philox.UNIFORM, "laplace": philox.LAPLACE}
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _scale_index(numel_x, inner, channels, replicas, device):
     return ((torch.arange(numel_x, device=device) // inner) % channels).repeat(replicas)
 
 
-def noise_add_reference(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi):
+def noise_add_reference(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments):
     size = (x.shape[0] * replicas, *x.shape[1:]) if replicas != 1 else x.shape
     n = x.numel() * replicas
     acc = compute_dtype(x.dtype)
-    w0, w1, _, _ = philox.words(seed, offset, n)
-    eps = philox.noise_from_words(dist, w0, w1).to(acc)
+    eps = philox.call_noise(dist, seed, offset, n, segments).to(acc)
     v = x.reshape(-1).to(acc).repeat(replicas) + scale[_scale_index(x.numel(), inner, channels, replicas, x.device)] * eps
     if lo is not None:
         v = v.clamp(lo, hi)
     return v.to(x.dtype).reshape(size)
 
 
-def noise_mul_reference(grad, seed, offset, dist):
-    w0, w1, _, _ = philox.words(seed, offset, grad.numel())
-    eps = philox.noise_from_words(dist, w0, w1).to(compute_dtype(grad.dtype))
+def noise_mul_reference(grad, seed, offset, dist, segments):
+    eps = philox.call_noise(dist, seed, offset, grad.numel(), segments).to(compute_dtype(grad.dtype))
     return (grad.reshape(-1).to(eps.dtype) * eps).to(grad.dtype).reshape(grad.shape)
 
 
 register_op("noise_add", "noise_add(Tensor x, Tensor scale, Tensor seed, Tensor offset, int dist, int inner, "
-            "int channels, int replicas, float? lo, float? hi) -> Tensor",
+            "int channels, int replicas, float? lo, float? hi, int segments) -> Tensor",
             reference=noise_add_reference, triton=triton_kernel("noise_add", "noise_add"))
-register_op("noise_mul", "noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist) -> Tensor",
+register_op("noise_mul", "noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist, int segments) -> Tensor",
             reference=noise_mul_reference, triton=triton_kernel("noise_add", "noise_mul"))
 
 
 @torch.library.register_fake("noisekernels::noise_add")
-def _(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi):
+def _(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments):
     return x.new_empty((x.shape[0] * replicas, *x.shape[1:]) if replicas != 1 else x.shape)
 
 
 @torch.library.register_fake("noisekernels::noise_mul")
-def _(grad, seed, offset, dist):
+def _(grad, seed, offset, dist, segments):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 def _setup_noise_add(ctx, inputs, output):
-    x, _, seed, offset, dist, inner, channels, replicas, lo, hi = inputs
-    ctx.args = (dist, inner, channels, replicas, lo, hi)
+    x, _, seed, offset, dist, inner, channels, replicas, lo, hi, segments = inputs
+    ctx.args = (dist, inner, channels, replicas, lo, hi, segments)
     ctx.x_shape = x.shape
     # Only a clipped call keeps its output (to know where the clip was active); its own consumer
     # holds it anyway. Fixed-scale noise saves just the 16 bytes of the stream.
@@ -78,26 +73,26 @@ def _setup_noise_add(ctx, inputs, output):
 
 def _noise_add_backward(ctx, grad):
     seed, offset, out = ctx.saved_tensors
-    dist, inner, channels, replicas, lo, hi = ctx.args
+    dist, inner, channels, replicas, lo, hi, segments = ctx.args
     grad_x = grad_scale = None
     if out is not None:  # zero where the clip was active
         grad = torch.where((out > lo) & (out < hi), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     if ctx.needs_input_grad[0]:
         grad_x = grad if replicas == 1 else grad.reshape(replicas, *ctx.x_shape).sum(0)
     if ctx.needs_input_grad[1]:
-        ge = torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, dist)
+        ge = torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, dist, segments)
         grad_scale = ge.reshape(-1, channels, inner).sum((0, 2), dtype=compute_dtype(grad.dtype))
-    return grad_x, grad_scale, None, None, None, None, None, None, None, None
+    return grad_x, grad_scale, None, None, None, None, None, None, None, None, None
 
 
 def _setup_noise_mul(ctx, inputs, output):
-    ctx.dist = inputs[3]
+    ctx.dist, ctx.segments = inputs[3], inputs[4]
     ctx.save_for_backward(inputs[1], inputs[2])
 
 
 def _noise_mul_backward(ctx, grad):
     seed, offset = ctx.saved_tensors  # linear in grad: the same multiplication by eps
-    return torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, ctx.dist), None, None, None
+    return torch.ops.noisekernels.noise_mul(grad.contiguous(), seed, offset, ctx.dist, ctx.segments), None, None, None, None
 
 
 torch.library.register_autograd("noisekernels::noise_add", _noise_add_backward, setup_context=_setup_noise_add)
@@ -144,13 +139,18 @@ def _scale_layout(x, scale):
                      f"(x.shape[0], 1, ...) for x of shape {tuple(x.shape)}; got shape {tuple(scale.shape)}")
 
 
-def noise_add(x, scale, seed, offset, *, dist="gaussian", replicas=1, clip=None, backend=None):
+def noise_add(x, scale, seed=None, offset=None, *, stream=None, dist="gaussian", replicas=1, segments=None, clip=None,
+              backend=None):
     """x + scale * eps, eps ~ N(0, 1) ("gaussian"), U(-1, 1) ("uniform") or Laplace(0, 1) ("laplace").
 
     scale: float >= 0, or a tensor (differentiable: PNI) of shape () (one value), (C,) with
     C = x.shape[1] (per channel), x.shape[1:] (per element, shared over the batch), x.shape (per
-    element) or (x.shape[0], 1, ...) (per output channel of a weight). replicas: n noisy copies of x, replica-major, (n*B, ...).
-    clip: (lo, hi) to clip every value to. Reserve x.numel() * replicas counters.
+    element) or (x.shape[0], 1, ...) (per output channel of a weight). replicas: n noisy copies of x,
+    replica-major, (n*B, ...). segments: how many replicas the output holds, each on fresh counters
+    so a batched call equals separate calls (default: replicas). clip: (lo, hi) to clip every value
+    to. Noise source: explicit seed and offset (reserve philox.counters(x.numel() * replicas,
+    segments) counters), else a reservation from `stream`, else from the default stream of x's
+    device.
     """
     check_floating_tensor(x)
     code = check_dist(dist)
@@ -158,32 +158,46 @@ def noise_add(x, scale, seed, offset, *, dist="gaussian", replicas=1, clip=None,
         raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
     if replicas > 1 and x.dim() == 0:
         raise ValueError("replicas > 1 needs x with a batch dimension, got a 0-dim tensor")
+    segments = _check_row_segments(x, replicas, replicas if segments is None else segments)
     lo = hi = None
     if clip is not None:
         lo, hi = (float(v) for v in clip)
         if not lo <= hi:
             raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
     flat, inner, channels = _scale_layout(x, scale)
-    seed, offset = stream_tensors(seed, offset, x.device)
-    return call_op("noise_add", backend, x.device, x, flat, seed, offset, code, inner, channels, replicas, lo, hi)
+    seed, offset = call_stream(seed, offset, stream, x.device, philox.counters(x.numel() * replicas, segments))
+    return call_op("noise_add", backend, x.device, x, flat, seed, offset, code, inner, channels, replicas, lo, hi,
+                   segments)
 
 
-def noise_mul(grad, seed, offset, *, dist="gaussian", backend=None):
-    """grad * eps with the eps noise_add drew from the same (seed, offset)."""
+def _check_row_segments(x, replicas, segments):
+    """segments must split the output's rows (replica-major) evenly."""
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments must be an int >= 1, got {segments!r}")
+    if segments > 1 and (x.dim() == 0 or (x.shape[0] * replicas) % segments):
+        rows = "a 0-dim x" if x.dim() == 0 else f"{x.shape[0] * replicas} output rows"
+        raise ValueError(f"segments={segments} must divide the output's rows, got {rows}")
+    return segments
+
+
+def noise_mul(grad, seed, offset, *, dist="gaussian", segments=1, backend=None):
+    """grad * eps with the eps noise_add drew from the same (seed, offset, segments)."""
     check_floating_tensor(grad, "grad")
     code = check_dist(dist)
+    philox.check_segments(grad.numel(), segments)
     seed, offset = stream_tensors(seed, offset, grad.device)
-    return call_op("noise_mul", backend, grad.device, grad, seed, offset, code)
+    return call_op("noise_mul", backend, grad.device, grad, seed, offset, code, segments)
 
 
-def gaussian_augment(x, y, n, sigma, seed, offset, *, clip=(0.0, 1.0), backend=None):
+def gaussian_augment(x, y, n, sigma, seed=None, offset=None, *, stream=None, clip=(0.0, 1.0), backend=None):
     """Gaussian data augmentation (efficient-defenses-brelu-gda.txt): n noisy copies of the batch,
     x + N(0, sigma^2) clipped to `clip`, replica-major (n*B, ...), with labels y repeated to match.
-    Reserve n * x.numel() counters."""
+    Each copy is one segment, so the result equals n separate calls. Noise source as noise_add's
+    (explicit seed and offset reserve philox.counters(n * x.numel(), n) counters)."""
     sigma = check_scale_value(sigma, "sigma")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
-        raise ValueError(f"y must have x's batch size {x.shape[0]}, got shape {tuple(y.shape)}")
-    xs = noise_add(x, sigma, seed, offset, replicas=n, clip=clip, backend=backend)
+    if y is not None and (y.dim() == 0 or x.dim() == 0 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"y must have x's batch size, got shape {tuple(y.shape)} for x of shape {tuple(x.shape)}")
+    xs = noise_add(x, sigma, seed, offset, stream=stream, replicas=n, clip=clip, backend=backend)
     return xs, (None if y is None else y.repeat(n, *([1] * (y.dim() - 1))))

@@ -1,20 +1,22 @@
 """noise_add_foreach: noise_add over a list of tensors (all weights of a model for weight noise, or
 several activations) in one launch per device and dtype, like torch._foreach.
 
-Tensor k is x_k + scale_k * eps with counters offset + start_k + i, start_k the number of elements
-before it in the list, so the result equals a loop of noise_add calls on consecutive counter ranges
-bit for bit. Reserve sum(x.numel() for x in xs) counters. Differentiable in xs (identity) and in a
+Tensor k is x_k + scale_k * eps, one flat segment on counters from offset + start_k, start_k the
+counters the tensors before it reserve (philox.counters of each), so the result equals a loop of
+noise_add calls on consecutive reservations bit for bit. The call reserves the sum of those. Differentiable in xs (identity) and in a
 tensor of scales (sum(grad_k * eps_k), eps regenerated)."""
 
 import torch
 
+from .. import philox
 from .._extension import call_op, register_op, triton_kernel
-from ._args import check_floating_tensor, stream_tensors
-from .noise_add import check_dist, check_scale_value, compute_dtype, noise_add_reference
+from ._args import check_floating_tensor, compute_dtype, stream_tensors
+from ._streams import call_stream
+from .noise_add import check_dist, check_scale_value, noise_add_reference
 
 
 def noise_add_foreach_reference(xs, scales, seed, offset, starts, dist):
-    return [noise_add_reference(x, scales[k:k + 1], seed, offset + starts[k], dist, 1, 1, 1, None, None)
+    return [noise_add_reference(x, scales[k:k + 1], seed, offset + starts[k], dist, 1, 1, 1, None, None, 1)
             for k, x in enumerate(xs)]
 
 
@@ -39,7 +41,7 @@ def _backward(ctx, grads):
     grad_scales = None
     if ctx.needs_input_grad[1]:
         grad_scales = torch.stack([
-            torch.ops.noisekernels.noise_mul(g.contiguous(), seed, offset + start, ctx.dist).sum(dtype=compute_dtype(g.dtype))
+            torch.ops.noisekernels.noise_mul(g.contiguous(), seed, offset + start, ctx.dist, 1).sum(dtype=compute_dtype(g.dtype))
             for g, start in zip(grads, ctx.starts)])
     return list(grads), grad_scales, None, None, None, None
 
@@ -47,10 +49,12 @@ def _backward(ctx, grads):
 torch.library.register_autograd("noisekernels::noise_add_foreach", _backward, setup_context=_setup)
 
 
-def noise_add_foreach(xs, scales, seed, offset, *, dist="gaussian", backend=None):
+def noise_add_foreach(xs, scales, seed=None, offset=None, *, stream=None, dist="gaussian", backend=None):
     """[x + scale_k * eps for each x in xs] in one launch per (device, dtype) group.
 
     scales: one float >= 0 for all, a list of floats, or a tensor of len(xs) values (differentiable).
+    Noise source: explicit seed and offset (reserve sum(philox.counters(x.numel()) for x in xs)
+    counters), else a reservation from `stream`, else from the default stream of xs[0]'s device.
     """
     xs = list(xs)
     code = check_dist(dist)
@@ -68,7 +72,10 @@ def noise_add_foreach(xs, scales, seed, offset, *, dist="gaussian", backend=None
     starts, total = [], 0
     for x in xs:
         starts.append(total)
-        total += x.numel()
+        total += philox.counters(x.numel())
+    if stream is not None or seed is None or offset is None:
+        device = stream.seed.device if stream is not None else (xs[0].device if xs else None)
+        seed, offset = call_stream(seed, offset, stream, device, total)
     outputs = [None] * len(xs)
     groups = {}
     for k, x in enumerate(xs):

@@ -2,8 +2,9 @@
 
 "mean" (the papers' "MC Avg"): the mean over replicas of the softmax probabilities.
 "vote" ("Voting"): how many replicas predict each class, each replica's prediction being its
-argmax with ties to the smaller class index; argmax of the counts again breaks ties to the smaller
-index. Output (B, C), float64 for float64 logits, else float32. Not differentiable (a decision).
+argmax with ties to the smaller class index, a NaN logit counting as -inf (it never wins; a row
+of NaNs votes for class 0); argmax of the counts again breaks ties to the smaller index. "mean" of
+a row holding a NaN is NaN. Output (B, C), float64 for float64 logits, else float32. Not differentiable (a decision).
 """
 
 import torch
@@ -17,8 +18,11 @@ MODES = {"mean": 0, "vote": 1}
 def replica_reduce_reference(logits, mode):
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(out_dtype)
+    if x.numel() == 0:
+        return x.new_zeros(x.shape[1:])
     if mode == 0:
         return torch.softmax(x, dim=-1).mean(0)
+    x = torch.where(x.isnan(), -torch.inf, x)
     votes = torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1])  # argmax: first (smallest) index of a tie
     return votes.sum(0).to(out_dtype)
 

@@ -2,7 +2,6 @@
 
 import triton
 import triton.language as tl
-from triton.language.random import pair_uniform_to_normal
 
 
 @triton.jit
@@ -56,18 +55,36 @@ def exact_log(x):
 
 
 @triton.jit
-def noise_eps(DIST: tl.constexpr, seed, counter):
-    """eps of noise_add's distribution DIST (0 gaussian, 1 uniform(-1, 1), 2 laplace) per counter."""
-    u0, u1, _, _ = tl.rand4x(seed, counter)
+def laplace(u):
+    """Standard Laplace from a uniform: -sign(u - 1/2) * log(max(1e-7, 1 - 2|u - 1/2|))."""
+    c = u - 0.5
+    a = tl.abs(c)
+    t = 1.0 - (a + a)
+    t = tl.where(t < 1.0e-7, 1.0e-7, t)
+    lg = exact_log(t)
+    return tl.where(c < 0.0, lg, -lg)
+
+
+@triton.jit
+def noise_eps4(DIST: tl.constexpr, seed, counter):
+    """The four eps of a counter (its elements 4j .. 4j+3) for noise_add's distribution DIST (0
+    gaussian: tl.randn4x, 1 uniform(-1, 1), 2 laplace)."""
     if DIST == 0:
-        eps, _ = pair_uniform_to_normal(u0, u1)
-    elif DIST == 1:
-        eps = (u0 + u0) - 1.0
+        e0, e1, e2, e3 = tl.randn4x(seed, counter)
     else:
-        c = u0 - 0.5
-        a = tl.abs(c)
-        t = 1.0 - (a + a)
-        t = tl.where(t < 1.0e-7, 1.0e-7, t)
-        lg = exact_log(t)
-        eps = tl.where(c < 0.0, lg, -lg)
-    return eps
+        u0, u1, u2, u3 = tl.rand4x(seed, counter)
+        if DIST == 1:
+            e0, e1, e2, e3 = (u0 + u0) - 1.0, (u1 + u1) - 1.0, (u2 + u2) - 1.0, (u3 + u3) - 1.0
+        else:
+            e0, e1, e2, e3 = laplace(u0), laplace(u1), laplace(u2), laplace(u3)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def segment_elements(c, size, per_segment, PER: tl.constexpr):
+    """For counter index c of a call (counters from its offset), the flat index of its first
+    element and the position of that element in its segment: segment k = c // per_segment starts
+    at element k * size, and its counter jj holds elements PER * jj ..."""
+    k = c // per_segment
+    j = (c - k * per_segment) * PER
+    return k * size + j, j

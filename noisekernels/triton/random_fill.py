@@ -1,13 +1,14 @@
 """Triton kernels of philox4x32, philox_uniform and philox_normal: Triton's own Philox
-(tl.philox, tl.rand, tl.randn) with int64 counters, which is the stream contract by definition."""
+(tl.philox, tl.rand4x, tl.randn4x) with int64 counters, which is the stream contract by
+definition. One program step per counter, four elements per counter."""
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import store_float
+from .common import segment_elements, store_float
 
-BLOCK = 1024
+BLOCK = 512  # counters per program
 
 
 @triton.jit
@@ -24,14 +25,20 @@ def _philox4x32_kernel(out_ptr, counter_ptr, key_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _philox_fill_kernel(out_ptr, seed_ptr, offset_ptr, n, NORMAL: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    counter = tl.load(offset_ptr) + idx
+def _philox_fill_kernel(out_ptr, seed_ptr, offset_ptr, total, size, per_segment, NORMAL: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    live = c < total
+    first, j = segment_elements(c, size, per_segment, 4)
+    counter = tl.load(offset_ptr) + c
     if NORMAL:
-        v = tl.randn(tl.load(seed_ptr), counter)
+        v0, v1, v2, v3 = tl.randn4x(tl.load(seed_ptr), counter)
     else:
-        v = tl.rand(tl.load(seed_ptr), counter)
-    store_float(out_ptr + idx, v, idx < n)
+        v0, v1, v2, v3 = tl.rand4x(tl.load(seed_ptr), counter)
+    store_float(out_ptr + first, v0, live & (j < size))
+    store_float(out_ptr + first + 1, v1, live & (j + 1 < size))
+    store_float(out_ptr + first + 2, v2, live & (j + 2 < size))
+    store_float(out_ptr + first + 3, v3, live & (j + 3 < size))
 
 
 def philox4x32(counter, key):
@@ -43,17 +50,20 @@ def philox4x32(counter, key):
     return out
 
 
-def _fill(seed, offset, size, dtype, normal):
+def _fill(seed, offset, size, dtype, segments, normal):
     out = torch.empty(size, dtype=dtype, device=seed.device)
     n = out.numel()
     if n:
-        _philox_fill_kernel[(triton.cdiv(n, BLOCK),)](out, seed, offset, n, NORMAL=normal, BLOCK=BLOCK)
+        per_segment = triton.cdiv(n // segments, 4)
+        total = segments * per_segment
+        _philox_fill_kernel[(triton.cdiv(total, BLOCK),)](out, seed, offset, total, n // segments, per_segment,
+                                                          NORMAL=normal, BLOCK=BLOCK)
     return out
 
 
-def philox_uniform(seed, offset, size, dtype):
-    return _fill(seed, offset, size, dtype, normal=False)
+def philox_uniform(seed, offset, size, dtype, segments):
+    return _fill(seed, offset, size, dtype, segments, normal=False)
 
 
-def philox_normal(seed, offset, size, dtype):
-    return _fill(seed, offset, size, dtype, normal=True)
+def philox_normal(seed, offset, size, dtype, segments):
+    return _fill(seed, offset, size, dtype, segments, normal=True)

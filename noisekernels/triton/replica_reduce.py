@@ -14,6 +14,8 @@ def _replica_reduce_kernel(logits_ptr, out_ptr, n, b, c, VOTE: tl.constexpr, BLO
     acc = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
     for r in range(n):
         x = tl.load(logits_ptr + (r * b + i) * c + k, mask=mask, other=-float("inf")).to(acc.dtype)
+        if VOTE:
+            x = tl.where(x != x, -float("inf"), x)  # NaN never wins
         top = tl.max(x, axis=0)
         if VOTE:
             best = tl.min(tl.where(x == top, k, BLOCK_C), axis=0)  # ties to the smaller index

@@ -46,12 +46,19 @@ NK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   return Philox4{c0, c1, c2, c3};
 }
 
-// The words of element `index` of a call that reserved counters from `offset`:
-// counter = offset + index as a 64-bit integer split into (low, high, 0, 0).
-NK_HD Philox4 philox_at(uint64_t seed, uint64_t offset, uint64_t index) {
-  const uint64_t counter = offset + index;
+// The words of 64-bit counter `counter` under a 64-bit seed: counter (low, high, 0, 0).
+NK_HD Philox4 philox_counter(uint64_t seed, uint64_t counter) {
   return philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u,
                        0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// The counter of element i of a call (version 2 of the contract): segments of `size` elements,
+// each starting on a fresh counter, `per` elements per counter (4: one draw per element, 2:
+// Random Spiking); element j of segment k is element j % per of counter
+// offset + k * ceil(size / per) + j / per.
+NK_HD uint64_t element_counter(uint64_t offset, int64_t i, int64_t size, int per) {
+  const int64_t k = i / size, j = i - k * size;
+  return offset + static_cast<uint64_t>(k * ((size + per - 1) / per) + j / per);
 }
 
 // U(w): w as int32 s, s = ~s when negative, float32(s) * 4.6566127342e-10 (in [0, 1)).
@@ -61,15 +68,22 @@ NK_HD float uniform_from_word(uint32_t w) {
   return static_cast<float>(s) * kUniformScale;
 }
 
-// Box-Muller on the first two uniforms, cosine branch (Triton's tl.randn).
-NK_HD float normal_from_words(uint32_t w0, uint32_t w1) {
-  float u1 = uniform_from_word(w0);
-  u1 = u1 < kMinUniformForLog ? kMinUniformForLog : u1;
-  const float theta = kTwoPi * uniform_from_word(w1);
+// Box-Muller on the uniforms of words (a, b): out[0] = r cos(t), out[1] = r sin(t) (Triton's
+// pair_uniform_to_normal, used by tl.randn4x).
+NK_HD void normal_pair(uint32_t a, uint32_t b, float* out) {
+  float u = uniform_from_word(a);
+  u = u < kMinUniformForLog ? kMinUniformForLog : u;
+  const float theta = kTwoPi * uniform_from_word(b);
 #if defined(__CUDA_ARCH__)
-  return sqrtf(-2.0f * logf(u1)) * cosf(theta);
+  const float r = sqrtf(-2.0f * logf(u));
+  float sn, cs;
+  sincosf(theta, &sn, &cs);
+  out[0] = r * cs;
+  out[1] = r * sn;
 #else
-  return __builtin_sqrtf(-2.0f * __builtin_logf(u1)) * __builtin_cosf(theta);
+  const float r = __builtin_sqrtf(-2.0f * __builtin_logf(u));
+  out[0] = r * __builtin_cosf(theta);
+  out[1] = r * __builtin_sinf(theta);
 #endif
 }
 
@@ -119,11 +133,19 @@ NK_HD float laplace_from_uniform(float uniform) {
 // The noise distributions of noise_add (values of its `dist` argument).
 enum NoiseDist : int { kGaussian = 0, kUniform = 1, kLaplace = 2 };
 
-// eps of one element from its words: N(0, 1), U(-1, 1) or Laplace(0, 1).
-NK_HD float noise_from_words(int dist, uint32_t w0, uint32_t w1) {
-  if (dist == kGaussian) return normal_from_words(w0, w1);
-  const float u = uniform_from_word(w0);
-  return dist == kUniform ? (u + u) - 1.0f : laplace_from_uniform(u);
+// The four eps of a counter's elements (one draw each): N(0, 1) (two Box-Muller pairs),
+// U(-1, 1) or Laplace(0, 1).
+NK_HD void noise4_from_words(int dist, const Philox4& w, float* eps) {
+  if (dist == kGaussian) {
+    normal_pair(w.w0, w.w1, eps);
+    normal_pair(w.w2, w.w3, eps + 2);
+    return;
+  }
+  const uint32_t ws[4] = {w.w0, w.w1, w.w2, w.w3};
+  for (int l = 0; l < 4; ++l) {
+    const float u = uniform_from_word(ws[l]);
+    eps[l] = dist == kUniform ? (u + u) - 1.0f : laplace_from_uniform(u);
+  }
 }
 
 }  // namespace noisekernels
