@@ -36,8 +36,9 @@ def test_smoke_run_every_provider_agrees(smoke):
         for mode in op.modes:
             for impl in ("noisekernels", "eager", "compile", "copy-floor"):
                 info = seen[(name, mode, impl)]  # every op, mode and provider ran
-                if impl != "copy-floor":  # its result was checked against the reference
+                if impl != "copy-floor":  # its result and gradients were checked against the reference
                     assert info["max_abs_diff"] <= op.atol, (name, mode, impl)
+                    assert (info["max_abs_grad_diff"] is None) == ("forward+backward" not in op.modes)
     saved = {k[0]: v["saved_bytes_per_element"] for k, v in seen.items()
              if k[1:] == ("forward+backward", "noisekernels")}
     # The kernels save the 16-byte stream state, not a mask or the noise (4096 elements here).
@@ -64,7 +65,7 @@ def test_check_fails_on_a_wrong_provider(monkeypatch):
     op = bench_providers.OPS["random_spike"]
     wrong = bench_providers.Op(**{**op.__dict__, "composite": lambda t, d: torch.where(d[0] < 0.7, t[0], t[0] * 0)})
     monkeypatch.setitem(bench_providers.OPS, "random_spike", wrong)
-    with pytest.raises(AssertionError, match="random_spike/eager"):
+    with pytest.raises(AssertionError, match="random_spike/eager: max"):
         bench_providers.check_agrees("random_spike", "eager", "cpu", 4096)
     wrong_grad = bench_providers.Op(**{**bench_providers.OPS["gaussian_add"].__dict__,
                                        "composite": lambda t, d: t[0] * 1.5 + 0.1 * d[0] - t[0].detach() * 0.5})
