@@ -335,6 +335,12 @@ def _machine_md(run):
              f"extension built {'with' if build.get('avx512') else 'without'} AVX-512, CUDA {build.get('cuda')}; "
              f"load average at the start {', '.join(f'{v:.1f}' for v in m.get('load_average', ()))} "
              "(a shared machine: absolute times drift, ratios of one run less so).",
+             *([f"- **The load average was above the {m.get('cores')} cores**: the process was descheduled "
+                "during rounds, so unpaired medians (providers, scaling) carry large outliers (a 1e5-element op "
+                "slower than a 1e6 one, a loop of one pass slower than the batched pass); the paired-rounds ratios "
+                "(both sides back to back in each round) are the reliable figures of this run. Rerun on an idle "
+                "machine for the tables."]
+               if m.get("load_average") and m.get("cores") and m["load_average"][0] > m["cores"] else []),
              f"- GPU: {gpu}." if gpu else
              "- GPU: none on this machine, so the CUDA and Triton kernels and the achieved GB/s against a GPU's "
              "bandwidth were not measured; the same command on a GPU machine adds them (providers "
