@@ -25,8 +25,11 @@ test: build
 test-all: build
 	$(PY) -m pytest -q -m ""
 
+# The benchmark suite and its report (BENCHMARKS.md, docs/benchmarks/): quick by default,
+# `make bench BENCH_MODE=full` for the full sizes (noisekernels bench --help).
+BENCH_MODE ?= quick
 bench: build
-	$(PY) -m pytest -q benchmarks
+	$(PY) -m noisekernels bench --mode $(BENCH_MODE)
 
 check-cuda:
 	scripts/check_cuda.sh

@@ -4,19 +4,16 @@ penultimate layer) >= 20x (prefix sharing), RS-1 and RSE >= 1.0x (never slower);
 the same models, same goals. On a GPU: RS-1 and RSE >= 3x.
 
 These runs take about a second each and the machine is shared, so the ratio against the loop is
-measured in paired rounds (loop, then batched, back to back; the median of the per-round ratios).
-Peak memory (above what was resident before) is reported for both."""
+measured in paired rounds (loop, then batched, back to back; the median of the per-round ratios;
+how many: the suite's mode). Peak memory of both is measured in fresh processes by bench_memory."""
 
 import pytest
 import torch
-from conftest import DEVICES, paired_ratio, rss_peak_mib, sync
+from conftest import DEVICES, MODE, paired_ratio, sync
 from torch import nn
 
 import noisekernels as nk
 from noisekernels import ensemble
-
-ROUNDS = 7
-
 
 class Net(nn.Module):
     """An MNIST CNN (32 and 64 3x3 convs, 128-unit dense layer) with a defense's noise layers."""
@@ -40,25 +37,13 @@ GOALS = {"cpu": {"rs1": 1.0, "rse": 1.0, "a2snn": 20.0}, "cuda": {"rs1": 3.0, "r
 
 
 
-def _peak_mib(device, fn):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
-    return rss_peak_mib(fn)
-
-
 def _bench(benchmark, group, defense, device, batched, loop):
     wait = lambda: sync(device)  # noqa: E731
     benchmark.group = group
     benchmark.extra_info["impl"] = "batched"
     batched(), loop()  # warm up (and plan the model)
-    benchmark.extra_info["paired"] = {"loop": (paired_ratio(batched, loop, ROUNDS, wait), GOALS[device].get(defense))}
-    benchmark.extra_info["peak_memory_mb"] = _peak_mib(device, batched)
-    benchmark.extra_info["loop_peak_memory_mb"] = _peak_mib(device, loop)
+    benchmark.extra_info["paired"] = {"loop": (paired_ratio(batched, loop, MODE.paired_rounds, wait),
+                                                GOALS[device].get(defense))}
     benchmark.pedantic(lambda: (batched(), wait()), rounds=3, iterations=1)
 
 

@@ -13,16 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-HAS_CUDA = torch.cuda.is_available()
-# The devices every benchmark runs on; CUDA ones skip cleanly without a GPU.
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
-
-
-def sync(device):
-    """Waits for the device's queued work (timings of asynchronous GPU launches)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
+from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, MODE_NAME, sync  # noqa: E402,F401
 
 
 def paired_ratio(ours, baseline, rounds, sync=lambda: None):
@@ -40,16 +31,14 @@ def paired_ratio(ours, baseline, rounds, sync=lambda: None):
     return statistics.median(ratios)
 
 
-def rss_peak_mib(fn):
-    """Peak resident memory while fn runs, above the resident memory before it (Linux), in MiB."""
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak (VmHWM) to the current resident size
-    before = status("VmRSS:")
-    fn()
-    return round(status("VmHWM:") - before, 1)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The machine the report states: CPU model, cores, versions, the extension's build, the GPU."""
+    from noisekernels.benchmarking import machine
+    machine_info["noisekernels"] = machine.describe()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["noisekernels"] = {"mode": MODE_NAME, "command": os.environ.get("NK_BENCH_COMMAND", "pytest benchmarks")}
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -291,15 +291,53 @@ def certify(p):
 
 # ----------------------------------------------------------------------------- bench
 
-@command("time the MC/EOT engine against the loop of n passes on trained models")
+@command("the benchmark suite and its report (BENCHMARKS.md, plots); --compare lists ratios that fell; "
+         "with run directories, the MC/EOT engine against the loop on trained models")
 def bench(p):
-    _models_args(p)
-    p.add_argument("--n", type=_positive_int, default=20, help="draws (default 20)")
-    p.add_argument("--batch", type=_positive_int, default=100, help="inputs per batch (default 100)")
+    from .benchmarking import run as suite
+    p.add_argument("runs", nargs="*", help="run directories of trained models: time the engine on them instead "
+                                           "of running the suite")
+    p.add_argument("--mode", default="quick", choices=tuple(suite.MODES), help="suite sizes and rounds (default quick)")
+    p.add_argument("--select", metavar="EXPR", help="only the suite's benchmarks matching this pytest -k expression")
+    p.add_argument("--report-only", metavar="JSON", help="write the report from this JSON run, without running")
+    p.add_argument("--compare", metavar="JSON", help="list the ratios of this run that fell against --baseline")
+    p.add_argument("--baseline", metavar="JSON", help="the older run for --compare (default: the committed quick "
+                                                      "run, docs/benchmarks/quick.json)")
+    p.add_argument("--threshold", type=float, default=0.2, help="--compare: the fall that counts (default 0.2)")
+    p.add_argument("--out", help="suite: where BENCHMARKS.md, docs/benchmarks/<mode>.json and the plots go "
+                                 "(default: the repository root); runs: where bench.json goes")
+    p.add_argument("--n", type=_positive_int, default=20, help="runs: draws (default 20)")
+    p.add_argument("--batch", type=_positive_int, default=100, help="runs: inputs per batch (default 100)")
     _common(p, run_dir=False)
 
     def run(args):
         from . import evaluate
+        from .benchmarking import compare, report
+        if args.compare:
+            baseline = args.baseline or os.path.join(suite.REPO, "docs", "benchmarks", "quick.json")
+            old, new = compare.load(baseline), compare.load(args.compare)
+            fell = compare.regressions(old, new, args.threshold)
+            shared = len(compare.ratios(old).keys() & compare.ratios(new).keys())
+            print(compare.format_regressions(fell, baseline, args.compare, args.threshold, shared))
+            if fell:
+                sys.exit(1)
+            return
+        if not args.runs:
+            if args.device != "cpu" or args.seed != 0:
+                raise UsageError("--device and --seed apply to run directories; the suite runs on every device "
+                                 "it finds, with its own seeds")
+            if args.threads:
+                os.environ["OMP_NUM_THREADS"] = str(args.threads)
+            out = args.out or suite.REPO
+            json_path = args.report_only or os.path.join(out, "docs", "benchmarks", f"{args.mode}.json")
+            if not args.report_only:
+                command = "noisekernels bench" + ("" if args.mode == "quick" else f" --mode {args.mode}")
+                code = suite.run_suite(args.mode, json_path, command=command, select=args.select)
+                if code:
+                    raise SystemExit(f"the benchmark suite failed (pytest exit code {code}); no report written")
+            path = report.write_report(compare.load(json_path), out)
+            print(f"wrote {path} and its plots from {json_path}")
+            return
         _setup(args)
         args.limit = args.batch
         loaded, x, y, out = _load_runs(args)

@@ -1,0 +1,66 @@
+"""What the suite's benchmark files share that does not depend on pytest's conftest: the modes
+(sizes and rounds; NK_BENCH_MODE, set by `noisekernels bench`), the devices, synchronisation and
+the saved-for-backward measurement. benchmarks/conftest.py re-exports them."""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+# The devices every benchmark runs on; CUDA ones skip cleanly without a GPU.
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+
+
+def sync(device):
+    """Waits for the device's queued work (timings of asynchronous GPU launches)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Sizes and rounds of one mode of the suite (NK_BENCH_MODE; `noisekernels bench` sets it)."""
+
+    provider_numel: int  # elements of each op's tensor in bench_providers
+    rounds: int
+    warmup: int
+    scaling_sizes: tuple  # tensor sizes of bench_scaling
+    replicas: tuple  # n of the replica scaling and of the engine's memory runs
+    batch: int  # inputs per engine batch (scaling and memory)
+    paired_rounds: int = 7  # rounds of the engine's paired ratios (bench_ensemble)
+    memory_defenses: tuple = ("rs1", "rse", "a2snn")  # each measurement is a fresh process (seconds)
+    memory_calls: tuple = ("mc_predict", "eot_grad")
+    # torch.compile's backend for the "compile" providers: inductor (what users get), except in the
+    # smoke run, which checks agreement and the report in seconds (inductor's codegen takes minutes).
+    compile_backend: str = "inductor"
+
+
+MODES = {
+    "smoke": Mode(4096, 1, 0, (1_000, 10_000), (1, 4), 8, memory_defenses=("rs1",),
+                  memory_calls=("mc_predict",), paired_rounds=1, compile_backend="aot_eager"),
+    "quick": Mode(32 * 32 * 28 * 28, 5, 1, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50, 100), 32,
+                  paired_rounds=3),
+    "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
+                 (1, 2, 5, 10, 20, 50, 100), 100),
+}
+MODE_NAME = os.environ.get("NK_BENCH_MODE", "full")
+if MODE_NAME not in MODES:
+    raise ValueError(f"NK_BENCH_MODE must be one of {tuple(MODES)}, got {MODE_NAME!r}")
+MODE = MODES[MODE_NAME]
+
+
+def saved_bytes_per_element(fn, numel):
+    """Bytes autograd keeps for backward while fn() builds its graph (saved_tensors_hooks, each
+    storage counted once), per element of the op's input."""
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values()) / numel

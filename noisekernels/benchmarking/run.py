@@ -1,0 +1,46 @@
+"""Runs the benchmark suite (benchmarks/ of the repository) under pytest-benchmark in one mode.
+
+Modes (sizes and rounds in benchmarks/conftest.py): smoke (the smallest sizes, one round: the
+test suite's check that every provider agrees and the report is produced), quick (the default, a
+few minutes on 2 CPU cores) and full."""
+
+import os
+import subprocess
+import sys
+
+from .harness import MODES
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+# What the smoke run covers: the providers of every op, the scaling and the memory measurements
+# (the engine, driver and attack benchmarks train or attack models: quick and full modes only).
+SMOKE_FILES = ("bench_providers.py", "bench_scaling.py", "bench_memory.py")
+# Quick mode leaves out the attack and certification benchmarks (PGD-EOT and APGD-EOT against
+# torchattacks, certification against the smoothing loop): each takes many minutes per defense on
+# 2 cores, so they run in full mode only.
+FULL_ONLY = ("bench_apgd.py", "bench_attacks.py", "bench_certify.py")
+
+
+def bench_files(mode):
+    if not os.path.isdir(BENCHMARKS):
+        raise FileNotFoundError(f"no benchmarks/ beside the package ({BENCHMARKS}): the suite runs from a "
+                                "checkout of the repository")
+    files = SMOKE_FILES if mode == "smoke" else sorted(f for f in os.listdir(BENCHMARKS)
+                                                        if f.startswith("bench_") and f.endswith(".py"))
+    return [os.path.join(BENCHMARKS, f) for f in files if mode == "full" or f not in FULL_ONLY]
+
+
+def run_suite(mode, json_path, *, command, select=None, quiet=True):
+    """Runs the suite's files for `mode` (only tests matching the pytest -k expression `select`
+    if given), saving pytest-benchmark's JSON to json_path. Returns pytest's exit code."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    args = [sys.executable, "-m", "pytest", *bench_files(mode), "-p", "no:cacheprovider", "-o", "addopts=",
+            f"--benchmark-json={os.path.abspath(json_path)}", "--benchmark-disable-gc", "-q" if quiet else "-v"]
+    if select:
+        args += ["-k", select]
+    if mode == "smoke":
+        args.append("--benchmark-columns=median")
+    env = dict(os.environ, NK_BENCH_MODE=mode, NK_BENCH_COMMAND=command,
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    return subprocess.run(args, cwd=REPO, env=env).returncode

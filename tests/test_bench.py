@@ -1,0 +1,128 @@
+"""The benchmark suite end to end at its smallest sizes (smoke mode, no timing assertions): every
+provider agrees with the op's reference, the report and the plots are written; the agreement check
+fails on a wrong provider; the comparison lists exactly the ratios that fell by more than 20%."""
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from noisekernels import cli
+from noisekernels.benchmarking import compare, report
+from noisekernels.benchmarking.run import BENCHMARKS
+
+sys.path.insert(0, BENCHMARKS)
+import bench_providers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cli.main(["bench", "--mode", "smoke", "--out", str(out)])
+    return out, compare.load(out / "docs" / "benchmarks" / "smoke.json")
+
+
+def test_smoke_run_every_provider_agrees(smoke):
+    _, run = smoke
+    seen = {}
+    for b in run["benchmarks"]:
+        info = b["extra_info"]
+        if info.get("section") == "providers":
+            seen[(info["op"], info["mode"], info["impl"])] = info
+    for name, op in bench_providers.OPS.items():
+        for mode in op.modes:
+            for impl in ("noisekernels", "eager", "compile", "copy-floor"):
+                info = seen[(name, mode, impl)]  # every op, mode and provider ran
+                if impl != "copy-floor":  # its result and gradients were checked against the reference
+                    assert info["max_abs_diff"] <= op.atol, (name, mode, impl)
+                    assert (info["max_abs_grad_diff"] is None) == ("forward+backward" not in op.modes)
+    saved = {k[0]: v["saved_bytes_per_element"] for k, v in seen.items()
+             if k[1:] == ("forward+backward", "noisekernels")}
+    # The kernels save the 16-byte stream state, not a mask or the noise (4096 elements here).
+    assert saved["random_spike"] < 0.1 and saved["gaussian_add"] < 0.1
+
+
+def test_smoke_run_writes_report_and_plots(smoke):
+    out, run = smoke
+    text = (out / "BENCHMARKS.md").read_text()
+    for heading in ("## Headline ratios", "## Providers side by side", "## Scaling with tensor size",
+                    "## Scaling with the number of replicas", "### Peak memory", "### Bytes saved for backward"):
+        assert heading in text
+    assert run["noisekernels"] == {"mode": "smoke", "command": "noisekernels bench --mode smoke"}
+    assert "noisekernels bench --mode smoke" in text and run["machine_info"]["noisekernels"]["cpu"] in text
+    for png in ("providers.png", "scaling_size.png", "scaling_replicas.png", "memory.png"):
+        data = (out / "docs" / "benchmarks" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"docs/benchmarks/{png}" in text
+    peaks = [b["extra_info"]["peak_memory_mb"] for b in run["benchmarks"] if b["extra_info"].get("section") == "memory"]
+    assert len(peaks) == 2 and all(p >= 0 for p in peaks)  # rs1's MC prediction: batched and loop
+
+
+def test_check_fails_on_a_wrong_provider(monkeypatch):
+    op = bench_providers.OPS["random_spike"]
+    wrong = bench_providers.Op(**{**op.__dict__, "composite": lambda t, d: torch.where(d[0] < 0.7, t[0], t[0] * 0)})
+    monkeypatch.setitem(bench_providers.OPS, "random_spike", wrong)
+    with pytest.raises(AssertionError, match="random_spike/eager: max"):
+        bench_providers.check_agrees("random_spike", "eager", "cpu", 4096)
+    wrong_grad = bench_providers.Op(**{**bench_providers.OPS["gaussian_add"].__dict__,
+                                       "composite": lambda t, d: t[0] * 1.5 + 0.1 * d[0] - t[0].detach() * 0.5})
+    monkeypatch.setitem(bench_providers.OPS, "gaussian_add", wrong_grad)
+    with pytest.raises(AssertionError, match="gradient"):
+        bench_providers.check_agrees("gaussian_add", "eager", "cpu", 4096)
+
+
+def _bench(group, impl, median, ours=False, **extra):
+    return {"group": group, "name": f"{group}-{impl}", "stats": {"median": median},
+            "extra_info": {"impl": impl, "ours": ours, **extra}}
+
+
+def _run(eager, compile_, paired):
+    return {"benchmarks": [
+        _bench("spike-forward-cpu", "noisekernels", 1.0, ours=True), _bench("spike-forward-cpu", "eager", eager),
+        _bench("spike-forward-cpu", "compile", compile_),
+        _bench("mc-n50", "batched", 2.0, paired={"loop": [paired, 1.0]}),
+        *(_bench("memory-x", impl, 9.0, section="memory", kind="mc_predict", defense="rs1", n=4, batch=8,
+                 peak_memory_mb=mib) for impl, mib in (("batched", 3.5), ("loop", 1.5)))]}
+
+
+def test_compare_lists_the_ratios_that_fell(tmp_path, capsys):
+    old, new = _run(10.0, 4.0, 3.0), _run(7.9, 3.3, 2.5)  # eager -21%, compile -17.5%, paired -16.7%
+    assert compare.ratios(old) == {"spike-forward-cpu: noisekernels vs eager": 10.0,
+                                   "spike-forward-cpu: noisekernels vs compile": 4.0,
+                                   "mc-n50: batched vs loop (paired)": 3.0}
+    assert compare.regressions(old, new) == [("spike-forward-cpu: noisekernels vs eager", 10.0, 7.9)]
+    worse = copy.deepcopy(new)
+    worse["benchmarks"][3]["extra_info"]["paired"]["loop"][0] = 2.0
+    assert [k for k, _, _ in compare.regressions(old, worse)] == ["mc-n50: batched vs loop (paired)",
+                                                                  "spike-forward-cpu: noisekernels vs eager"]
+    paths = []
+    for name, run in (("old", old), ("new", new)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--compare", str(paths[1]), "--baseline", str(paths[0])])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "3 ratios in both runs; 1 fell by more than 20%" in out and "noisekernels vs eager: 10.00x -> 7.90x" in out
+    cli.main(["bench", "--compare", str(paths[0]), "--baseline", str(paths[0])])  # no fall: exit 0
+    with pytest.raises(ValueError, match="threshold"):
+        compare.regressions(old, new, 1.5)
+
+
+def test_headline_and_report_from_a_synthetic_run(tmp_path):
+    run = _run(10.0, 4.0, 3.0)
+    for b, impl in zip(run["benchmarks"][:3], ("noisekernels", "eager", "compile")):
+        b["extra_info"].update(section="providers", op="spike", mode="forward", device="cpu", numel=10, floor_bytes=120)
+    run["benchmarks"].append(_bench("spike-forward-cpu", "copy-floor", 0.5, section="providers", op="spike",
+                                    mode="forward", device="cpu", numel=10, floor_bytes=120))
+    assert report.headline(run) == [("spike forward (cpu) vs eager", 10.0), ("spike forward (cpu) vs compile", 4.0),
+                                    ("spike forward (cpu): copy floor / ours", 0.5),
+                                    ("mc-n50: batched vs loop (paired)", 3.0)]
+    text = open(report.write_report(run, str(tmp_path))).read()
+    assert "| mc-n50: batched vs loop (paired) | 3.00x |" in text
+    assert "| forward | cpu | eager | 1e+04 | 10.00x | 0.0 |  |  |" in text
+    assert "| mc_predict | rs1 | 4 | 3.5 | 1.5 |" in text
+    assert (tmp_path / "docs" / "benchmarks" / "providers.png").read_bytes()[:4] == b"\x89PNG"
