@@ -16,7 +16,7 @@ class MyNet(nn.Module):
         super().__init__()
         self.noise_in = nk.nn.GaussianNoise(0.2, mc=True)  # RSE's init noise, kept on at test time
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.spike = nk.nn.RandomSpike(p=0.8, mc=True)  # Random Spiking after conv1; p is the KEEP probability
+        self.spike = nk.nn.RandomSpike(keep=0.8, mc=True)  # Random Spiking after conv1: keep is the KEEP probability
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32 * 2 * 2, 10)
 
