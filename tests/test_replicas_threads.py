@@ -1,6 +1,7 @@
 """`with nk.replicas(n):` is per thread: another thread's plain calls keep whole-batch statistics,
 eager and compiled (fullgraph), and compiled layers follow the block they run in."""
 
+import contextlib
 import importlib
 import threading
 
@@ -22,8 +23,9 @@ def _expected(x, replicas, seed=7, offset=0):
     return random_spike(x, 0.5, seed, offset, replicas=replicas)
 
 
-def _run_while_other_thread_in_replicas(fn):
-    """fn() in a second thread while this thread is inside replicas(2); returns fn's result."""
+def _run_in_other_thread_while(block, fn):
+    """fn() in a second thread while this thread is inside `block` (a context manager); returns
+    fn's result."""
     result, errors = {}, []
     entered, done = threading.Event(), threading.Event()
 
@@ -38,15 +40,28 @@ def _run_while_other_thread_in_replicas(fn):
 
     thread = threading.Thread(target=worker)
     thread.start()
-    with nk.replicas(2):
+    with block:
         entered.set()
         assert done.wait(timeout=300)
-        inside = _current()
     thread.join()
     if errors:
         raise errors[0]
-    assert inside == 2 and _current() == 1
     return result["value"]
+
+
+def _run_while_other_thread_in_replicas(fn):
+    """fn() in a second thread while this thread is inside replicas(2); returns fn's result."""
+    seen = []
+
+    @contextlib.contextmanager
+    def block():
+        with nk.replicas(2):
+            yield
+            seen.append(_current())
+
+    value = _run_in_other_thread_while(block(), fn)
+    assert seen == [2] and _current() == 1
+    return value
 
 
 def _current():
@@ -110,28 +125,11 @@ def test_the_engines_expansion_of_a_layer_is_per_thread():
     layer = nk.nn.GaussianNoise(0.1, seed=3)
     x = torch.rand(2, 5)
 
-    def plain():
-        return layer(x).shape
+    @contextlib.contextmanager
+    def expanding():
+        with REPLICAS.expanding(layer, 3), nk.replicas(3):
+            assert layer(x).shape == (6, 5)  # this thread: B rows in, 3 * B replicas out
+            yield
 
-    result, errors = {}, []
-    entered, done = threading.Event(), threading.Event()
-
-    def worker():
-        try:
-            assert entered.wait(timeout=60)
-            result["shape"] = plain()
-        except BaseException as e:
-            errors.append(e)
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    with REPLICAS.expanding(layer, 3), nk.replicas(3):
-        assert layer(x).shape == (6, 5)  # this thread: B rows in, 3 * B replicas out
-        entered.set()
-        assert done.wait(timeout=300)
-    thread.join()
-    if errors:
-        raise errors[0]
-    assert result["shape"] == (2, 5) and plain() == (2, 5)
+    assert _run_in_other_thread_while(expanding(), lambda: layer(x).shape) == (2, 5)
+    assert layer(x).shape == (2, 5)
