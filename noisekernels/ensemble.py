@@ -26,9 +26,9 @@ import weakref
 import torch
 from torch import nn
 
-from .replicas import expanding, replicas as replica_pass
+from .replicas import expanding, noise_off, repeat_rows, replicas as replica_pass
 from .nn.anisotropic import AnisotropicNoise
-from .nn.noise import AdditiveNoise, WeightNoise, _NoiseLayer
+from .nn.noise import WeightNoise, _NoiseLayer
 from .nn.random_spike import RandomSpike
 from .ops.replica_reduce import MODES, replica_reduce
 from .stream import Stream
@@ -74,10 +74,6 @@ def _check_batch_statistics(model):
                              "mode, which would mix replicas; the engine cannot batch it")
 
 
-def _repeat(x, n):
-    return x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
-
-
 @contextlib.contextmanager
 def _restored_streams(model):
     """Runs a probe and puts every stream back where it was."""
@@ -115,7 +111,7 @@ def _candidate(model, probe):
               for m in model.modules() if not list(m.children())]
     try:
         with _restored_streams(model), replica_pass(2):
-            replicated = model(_repeat(probe, 2))
+            replicated = model(repeat_rows(probe, 2))
     finally:
         for h in hooks:
             h.remove()
@@ -125,15 +121,12 @@ def _candidate(model, probe):
     first = order[0] if order else None
     if first is None:
         return Plan("replicate", None, all_bytes, "no noise layer ran on the probe")
-    hook = first.register_forward_pre_hook(lambda mod, args: (_repeat(args[0], 2), *args[1:]))
     try:
-        with _restored_streams(model), replica_pass(2):
+        with _restored_streams(model), replica_pass(2), expanding(first, 2):
             shared = model(probe)
         same = _same(shared, replicated)
     except RuntimeError:  # rows of B and n*B met: a tensor from before the noise layer is used after it
         same = False
-    finally:
-        hook.remove()
     if same:
         return Plan("shared", first, after_bytes, "layers before the first noise layer run once")
     return Plan("replicate", first, all_bytes, "prefix sharing changes the result (e.g. a skip around noise)")
@@ -152,7 +145,7 @@ def _make_plan(model, x):
         with _restored_streams(model):
             loop = [model(probe) for _ in range(2)]
         with _restored_streams(model):
-            batched = (_repeat(model(probe), 2) if plan_.mode == "deterministic" else
+            batched = (repeat_rows(model(probe), 2) if plan_.mode == "deterministic" else
                        _pass(model, probe, 2, plan_))
         if not all(isinstance(t, torch.Tensor) for t in loop) or not _same(batched, torch.cat(loop)):
             return Plan("loop", reason=f"a batched {plan_.mode!r} pass differed from the loop of passes on the probe "
@@ -161,9 +154,10 @@ def _make_plan(model, x):
 
 
 def _signature(model):
-    """What a plan depends on, cheap to compute: every module's identity and every noise layer's
-    on/off state. Swapping, adding or switching a layer (weight noise too) makes a new plan."""
-    return tuple((id(m), _is_active(m) if isinstance(m, _NOISE_LAYERS) else None) for m in model.modules())
+    """What a plan depends on, cheap to compute: every module's identity and train/eval mode and
+    every noise layer's on/off state. Swapping, adding or switching a layer (weight noise, or a
+    dropout that draws from torch's RNG, too) makes a new plan."""
+    return tuple((id(m), m.training, _is_active(m) if isinstance(m, _NOISE_LAYERS) else None) for m in model.modules())
 
 
 def plan(model, x):
@@ -198,15 +192,11 @@ def _pass(model, x, m, p):
     """Outputs of m replicas of x, (m*B, ...), for the noisy plans."""
     with replica_pass(m):
         if p.mode == "shared" and m > 1:
-            if isinstance(p.first, AdditiveNoise):  # input noise: the replicas come out of one fused op
-                with expanding(p.first, m):
-                    return model(x)
-            hook = p.first.register_forward_pre_hook(lambda mod, args: (_repeat(args[0], m), *args[1:]))
-            try:
+            # The first noise layer expands its B input rows to m*B itself (additive noise in one
+            # fused op); per thread, so no module is touched.
+            with expanding(p.first, m):
                 return model(x)
-            finally:
-                hook.remove()
-        return model(_repeat(x, m))
+        return model(repeat_rows(x, m))
 
 
 def _check(model, x, n):
@@ -261,24 +251,10 @@ def mc_predict(model, x, n, reduce="mean", *, chunk=None):
     return replica_reduce(logits, reduce)
 
 
-@contextlib.contextmanager
-def noise_off(model):
-    """Switches every noise layer of model (weight noise too) off for the enclosed block."""
-    layers = [m for m in model.modules() if isinstance(m, _NOISE_LAYERS)]
-    saved = [(m, m.training, m.mc) for m in layers]
-    for m in layers:
-        m.training, m.mc = False, False
-    try:
-        yield model
-    finally:
-        for m, training, mc in saved:
-            m.training, m.mc = training, mc
-
-
 @torch.no_grad()
 def deterministic_predict(model, x):
     """The single prediction (logits) with every noise layer switched off."""
-    with noise_off(model):
+    with noise_off():  # this thread's passes only: no module is touched
         return model(x)
 
 
@@ -299,7 +275,7 @@ def eot_grad(model, loss_fn, x, y, n, *, chunk=None):
         return torch.autograd.grad(loss, x)[0], loss.detach()
     grad, total = torch.zeros_like(x), x.new_zeros(())
     for m in _chunks(n, _chunk(p, x, n, chunk)):
-        loss = _scalar_loss(loss_fn, _pass(model, x, m, p), _repeat(y, m)) * (m / n)
+        loss = _scalar_loss(loss_fn, _pass(model, x, m, p), repeat_rows(y, m)) * (m / n)
         grad += torch.autograd.grad(loss, x)[0]
         total = total + loss.detach()
     return grad, total

@@ -113,7 +113,12 @@ def sharded_robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=10,
     from . import distributed
     options = dict(options)
     ratio = options.pop("alpha_ratio", None)
-    options.setdefault("judge_n", judge_n)
+    for key, flag in (("seed", "--seed"), ("judge_n", "--judge-n")):
+        if key in options:
+            raise ValueError(f"give {key} with {flag}, not as an attack option")
+    if ratio is not None and "alpha" in options:
+        raise ValueError("give alpha or alpha_ratio (alpha = eps * ratio), not both")
+    options["judge_n"] = judge_n
     if not uses_eps(name):
         rank, world = distributed._rank_world(None, None)
         if world > 1:

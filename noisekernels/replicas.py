@@ -19,6 +19,11 @@ def current():
     return getattr(_state, "count", 1)
 
 
+def repeat_rows(x, n):
+    """x repeated n times along dim 0 (replica-major); x itself when n == 1."""
+    return x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
+
+
 def expansion(layer):
     """How many replicas `layer` makes of its B input rows in this thread: the engine's prefix
     sharing lets the first noise layer expand its input (1 otherwise). Per thread, like the count."""
@@ -34,6 +39,23 @@ def expanding(layer, n):
         yield
     finally:
         _state.expand_layer, _state.expand_n = before
+
+
+def noise_is_off():
+    """True inside this thread's noise_off() block: every noise layer is the identity."""
+    return getattr(_state, "noise_off", False)
+
+
+@contextlib.contextmanager
+def noise_off():
+    """Runs this thread's enclosed passes with every noise layer (weight noise too) switched off,
+    without touching any module, so other threads' passes keep their noise."""
+    before = noise_is_off()
+    _state.noise_off = True
+    try:
+        yield
+    finally:
+        _state.noise_off = before
 
 
 @contextlib.contextmanager

@@ -211,3 +211,11 @@ def test_perturb_crafts_the_same_batch_without_judging(data):
     model.spike.stream.offset.copy_(offset)
     assert a.success is None and torch.equal(crafted, b(x, y)) and b.success is not None
     assert model.spike.stream.offset - offset > used  # the verdict drew fresh noise past the attack's
+
+
+def test_cw_leaves_the_models_gradients_alone(data):
+    model, (x, y) = trained(spike=True), data
+    for p in model.parameters():
+        p.grad = None
+    CW(model, steps=2, binary_steps=1, eot=2)(x[:8], y[:8])
+    assert all(p.grad is None for p in model.parameters())

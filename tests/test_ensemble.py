@@ -270,3 +270,13 @@ def test_a_loss_that_does_not_average_is_a_clear_error():
     loss = lambda logits, t: nn.functional.cross_entropy(logits, t, reduction="none")  # noqa: E731
     with pytest.raises(ValueError, match=r"loss_fn must return a scalar averaged over its rows .* got \(4,\)"):
         ensemble.eot_grad(model, loss, x, y, 2)
+
+
+def test_switching_a_dropout_to_training_after_planning_replans():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).eval(), torch.rand(4, 8)
+    assert ensemble.plan(model, x).mode == "deterministic"
+    model.train()  # dropout from torch's RNG: noise the engine cannot batch, so the loop
+    assert ensemble.plan(model, x).mode == "loop"
+    logits = ensemble.mc_predict(model, x, 5, reduce="none")
+    assert not torch.allclose(logits[0], logits[1])

@@ -133,3 +133,18 @@ def test_the_engines_expansion_of_a_layer_is_per_thread():
 
     assert _run_in_other_thread_while(expanding(), lambda: layer(x).shape) == (2, 5)
     assert layer(x).shape == (2, 5)
+
+
+def test_noise_off_and_expansion_of_one_thread_leave_the_other_threads_noise_alone():
+    layer = nk.nn.RandomSpike(keep=0.5, mc=True, seed=5)
+    x = _batch()
+
+    @contextlib.contextmanager
+    def engine_work():
+        with REPLICAS.noise_off():
+            assert torch.equal(layer(x), x)  # this thread: noise off
+            with REPLICAS.expanding(layer, 3), nk.replicas(3):
+                yield
+
+    got = _run_in_other_thread_while(engine_work(), lambda: layer(x))
+    assert got.shape == x.shape and not torch.equal(got, x)  # the other thread: one noisy pass

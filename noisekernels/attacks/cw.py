@@ -75,8 +75,8 @@ class CW(Attack):
                 l2sq = (x_adv - x).flatten(1).square().sum(1)
                 logits = ensemble.replica_logits(self.model, x_adv, self.eot)
                 loss = l2sq.sum() + (c * self._hinge(logits, y)).sum()
-                optimizer.zero_grad()
-                loss.backward()
+                # Gradient for w alone: the model's parameters (and any pending .grad) are left alone.
+                (w.grad,) = torch.autograd.grad(loss, [w])
                 optimizer.step()
                 with torch.no_grad():
                     ok = self._fooled(logits.detach(), y)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..replicas import current as replica_count
+from ..replicas import current as replica_count, expansion, noise_is_off, repeat_rows
 from ..ops._args import check_floating_tensor
 from ..random import normal
 from ..stream import Stream
@@ -46,9 +46,10 @@ class AnisotropicNoise(nn.Module):
         return lower @ lower.T
 
     def forward(self, x):
-        if not (self.training or self.mc):
+        if not (self.training or self.mc) or noise_is_off():
             return x
         check_floating_tensor(x)
+        x = repeat_rows(x, expansion(self))  # the engine's prefix sharing: B rows in, n*B out
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         draws = x.shape[0] if self.draw == "sample" else replica_count()

@@ -8,7 +8,7 @@ a training-only regulariser, the identity in eval mode."""
 import torch
 from torch import nn
 
-from ..replicas import current as replica_count, expansion
+from ..replicas import current as replica_count, expansion, noise_is_off, repeat_rows
 from ..ops.noise_add import DISTS, check_dist, check_scale_value, noise_add
 from ..stream import Stream
 
@@ -24,7 +24,7 @@ class _NoiseLayer(nn.Module):
         self.stream = Stream(seed)
 
     def active(self):
-        return self.training or self.mc
+        return (self.training or self.mc) and not noise_is_off()
 
     def add_noise(self, x, scale, segments=1):
         return noise_add(x, scale, stream=self.stream, dist=self.dist, segments=segments)
@@ -91,7 +91,9 @@ class LearnableNoise(_NoiseLayer):
         self.alpha = _alpha(shape, init)
 
     def forward(self, x):
-        return self.add_noise(x, self.alpha, replica_count()) if self.active() else x
+        if not self.active():
+            return x
+        return self.add_noise(repeat_rows(x, expansion(self)), self.alpha, replica_count())
 
     def extra_repr(self):
         return f"alpha_shape={tuple(self.alpha.shape)}, dist={self.dist!r}, mc={self.mc}"

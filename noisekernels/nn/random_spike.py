@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from ..replicas import current as replica_count
+from ..replicas import current as replica_count, expansion, noise_is_off, repeat_rows
 from ..ops._args import check_probability
 from ..ops.random_spike import RANGES, random_spike
 from ..stream import Stream
@@ -39,8 +39,9 @@ class RandomSpike(nn.Module):
         self.stream = Stream(seed)
 
     def forward(self, x):
-        if not (self.training or self.mc):
+        if not (self.training or self.mc) or noise_is_off():
             return x
+        x = repeat_rows(x, expansion(self))  # the engine's prefix sharing: B rows in, n*B out
         return random_spike(x, self.keep, stream=self.stream, range=self.range, replicas=replica_count())
 
     def extra_repr(self):
