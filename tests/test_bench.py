@@ -4,7 +4,6 @@ fails on a wrong provider; the comparison lists exactly the ratios that fell by 
 
 import copy
 import json
-import os
 import sys
 
 import pytest
