@@ -87,7 +87,7 @@ def obfuscation_report(model, x, y, eps_list, *, surrogate=None, steps=10, eot=1
     iterative beats one-step; white-box beats transfer (needs a surrogate); an unbounded attack
     reaches 100% success; random sampling in the ball does not beat gradients; larger eps never
     helps the defender."""
-    lo_eps = eps_list[0]
+    lo_eps = min(eps_list)
     kwargs = dict(eot=eot, judge_n=n, judge="vote" if mode == "vote" else "mean")
     pgd = {eps: _success_rate(model, y, _PGD(model, eps=eps, alpha=eps / 4, steps=steps, seed=seed, **kwargs)(x, y), mode, n)
            for eps in eps_list}
