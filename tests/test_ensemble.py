@@ -206,7 +206,7 @@ class FunctionalNoise(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
-        h = nk.functional.noise_add(h, 0.5, *self.stream.reserve(h.numel()))
+        h = nk.functional.noise_add(h, 0.5, stream=self.stream)
         return self.fc2(h)
 
 
