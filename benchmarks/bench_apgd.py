@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torchattacks
-from bench_attacks import Net, _data, _trained
+from bench_attacks import Net, _data, _trained, fit
 from conftest import DEVICES, sync
 from torch import nn
 
@@ -54,16 +54,7 @@ class RSENet(Net):
 @functools.lru_cache(maxsize=None)
 def _trained_rse():
     torch.manual_seed(0)
-    model = RSENet()
-    x, y = _data(2000, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(60):
-        idx = slice((step * 100) % 2000, (step * 100) % 2000 + 100)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit(RSENet())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -80,7 +80,11 @@ def _data(n, seed):
 @functools.lru_cache(maxsize=None)
 def _trained(defense):
     torch.manual_seed(0)
-    model = Net(defense)
+    return fit(Net(defense))
+
+
+def fit(model):
+    """60 Adam steps on the synthetic task: a model with real decision boundaries, in eval mode."""
     x, y = _data(2000, 1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
