@@ -64,7 +64,7 @@ def _eager(model):
             if isinstance(child, nk.nn.GaussianNoise):
                 setattr(module, name, EagerGaussian(child.scale))
             elif isinstance(child, nk.nn.RandomSpike):
-                setattr(module, name, EagerSpike(child.p))
+                setattr(module, name, EagerSpike(child.keep))
             elif isinstance(child, nk.nn.AnisotropicNoise):
                 setattr(module, name, EagerAnisotropic(child))
     return model
