@@ -140,6 +140,16 @@ def _pni_make(n, d):
     return (x, torch.full((x.shape[1],), 0.25, device=d)), (0, 1)
 
 
+def _fill_op(ours, torch_fill, contract, **extra):
+    """A random fill against torch's generator; the floor writes the tensor once."""
+    return Op(make=lambda n, d: ((torch.empty(n, device=d),), ()),
+              ours=lambda t, backend: ours(t[0].shape, *_stream(t[0].device), backend=backend),
+              composite=lambda t, draws: draws[0],
+              torch_draws=lambda t: (torch_fill(t[0].shape, device=t[0].device),),
+              contract_draws=lambda t: (contract(t[0].shape, t[0].device),),
+              floor=lambda t: torch.zeros_like(t[0]), floor_bytes=lambda t: _bytes(t[0]), **extra)
+
+
 OPS = {
     "random_spike": Op(
         make=lambda n, d: ((_activation(n, d),), (0,)),
@@ -194,20 +204,8 @@ OPS = {
         torch_draws=lambda t: (), contract_draws=lambda t: (),
         floor=lambda t: t[0].sum(0), floor_bytes=lambda t: _bytes(t[0])),
     # The stream's fills against torch's generator; the floor writes the tensor once.
-    "uniform_fill": Op(
-        make=lambda n, d: ((torch.empty(n, device=d),), ()),
-        ours=lambda t, backend: nkr.uniform(t[0].shape, *_stream(t[0].device), backend=backend),
-        composite=lambda t, draws: draws[0],
-        torch_draws=lambda t: (torch.rand(t[0].shape, device=t[0].device),),
-        contract_draws=lambda t: (contract_uniform(t[0].shape, t[0].device),),
-        floor=lambda t: torch.zeros_like(t[0]), floor_bytes=lambda t: _bytes(t[0])),
-    "normal_fill": Op(
-        make=lambda n, d: ((torch.empty(n, device=d),), ()),
-        ours=lambda t, backend: nkr.normal(t[0].shape, *_stream(t[0].device), backend=backend),
-        composite=lambda t, draws: draws[0],
-        torch_draws=lambda t: (torch.randn(t[0].shape, device=t[0].device),),
-        contract_draws=lambda t: (contract_normal(t[0].shape, t[0].device),),
-        floor=lambda t: torch.zeros_like(t[0]), floor_bytes=lambda t: _bytes(t[0]), atol=1e-5),
+    "uniform_fill": _fill_op(nkr.uniform, torch.rand, contract_uniform),
+    "normal_fill": _fill_op(nkr.normal, torch.randn, contract_normal, atol=1e-5),
 }
 
 
