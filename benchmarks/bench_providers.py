@@ -203,7 +203,6 @@ OPS = {
         composite=lambda t, draws: torch.nn.functional.one_hot(t[0].argmax(-1), 10).sum(0).float(),
         torch_draws=lambda t: (), contract_draws=lambda t: (),
         floor=lambda t: t[0].sum(0), floor_bytes=lambda t: _bytes(t[0])),
-    # The stream's fills against torch's generator; the floor writes the tensor once.
     "uniform_fill": _fill_op(nkr.uniform, torch.rand, contract_uniform),
     "normal_fill": _fill_op(nkr.normal, torch.randn, contract_normal, atol=1e-5),
 }
