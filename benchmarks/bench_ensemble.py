@@ -1,7 +1,7 @@
 """MC ensembles and EOT gradients (issue 5): the batched engine against the loop of n passes on the
-same model, n and batch. Goals on CPU: MC (n = 50, batch 100): A2SNN-style (noise at the
-penultimate layer) >= 20x (prefix sharing), RS-1 and RSE >= 1.0x (never slower); EOT (n = 20):
-the same models, same goals. On a GPU: RS-1 and RSE >= 3x.
+same model, n and batch (100 inputs in full mode, 25 in quick). Goals on CPU: MC (n = 50, batch
+100): A2SNN-style (noise at the penultimate layer) >= 20x (prefix sharing), RS-1 and RSE >= 1.0x
+(never slower); EOT (n = 20): the same models, same goals. On a GPU: RS-1 and RSE >= 3x.
 
 These runs take about a second each and the machine is shared, so the ratio against the loop is
 measured in paired rounds (loop, then batched, back to back; the median of the per-round ratios;
@@ -52,13 +52,13 @@ def _bench(benchmark, group, defense, device, batched, loop):
 def test_mc_predict_n50(benchmark, defense, device):
     torch.manual_seed(0)
     model = Net(defense).to(device).eval()
-    x = torch.rand(100, 1, 28, 28, device=device)
+    x = torch.rand(MODE.engine_batch, 1, 28, 28, device=device)
 
     @torch.no_grad()
     def loop():
         return torch.stack([torch.softmax(model(x), -1) for _ in range(50)]).mean(0)
 
-    _bench(benchmark, f"mc_predict-n50-B100-{defense}-{device}", defense, device,
+    _bench(benchmark, f"mc_predict-n50-B{MODE.engine_batch}-{defense}-{device}", defense, device,
            lambda: ensemble.mc_predict(model, x, 50), loop)
 
 
@@ -67,8 +67,8 @@ def test_mc_predict_n50(benchmark, defense, device):
 def test_eot_grad_n20(benchmark, defense, device):
     torch.manual_seed(0)
     model = Net(defense).to(device).eval()
-    x = torch.rand(100, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (100,), device=device)
+    x = torch.rand(MODE.engine_batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (MODE.engine_batch,), device=device)
 
     def loop():
         xi = x.clone().requires_grad_()
@@ -77,5 +77,5 @@ def test_eot_grad_n20(benchmark, defense, device):
             total = total + nn.functional.cross_entropy(model(xi), y) / 20
         return torch.autograd.grad(total, xi)[0]
 
-    _bench(benchmark, f"eot_grad-n20-B100-{defense}-{device}", defense, device,
+    _bench(benchmark, f"eot_grad-n20-B{MODE.engine_batch}-{defense}-{device}", defense, device,
            lambda: ensemble.eot_grad(model, nn.functional.cross_entropy, x, y, 20), loop)

@@ -1,7 +1,8 @@
 """One training step (forward, backward, SGD step) of RSE, RS-1 and A2SNN models on CIFAR-shaped
 random batches (128 x 3 x 32 x 32), against the same architecture whose noise layers are the eager
 composites of the papers' code: x + sigma * torch.randn_like(x) (RSE), a torch.rand mask with
-spike values uniform in the batch's [min, max] (RS-1), x + randn(B, d) @ L^T (A2SNN).
+spike values uniform in the batch's [min, max] (RS-1), x + randn(B, d) @ L^T (A2SNN). Both sides
+train with the preset's loss (A2SNN's CE - l1*ME - l2*WCA).
 
 Models come from the zoo through the presets: RSE on the VGG-style net (1/8 width), RS-1 on the
 same net (spike after conv1), A2SNN on ResNet-18 (width 8) with the 32-d layer. Goals on CPU:
@@ -49,9 +50,15 @@ class EagerSpike(nn.Module):
 
 
 class EagerAnisotropic(nn.Module):
+    """A2SNN's layer as its code writes it; dim and scale_tril() let the preset's loss (CE - l1*ME -
+    l2*WCA) read L, so both sides of the comparison train with the same loss."""
+
     def __init__(self, noise):
         super().__init__()
-        self.L = noise.L
+        self.dim, self.L = noise.dim, noise.L
+
+    def scale_tril(self):
+        return self.L.tril()
 
     def forward(self, x):
         return x + torch.randn(x.shape[0], x.shape[1], device=x.device) @ self.L.tril().T
@@ -80,9 +87,11 @@ def _build(defense, device, eager):
     x = torch.rand(BATCH, *CIFAR.shape, generator=g).to(device)
     y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
 
+    preset_loss = defenses.get(defense).loss
+
     def step():
-        loss = defenses.get(defense).loss(model, model(x), y, opts, None) if defense == "a2snn" and not eager \
-            else nn.functional.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = preset_loss(model, logits, y, opts, None) if preset_loss else nn.functional.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

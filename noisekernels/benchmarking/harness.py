@@ -30,6 +30,9 @@ class Mode:
     scaling_sizes: tuple  # tensor sizes of bench_scaling
     replicas: tuple  # n of the replica scaling and of the engine's memory runs
     batch: int  # inputs per engine batch (scaling and memory)
+    engine_batch: int = 100  # inputs of the engine's MC/EOT ratios against the loop (bench_ensemble)
+    attack_batch: int = 200  # inputs each attack crafts in the attack benchmarks (bench_apgd, bench_attacks)
+    certify_inputs: int = 4  # inputs certified in bench_certify
     paired_rounds: int = 7  # rounds of the engine's paired ratios (bench_ensemble)
     memory_defenses: tuple = ("rs1", "rse", "a2snn")  # each measurement is a fresh process (seconds)
     memory_calls: tuple = ("mc_predict", "eot_grad")
@@ -41,8 +44,10 @@ class Mode:
 MODES = {
     "smoke": Mode(4096, 1, 0, (1_000, 10_000), (1, 4), 8, memory_defenses=("rs1",),
                   memory_calls=("mc_predict",), paired_rounds=1, compile_backend="aot_eager"),
-    "quick": Mode(32 * 32 * 28 * 28, 5, 1, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50, 100), 32,
-                  paired_rounds=3),
+    # A few minutes on 2 cores: the engine, attack and certification runs at a quarter of the
+    # inputs of the full mode (the issues' sizes), where their goals are stated.
+    "quick": Mode(32 * 32 * 28 * 28, 5, 1, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50), 32,
+                  paired_rounds=3, engine_batch=25, attack_batch=50, certify_inputs=1),
     "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
                  (1, 2, 5, 10, 20, 50, 100), 100),
 }

@@ -13,7 +13,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .compare import ratios  # noqa: E402
-from .run import FULL_ONLY  # noqa: E402
 
 PROVIDER_ORDER = ("noisekernels", "noisekernels-cuda", "noisekernels-triton", "eager", "compile", "copy-floor")
 MODES = ("forward", "backward", "forward+backward")
@@ -289,14 +288,12 @@ def _other_md(run):
             if "note" in info:
                 cells.append(info["note"])
             rows.append([group, info.get("impl", b["name"]), _ms(_median(b)), "; ".join(cells)])
-    mode = run.get("noisekernels", {}).get("mode")
-    left_out = ("" if mode == "full" else f" Not run in {mode} mode (minutes per defense on 2 cores; "
-                f"`noisekernels bench --mode full` runs them): {', '.join(FULL_ONLY)}.")
     return ["## Engines, drivers, attacks and the per-op goals", "",
             "The engine against the loop of n passes, training steps against their eager twins, attacks against "
             "torchattacks, certification against the smoothing loop, and the per-op issue goals: each file of "
-            "benchmarks/ that ran in this mode, as recorded (paired rounds: both sides back to back in each round)."
-            + left_out, "", _table(["group", "impl", "median ms", "ratios and notes"], rows), ""]
+            "benchmarks/ that ran in this mode, as recorded (paired rounds: both sides back to back in each round; "
+            "the group names give the sizes: quick mode runs the engine and attacks on fewer inputs than the full "
+            "mode, whose sizes are the issues').", "", _table(["group", "impl", "median ms", "ratios and notes"], rows), ""]
 
 
 # ---------------------------------------------------------------- headline and the whole report

@@ -12,12 +12,9 @@ from .harness import MODES
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 # What the smoke run covers: the providers of every op, the scaling and the memory measurements
-# (the engine, driver and attack benchmarks train or attack models: quick and full modes only).
+# (the engine, driver and attack benchmarks train or attack models: quick and full modes, quick at
+# smaller sizes).
 SMOKE_FILES = ("bench_providers.py", "bench_scaling.py", "bench_memory.py")
-# Quick mode leaves out the attack and certification benchmarks (PGD-EOT and APGD-EOT against
-# torchattacks, certification against the smoothing loop): each takes many minutes per defense on
-# 2 cores, so they run in full mode only.
-FULL_ONLY = ("bench_apgd.py", "bench_attacks.py", "bench_certify.py")
 
 
 def bench_files(mode):
@@ -26,7 +23,7 @@ def bench_files(mode):
                                 "checkout of the repository")
     files = SMOKE_FILES if mode == "smoke" else sorted(f for f in os.listdir(BENCHMARKS)
                                                         if f.startswith("bench_") and f.endswith(".py"))
-    return [os.path.join(BENCHMARKS, f) for f in files if mode == "full" or f not in FULL_ONLY]
+    return [os.path.join(BENCHMARKS, f) for f in files]
 
 
 def run_suite(mode, json_path, *, command, select=None, quiet=True):
