@@ -129,7 +129,7 @@ def train(p):
     from .train import SCHEDULES
 
     p.add_argument("--defense", default="standard", choices=defenses.NAMES, help="defense preset (default standard)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a defense option, e.g. --set p=0.7 "
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a defense option, e.g. --set keep=0.7 "
                    "(see noisekernels.defenses.PRESETS); repeatable")
     p.add_argument("--model", choices=tuple(models.ARCHITECTURES), help="architecture (default: the preset's)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="architecture size, e.g. "

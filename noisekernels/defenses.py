@@ -84,7 +84,7 @@ def _apply_rs(model, opts):
     convs = _convs(model)
     if not convs:
         raise ValueError("Random Spiking needs a conv layer in the model")
-    _attach(convs[0], "random_spike", RandomSpike(keep=opts["p"], range=opts["range"]), before=False)
+    _attach(convs[0], "random_spike", RandomSpike(keep=opts["keep"], range=opts["range"]), before=False)
 
 
 def _apply_rsd(model, opts):
@@ -150,10 +150,11 @@ PRESETS = {p.name: p for p in [
     Preset("standard", "no defense", "-", "mnist-cnn", {}, False),
     Preset("dropout", "dropout on the dense layers", "random-spiking.txt", "mnist-cnn", {"p": 0.5}, False,
            apply=lambda model, opts: _add_dropout(model, opts["p"])),
-    Preset("rs1", "Random Spiking after conv1 (keep p), MC at test", "random-spiking.txt 4.2", "mnist-cnn",
-           {"p": 0.8, "range": "batch"}, True, apply=_apply_rs),
+    # keep, not p: the probability a unit is kept (dropout's p is the probability it is dropped).
+    Preset("rs1", "Random Spiking after conv1 (keep a unit with probability keep), MC at test",
+           "random-spiking.txt 4.2", "mnist-cnn", {"keep": 0.8, "range": "batch"}, True, apply=_apply_rs),
     Preset("rsd1", "RS-1 + dropout on the dense layers", "random-spiking.txt 5", "mnist-cnn",
-           {"p": 0.8, "range": "batch", "dropout": 0.5}, True, apply=_apply_rsd),
+           {"keep": 0.8, "range": "batch", "dropout": 0.5}, True, apply=_apply_rsd),
     Preset("rse", "Gaussian noise on the input (init) and before every inner conv, on at test time",
            "random-self-ensemble.txt", "vgg", {"init_sigma": 0.2, "inner_sigma": 0.1}, True, apply=_apply_rse),
     Preset("pni", "learnable noise scale on weights (or activations), trained adversarially", "He et al. 2019 (PNI)",

@@ -42,4 +42,4 @@ print("MC mean over 50 passes:", ensemble.mc_predict(model, x[:3], n=50).argmax(
 print("noise off:", ensemble.deterministic_predict(model, x[:3]).argmax(1).tolist())
 # Or add a defense's noise to an existing model without editing it:
 plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
-print(nk.nn.inject(plain, "random_spike", p=0.8, mc=True))
+print(nk.nn.inject(plain, "random_spike", keep=0.8, mc=True))
