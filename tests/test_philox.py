@@ -2,6 +2,8 @@
 backend, checked against the pure-PyTorch reference and Triton's own tl.randint4x / tl.rand4x /
 tl.randn4x, with replica segments."""
 
+import math
+
 import pytest
 import torch
 import triton
@@ -178,6 +180,58 @@ def test_normal_dtypes(backend, device, dtype):
     assert got.dtype == dtype
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 4e-6)
     torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
+
+
+def _box_muller_float64(uniforms):
+    """The contract's normals of uniforms (four per counter) in float64: u = max(U, 1e-7) and
+    theta = 2pi U rounded in float32 as the contract has them, then r cos theta, r sin theta exactly."""
+    first, second = uniforms.view(-1, 2).unbind(1)
+    u = first.clamp_min(philox.MIN_UNIFORM_FOR_LOG).double()
+    theta = (second * torch.tensor(philox.TWO_PI, dtype=torch.float32)).double()
+    r = torch.sqrt(-2.0 * torch.log(u))
+    return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1).flatten()
+
+
+def _ulps(got, exact):
+    """|got - exact| in units of the last place of exact rounded to float32."""
+    _, exponent = torch.frexp(exact.float())
+    return (got.double() - exact).abs() / torch.ldexp(torch.ones_like(exact), exponent - 24)
+
+
+# The CPU normals' largest error measured over the tests below: the AVX-512 path's -2 ln u, sin and
+# cos are within 1.0, 1.5 and 1.5 ulp over every uniform of the contract (csrc/cpu/vector_math.h).
+NORMAL_ULPS = 3.0
+
+
+def test_cpu_normals_within_3_ulp_of_float64_box_muller():
+    n = 1 << 20  # 4M normals
+    got = random.normal(4 * n, 7, 2**32 - 99, backend="cpu")
+    exact = _box_muller_float64(random.uniform(4 * n, 7, 2**32 - 99, backend="reference"))
+    assert _ulps(got, exact).max().item() <= NORMAL_ULPS
+
+
+# Counters of seed 7 whose words are Box-Muller's hard cases, found by scanning 2**32 counters:
+# (counter, lane of the pair's first element, case); the test checks each still is its case.
+HARD_NORMAL_COUNTERS = [
+    (6107189, 2, "u clamped to 1e-7"),
+    (8263248, 0, "u = 1 - 2**-24, the largest uniform"),
+    (67407885, 2, "theta just below 2pi"),
+]
+
+
+@pytest.mark.parametrize("counter,lane,case", HARD_NORMAL_COUNTERS)
+def test_cpu_normals_within_3_ulp_on_hard_inputs(counter, lane, case):
+    uniforms = random.uniform(4, 7, counter, backend="reference")
+    first, second = uniforms[lane].item(), uniforms[lane + 1].item()
+    theta = (uniforms[lane + 1] * torch.tensor(philox.TWO_PI, dtype=torch.float32)).double().item()
+    is_case = {
+        "u clamped to 1e-7": first < philox.MIN_UNIFORM_FOR_LOG,
+        "u = 1 - 2**-24, the largest uniform": first == 1 - 2**-24,
+        "theta just below 2pi": second == 1 - 2**-24 and 2 * math.pi - 5e-7 < theta < 2 * math.pi,
+    }[case]
+    assert is_case, f"counter {counter} lane {lane} is no longer the case {case!r}"
+    got = random.normal(4, 7, counter, backend="cpu")
+    assert _ulps(got, _box_muller_float64(uniforms)).max().item() <= NORMAL_ULPS
 
 
 @pytest.mark.parametrize("fill", [random.uniform, random.normal])
