@@ -198,38 +198,55 @@ def _ulps(got, exact):
     return (got.double() - exact).abs() / torch.ldexp(torch.ones_like(exact), exponent - 24)
 
 
-# The CPU normals' largest error measured over the tests below: the AVX-512 path's -2 ln u, sin and
-# cos are within 1.0, 1.5 and 1.5 ulp over every uniform of the contract (csrc/cpu/vector_math.h).
-NORMAL_ULPS = 3.0
+# Bound on the CPU normals' error. Measured: 2.92 ulp over the 4M normals below, 3.07 over 16M;
+# the AVX-512 path's -2 ln u, sin and cos are within 1.0, 1.5 and 1.5 ulp over every uniform of
+# the contract (csrc/cpu/vector_math.h), the portable path (libm) reaches 2.35 ulp and the
+# reference's float32 torch ops 2.71.
+NORMAL_ULPS = 4.0
 
 
-def test_cpu_normals_within_3_ulp_of_float64_box_muller():
+def test_cpu_normals_within_4_ulp_of_float64_box_muller():
     n = 1 << 20  # 4M normals
     got = random.normal(4 * n, 7, 2**32 - 99, backend="cpu")
     exact = _box_muller_float64(random.uniform(4 * n, 7, 2**32 - 99, backend="reference"))
     assert _ulps(got, exact).max().item() <= NORMAL_ULPS
 
 
-# Counters of seed 7 whose words are Box-Muller's hard cases, found by scanning 2**32 counters:
-# (counter, lane of the pair's first element, case); the test checks each still is its case.
+def _float32_ulp(x):
+    return 2.0 ** (math.frexp(x)[1] - 24)
+
+
+# Box-Muller's hard inputs, as predicates of a pair's (first uniform, theta).
+HARD_CASES = {
+    "u = 0, clamped to 1e-7": lambda u, theta: u == 0,
+    "0 < u < 1e-7, clamped": lambda u, theta: 0 < u < philox.MIN_UNIFORM_FOR_LOG,
+    "u = 1 - 2**-24, the largest uniform": lambda u, theta: u == 1 - 2**-24,
+    "theta = 0": lambda u, theta: theta == 0,
+    "theta just below 2pi": lambda u, theta: 0 < 2 * math.pi - theta < _float32_ulp(theta),
+    # The floats nearest pi/2, pi and 3pi/2, where cos or sin cancels to tiny values.
+    "theta within 0.4 ulp of pi/2": lambda u, theta: abs(theta - math.pi / 2) < 0.4 * _float32_ulp(theta),
+    "theta within 0.4 ulp of pi": lambda u, theta: abs(theta - math.pi) < 0.4 * _float32_ulp(theta),
+    "theta within 0.03 ulp of 3pi/2": lambda u, theta: abs(theta - 1.5 * math.pi) < 0.03 * _float32_ulp(theta),
+}
+# Counters of seed 7 holding them, found by scanning 2**32 counters: (counter, lane of the
+# pair's first element, case); the test checks each still is its case.
 HARD_NORMAL_COUNTERS = [
-    (6107189, 2, "u clamped to 1e-7"),
+    (1329654589, 0, "u = 0, clamped to 1e-7"),
+    (6107189, 2, "0 < u < 1e-7, clamped"),
     (8263248, 0, "u = 1 - 2**-24, the largest uniform"),
+    (1092467968, 2, "theta = 0"),
     (67407885, 2, "theta just below 2pi"),
+    (30382855, 0, "theta within 0.4 ulp of pi/2"),
+    (9569251, 2, "theta within 0.4 ulp of pi"),
+    (2187065, 0, "theta within 0.03 ulp of 3pi/2"),
 ]
 
 
 @pytest.mark.parametrize("counter,lane,case", HARD_NORMAL_COUNTERS)
-def test_cpu_normals_within_3_ulp_on_hard_inputs(counter, lane, case):
+def test_cpu_normals_within_4_ulp_on_hard_inputs(counter, lane, case):
     uniforms = random.uniform(4, 7, counter, backend="reference")
-    first, second = uniforms[lane].item(), uniforms[lane + 1].item()
-    theta = (uniforms[lane + 1] * torch.tensor(philox.TWO_PI, dtype=torch.float32)).double().item()
-    is_case = {
-        "u clamped to 1e-7": first < philox.MIN_UNIFORM_FOR_LOG,
-        "u = 1 - 2**-24, the largest uniform": first == 1 - 2**-24,
-        "theta just below 2pi": second == 1 - 2**-24 and 2 * math.pi - 5e-7 < theta < 2 * math.pi,
-    }[case]
-    assert is_case, f"counter {counter} lane {lane} is no longer the case {case!r}"
+    theta = (uniforms[lane + 1] * torch.tensor(philox.TWO_PI, dtype=torch.float32)).item()
+    assert HARD_CASES[case](uniforms[lane].item(), theta), f"counter {counter} is no longer the case {case!r}"
     got = random.normal(4, 7, counter, backend="cpu")
     assert _ulps(got, _box_muller_float64(uniforms)).max().item() <= NORMAL_ULPS
 
