@@ -55,7 +55,8 @@ __attribute__((always_inline)) inline void sincos16(__m512 t, __m512* sin_t, __m
   ps = _mm512_fmadd_ps(ps, z, _mm512_set1_ps(-1.6666654611e-1f));
   const __m512 s = _mm512_fmadd_ps(_mm512_mul_ps(y, z), ps, y);
   // cos y = 1 + z (-1/2 + z (c1 + z (c2 + z c3))).
-  __m512 pc = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948e-5f), z, _mm512_set1_ps(-1.388731625493765e-3f));
+  __m512 pc = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948e-5f), z,
+                              _mm512_set1_ps(-1.388731625493765e-3f));
   pc = _mm512_fmadd_ps(pc, z, _mm512_set1_ps(4.166664568298827e-2f));
   pc = _mm512_fmadd_ps(pc, z, _mm512_set1_ps(-0.5f));
   const __m512 c = _mm512_fmadd_ps(pc, z, _mm512_set1_ps(1.0f));
