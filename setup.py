@@ -48,7 +48,7 @@ sources = sorted(glob.glob("csrc/bindings/ops.cpp") + glob.glob("csrc/cpu/*.cpp"
 cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 if not portable:
     cxx.append("-march=native")
-extra_link = ["-fopenmp"] + (["-lmvec"] if sys.platform.startswith("linux") else [])
+extra_link = ["-fopenmp"]
 kwargs = dict(
     include_dirs=[os.path.join(ROOT, "csrc", "include"), generated],
     extra_compile_args={"cxx": cxx},

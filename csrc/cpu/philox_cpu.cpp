@@ -7,10 +7,8 @@
 #if defined(__AVX512F__) && defined(__GLIBC__)
 #define NK_PHILOX_AVX512 1
 #include <immintrin.h>
-// glibc's libmvec: 16-lane logf/cosf/sinf (<= 4 ulp), linked with -lmvec.
-extern "C" __m512 _ZGVeN16v_logf(__m512);
-extern "C" __m512 _ZGVeN16v_cosf(__m512);
-extern "C" __m512 _ZGVeN16v_sinf(__m512);
+
+#include "vector_math.h"
 #endif
 
 namespace noisekernels::cpu {
@@ -162,7 +160,6 @@ void normal4_tile(const PhiloxKeys& keys, uint64_t first, int64_t n, float* z) {
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512 tiny = _mm512_set1_ps(kMinUniformForLog), two_pi = _mm512_set1_ps(kTwoPi);
-  const __m512 minus_two = _mm512_set1_ps(-2.0f);
   by_steps<4>(first, n, z, [&](uint64_t f, float* out) {
     __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
     words_step(keys, f, c0, c1, c2, c3);
@@ -170,8 +167,10 @@ void normal4_tile(const PhiloxKeys& keys, uint64_t first, int64_t n, float* z) {
       // 16 Box-Muller pairs: (w0, w1) and (w2, w3) of 8 counters, in element order.
       const __m512 a = _mm512_max_ps(uniform16(pair_words(c0[j], c2[j])), tiny);
       const __m512 t = _mm512_mul_ps(two_pi, uniform16(pair_words(c1[j], c3[j])));
-      const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(minus_two, _ZGVeN16v_logf(a)));
-      const __m512 zc = _mm512_mul_ps(r, _ZGVeN16v_cosf(t)), zs = _mm512_mul_ps(r, _ZGVeN16v_sinf(t));
+      const __m512 r = _mm512_sqrt_ps(minus_two_log16(a));
+      __m512 sin_t, cos_t;
+      sincos16(t, &sin_t, &cos_t);
+      const __m512 zc = _mm512_mul_ps(r, cos_t), zs = _mm512_mul_ps(r, sin_t);
       _mm512_storeu_ps(out + 32 * j, _mm512_permutex2var_ps(zc, lo_idx, zs));
       _mm512_storeu_ps(out + 32 * j + 16, _mm512_permutex2var_ps(zc, hi_idx, zs));
     }
