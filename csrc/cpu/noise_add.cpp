@@ -107,13 +107,16 @@ struct PieceSums {
   // Adds g[k] * eps[k], k < m, to the lanes; element 0 is element `pos` of its piece.
   static void add(const scalar_t* __restrict g, const float* __restrict eps, int64_t m, int64_t pos,
                   acc* __restrict lanes) {
+    acc v[kLanes];  // a local copy stays in registers
+    std::copy(lanes, lanes + kLanes, v);
     int64_t k = 0;
-    for (; k < m && (pos + k) % kLanes; ++k) lanes[(pos + k) % kLanes] += static_cast<acc>(g[k]) * static_cast<acc>(eps[k]);
+    for (; k < m && (pos + k) % kLanes; ++k) v[(pos + k) % kLanes] += static_cast<acc>(g[k]) * static_cast<acc>(eps[k]);
     for (; k + kLanes <= m; k += kLanes) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc>(g[k + l]) * static_cast<acc>(eps[k + l]);
+      for (int l = 0; l < kLanes; ++l) v[l] += static_cast<acc>(g[k + l]) * static_cast<acc>(eps[k + l]);
     }
-    for (int l = 0; k < m; ++k, ++l) lanes[l] += static_cast<acc>(g[k]) * static_cast<acc>(eps[k]);
+    for (int l = 0; k < m; ++k, ++l) v[l] += static_cast<acc>(g[k]) * static_cast<acc>(eps[k]);
+    std::copy(v, v + kLanes, lanes);
   }
 };
 
