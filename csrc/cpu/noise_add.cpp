@@ -132,7 +132,8 @@ void noise_mul_sum_kernel(const scalar_t* g, acc_t<scalar_t>* out, int64_t n, in
   at::parallel_for(0, runs * parts, std::max<int64_t>(1, 8 * kTile / pieces.piece), [&](int64_t q0, int64_t q1) {
     alignas(64) float tile[kTile];
     acc lanes[kLanes] = {};
-    int64_t q = q0, qbegin = pieces.begin(q0), qend = pieces.end(q0);
+    // The next piece starts where one ends; its end is the run's end or a piece further.
+    int64_t q = q0, qbegin = pieces.begin(q0), qend = pieces.end(q0), run_end = (q0 / parts + 1) * inner;
     for_each_run(qbegin, pieces.end(q1 - 1), n, n / segments, 4, offset,
                  [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
       noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
@@ -143,12 +144,11 @@ void noise_mul_sum_kernel(const scalar_t* g, acc_t<scalar_t>* out, int64_t n, in
         if (i == qend) {
           acc s = 0;
           for (int l = 0; l < kLanes; ++l) s += lanes[l];
-          sums[q] = s;
+          sums[q++] = s;
           std::fill(lanes, lanes + kLanes, acc(0));
-          if (++q < q1) {
-            qbegin = pieces.begin(q);
-            qend = pieces.end(q);
-          }
+          if (qend == run_end) run_end += inner;
+          qbegin = qend;
+          qend = std::min(qbegin + pieces.piece, run_end);
         }
       }
     });
