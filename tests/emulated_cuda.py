@@ -119,6 +119,7 @@ class Emulated:
             "nk_random_spike_backward": [p, p, i32, i64, i64, f32, p, p],
             "nk_noise_add": [p, p, p, i32, i64, i64, i64, i64, i64, i32, i32, f64, f64, p, p],
             "nk_noise_mul": [p, p, i32, i64, i64, i32, p, p],
+            "nk_noise_mul_sum": [p, p, p, i32, i64, i64, i64, i64, i32, p, p],
             "nk_noise_add_foreach": [p, i64, i64, p, i32, i32, p, p],
             "nk_replica_reduce": [p, p, i32, i64, i64, i64, i32],
             "nk_emu_set_schedule": [i32, ctypes.c_uint64],
@@ -190,6 +191,18 @@ class Emulated:
         out = torch.empty_like(gc)
         self.check(self.lib.nk_noise_mul(_ptr(gc), _ptr(out), DTYPES[grad.dtype], gc.numel(), segments, dist,
                                          _ptr(seed), _ptr(offset)))
+        return out
+
+    def noise_mul_sum(self, grad, seed, offset, dist, inner, channels, segments):
+        seed, offset = _stream(seed, offset)
+        gc = grad.contiguous()
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        out = torch.zeros(channels, dtype=acc)
+        n = gc.numel()  # the workspace as noise_mul_sum_workspace sizes it
+        pieces = 0 if n == 0 else n // (n if channels == 1 else inner) * -(-(n if channels == 1 else inner) // 4096)
+        workspace = torch.empty(pieces, dtype=acc)
+        self.check(self.lib.nk_noise_mul_sum(_ptr(gc), _ptr(out), _ptr(workspace), DTYPES[grad.dtype], n, segments,
+                                             inner, channels, dist, _ptr(seed), _ptr(offset)))
         return out
 
     def noise_add_foreach(self, xs, scales, seed, offset, starts, dist):

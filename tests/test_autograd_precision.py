@@ -176,6 +176,7 @@ def _opcheck_cases():
         "noise_add": [(x, scale, seed, offset, 1, 5, 3, 2, -0.5, 0.5, 2), (half, scale, seed, offset, 0, 5, 3, 1, 0.0, 1.0, 1),
                       (half, scale, seed, offset, 2, 5, 3, 3, None, None, 3)],
         "noise_mul": [(x, seed, offset, 0, 1), (half, seed, offset, 2, 2)],
+        "noise_mul_sum": [(x, seed, offset, 0, 5, 3, 1), (half, seed, offset, 2, 1, 1, 2)],
         "noise_add_foreach": [([x, x[0]], torch.rand(2, requires_grad=True), seed, offset, [0, 60], 1),
                               ([half, half[1:]], torch.rand(2, requires_grad=True), seed, offset, [0, 60], 2)],
         "philox4x32": [(torch.randint(0, 2**32, (5, 4)), torch.tensor([SEED, 0]))],

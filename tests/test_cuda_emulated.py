@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from emulated_cuda import Emulated
-from noisekernels.ops.noise_add import noise_add_reference, noise_mul_reference
+from noisekernels.ops.noise_add import noise_add_reference, noise_mul_reference, noise_mul_sum_reference
 from noisekernels.ops.noise_add_foreach import noise_add_foreach_reference
 from noisekernels.ops.random import philox4x32_reference, philox_normal_reference, philox_uniform_reference
 from noisekernels.ops.random_spike import random_spike_backward_reference, random_spike_reference
@@ -26,6 +26,7 @@ REFERENCES = {
     "random_spike_backward": random_spike_backward_reference,
     "noise_add": noise_add_reference,
     "noise_mul": noise_mul_reference,
+    "noise_mul_sum": noise_mul_sum_reference,
     "noise_add_foreach": noise_add_foreach_reference,
     "replica_reduce": replica_reduce_reference,
 }
@@ -179,6 +180,29 @@ def test_noise_add_and_mul(emu, dtype, dist):
     for n in SIZES:
         check(noise_compare(dist), emu, "noise_mul", _x((n,), dtype, seed=3), seed, offset, dist, 1)
     check(noise_compare(dist), emu, "noise_mul", _x((3 * 87,), dtype, seed=3), seed, offset, dist, 3)
+
+
+# noise_mul_sum: (grad shape, inner, channels, segments) for per-channel and per-row entries, one
+# entry (a single run across segments), runs longer than a block's piece (4096) in several parts
+# with segments inside them, a single element and an empty grad.
+MUL_SUM_CASES = [((4, 5, 7), 7, 5, 1), ((4, 5, 7), 7, 5, 2), ((4, 35), 35, 4, 1), ((6, 5, 7), 1, 1, 3),
+                 ((3, 2, 4099), 4099, 2, 3), ((2, 8193), 8193, 1, 2), ((1, 1), 1, 1, 1), ((0, 3), 1, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", [GAUSSIAN, UNIFORM, LAPLACE])
+def test_noise_mul_sum(emu, dtype, dist):
+    """Sums in another order than the reference's (close), but one fixed order: every build and
+    schedule gives the same bits."""
+    seed, offset = stream(17, 2**64 - 700)
+    for shape, inner, channels, segments in MUL_SUM_CASES:
+        results, expected = run(emu, "noise_mul_sum", _x(shape, dtype, seed=4), seed, offset, dist, inner, channels,
+                                segments)
+        for label, got in results:
+            assert got.dtype == expected.dtype and got.shape == (channels,), label
+            torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-3,
+                                       msg=lambda m: f"{label} {shape}: {m}")
+            assert torch.equal(got, results[0][1]), label
 
 
 # Tensor lists for the foreach metadata: empty tensors first, between and last; one tensor; odd

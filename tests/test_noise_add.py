@@ -1,4 +1,4 @@
-"""noise_add / noise_mul (RSE, PNI, Gaussian augmentation) against the reference on every backend:
+"""noise_add / noise_mul / noise_mul_sum (RSE, PNI, Gaussian augmentation) against the reference on every backend:
 bit for bit for uniform and Laplace, a few ulp for Gaussian; gradients (float64 gradcheck),
 statistics, replicas, errors, modules and torch.compile."""
 
@@ -10,7 +10,8 @@ import torch
 from conftest import KERNEL_BACKENDS
 import noisekernels as nk
 from noisekernels import philox
-from noisekernels.ops.noise_add import gaussian_augment, noise_add, noise_mul
+from noisekernels._extension import call_op
+from noisekernels.ops.noise_add import DISTS, gaussian_augment, noise_add, noise_mul
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OFFSET = 2**32 - 700
@@ -73,6 +74,69 @@ def test_noise_mul_equals_reference(backend, device, dtype, dist):
     g = _x(dtype, (5, 77))
     expected = noise_mul(g, 4, OFFSET, dist=dist, backend="reference")
     _assert_matches(noise_mul(g.to(device), 4, OFFSET, dist=dist, backend=backend), expected, dist)
+
+
+# noise_mul_sum: (grad shape, inner, channels, segments): per channel, per row, one entry (a single
+# run, across segments), scattered entries (inner 1), runs longer than the CPU's 2048-element and
+# Triton's 4096-element pieces, segments that split runs, a single element.
+MUL_SUM_CASES = [((4, 3, 5, 7), 35, 3, 1), ((4, 3, 5, 7), 35, 3, 4), ((6, 105), 105, 6, 3), ((6, 5, 7), 1, 1, 3),
+                 ((3, 5), 1, 5, 3), ((1, 2, 4101), 4101, 2, 1), ((2, 2, 1031), 1031, 1, 4), ((1,), 1, 1, 1)]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
+def test_noise_mul_sum_equals_reference(backend, device, dtype, dist):
+    """sum(grad * eps) per scale entry in the compute dtype (sums in another order: close)."""
+    seed, offset = torch.tensor(6), torch.tensor(OFFSET)
+    code = DISTS[dist]
+    for shape, inner, channels, segments in MUL_SUM_CASES:
+        g = _x(dtype, shape, seed=5)
+        expected = call_op("noise_mul_sum", "reference", "cpu", g, seed, offset, code, inner, channels, segments)
+        got = call_op("noise_mul_sum", backend, device, g.to(device), seed.to(device), offset.to(device), code, inner,
+                      channels, segments)
+        assert got.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-4, msg=lambda m: f"{shape}: {m}")
+
+
+def test_noise_mul_sum_is_bit_identical_across_thread_counts(threads):
+    """A fixed summation order: the learnable scale's gradient does not depend on the thread count."""
+    x = _x(torch.float32, (96, 8, 24, 24))
+    for dtype, scale in ((torch.float32, torch.rand(8) + 0.1), (torch.float64, torch.rand(96, 1, 1, 1)),
+                         (torch.bfloat16, torch.tensor(0.3)), (torch.float32, torch.rand(8, 24, 24))):
+        grads = []
+        for n in (1, 2, 3):
+            threads(n)
+            s = scale.clone().requires_grad_()
+            noise_add(x.to(dtype), s, 3, OFFSET, replicas=2, segments=2).backward(_x(dtype, (192, 8, 24, 24), seed=1))
+            grads.append(s.grad)
+        assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2]), dtype
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["one", "channel", "sample-element", "row"])
+def test_learnable_scale_gradient_with_replicas_and_clip_equals_reference(backend, device, dtype, layout):
+    """Runs of 72 elements a channel: one-pass reductions for one, channel and row scales, noise_mul
+    and a sum for a scale per element."""
+    torch.manual_seed(4)
+    scale = {"one": lambda: torch.tensor(0.5), "channel": lambda: torch.rand(3) + 0.1,
+             "sample-element": lambda: torch.rand(3, 8, 9), "row": lambda: torch.rand(4, 1, 1, 1)}[layout]()
+    x, g = _x(dtype, (4, 3, 8, 9)), _x(dtype, (8, 3, 8, 9), seed=2)
+    grads = []
+    for b, dev in ((backend, device), ("reference", "cpu")):
+        s = scale.to(dev).requires_grad_()
+        noise_add(x.to(dev), s, 2, OFFSET, dist="laplace", replicas=2, clip=(-1.0, 2.0), backend=b).backward(g.to(dev))
+        grads.append(s.grad.cpu())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+
+
+def test_noise_mul_sum_gradcheck():
+    g = _x(torch.float64, (4, 3, 20)).requires_grad_()
+    seed, offset = torch.tensor(5), torch.tensor(OFFSET)
+    for inner, channels in ((20, 3), (1, 1), (60, 4)):
+        f = lambda g: torch.ops.noisekernels.noise_mul_sum(g, seed, offset, 1, inner, channels, 2)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (g,)) and torch.autograd.gradgradcheck(f, (g,))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -219,6 +283,7 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.noisekernels.noise_add,
                                   (x, scale, seed, offset, 2, inner, channels, replicas, lo, hi, replicas))
     torch.library.opcheck(torch.ops.noisekernels.noise_mul, (x.detach(), seed, offset, 0, 2))
+    torch.library.opcheck(torch.ops.noisekernels.noise_mul_sum, (x, seed, offset, 0, 5, 3, 2))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])

@@ -117,6 +117,21 @@ at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tens
   return out;
 }
 
+at::Tensor noise_mul_sum(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                         int64_t dist, int64_t inner, int64_t channels, int64_t segments) {
+  check_noise_mul_sum_args(g, seed, offset, dist, inner, channels, segments);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const at::Tensor gc = g.contiguous();
+  const auto acc = gc.options().dtype(gc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor out = at::zeros({channels}, acc);
+  at::Tensor workspace = at::empty({noise_mul_sum_workspace(gc.numel(), inner, channels)}, acc);
+  C10_CUDA_CHECK(launch_noise_mul_sum(gc.const_data_ptr(), out.data_ptr(), workspace.data_ptr(),
+                                      to_dtype(gc.scalar_type()), gc.numel(), segments, inner, channels,
+                                      static_cast<int>(dist), seed.const_data_ptr<int64_t>(),
+                                      offset.const_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 std::vector<at::Tensor> noise_add_foreach(at::TensorList xs, const at::Tensor& scales,
                                           const at::Tensor& seed, const at::Tensor& offset,
                                           at::IntArrayRef starts, int64_t dist) {
@@ -166,6 +181,7 @@ TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
   m.impl("noise_add_foreach", &noise_add_foreach);
   m.impl("noise_add", &noise_add);
   m.impl("noise_mul", &noise_mul);
+  m.impl("noise_mul_sum", &noise_mul_sum);
   m.impl("random_spike", &random_spike);
   m.impl("random_spike_backward", &random_spike_backward);
   m.impl("philox4x32", &philox4x32);

@@ -88,6 +88,14 @@ void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at:
   TORCH_CHECK(seed.device() == g.device(), "noise_mul: seed and offset must be on grad's device");
 }
 
+void check_noise_mul_sum_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                              int64_t dist, int64_t inner, int64_t channels, int64_t segments) {
+  check_noise_mul_args(g, seed, offset, dist, segments);
+  TORCH_CHECK(inner >= 1 && channels >= 1 && g.numel() % (inner * channels) == 0,
+              "noise_mul_sum: need inner >= 1, channels >= 1 and grad.numel() a multiple of inner * channels, "
+              "got inner=", inner, ", channels=", channels, ", grad.numel()=", g.numel());
+}
+
 void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, const at::Tensor& seed,
                                   const at::Tensor& offset, at::IntArrayRef starts, int64_t dist) {
   check_stream_args(seed, offset);
@@ -142,6 +150,10 @@ TORCH_LIBRARY(noisekernels, m) {
         "int channels, int replicas, float? lo, float? hi, int segments) -> Tensor");
   // grad * eps_i: the learnable scale's gradient before its reduction.
   m.def("noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist, int segments) -> Tensor");
+  // The learnable scale's gradient: sum of grad_i * eps_i over the elements of each scale entry
+  // ((i / inner) % channels), (channels,) in the compute dtype (float64 for float64 grad, else float32).
+  m.def("noise_mul_sum(Tensor grad, Tensor seed, Tensor offset, int dist, int inner, int channels, "
+        "int segments) -> Tensor");
   // Multi-tensor noise_add: xs[k] + scales[k] * eps, tensor k one flat segment on counters from
   // offset + starts[k].
   m.def("noise_add_foreach(Tensor[] xs, Tensor scales, Tensor seed, Tensor offset, SymInt[] starts, "

@@ -30,6 +30,9 @@ void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at
                           int64_t segments);
 void check_noise_mul_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
                           int64_t dist, int64_t segments);
+// noise_mul_sum's: noise_mul's, and grad made of whole periods of inner * channels elements.
+void check_noise_mul_sum_args(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                              int64_t dist, int64_t inner, int64_t channels, int64_t segments);
 
 // noise_add_foreach's arguments: tensors of one device and dtype, one scale and one counter start each.
 void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, const at::Tensor& seed,

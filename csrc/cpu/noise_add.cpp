@@ -1,6 +1,7 @@
-// CPU kernels of noise_add and noise_mul: additive Gaussian / uniform / Laplace noise with a fixed
-// or learnable scale (RSE, PNI), N noisy replicas with clipping (Gaussian data augmentation), and
-// grad * eps, the learnable scale's gradient before its reduction (eps regenerated, never saved).
+// CPU kernels of noise_add, noise_mul and noise_mul_sum: additive Gaussian / uniform / Laplace noise
+// with a fixed or learnable scale (RSE, PNI), N noisy replicas with clipping (Gaussian data
+// augmentation), grad * eps, and the learnable scale's gradient sum(grad * eps) per scale entry
+// (eps regenerated, never saved).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "../bindings/ops.h"
 #include "compute_type.h"
@@ -89,6 +91,79 @@ void noise_mul_kernel(const scalar_t* g, scalar_t* out, int64_t n, int64_t segme
   });
 }
 
+// sum(grad * eps) per scale entry, in a fixed order whatever the thread count. Element i belongs
+// to run u = i / inner (one scale entry's consecutive elements, entry u % channels). Runs split
+// into pieces of at most kTile elements; each piece is summed in 16 lanes by its position in the
+// piece, then the lanes in order; each entry sums its pieces in index order.
+constexpr int kLanes = 16;
+
+template <typename scalar_t>
+struct PieceSums {
+  using acc = acc_t<scalar_t>;
+  int64_t inner, parts, piece;
+  int64_t begin(int64_t q) const { return (q / parts) * inner + (q % parts) * piece; }
+  int64_t end(int64_t q) const { return std::min(begin(q) + piece, (q / parts + 1) * inner); }
+
+  // Adds g[k] * eps[k], k < m, to the lanes; element 0 is element `pos` of its piece.
+  static void add(const scalar_t* __restrict g, const float* __restrict eps, int64_t m, int64_t pos,
+                  acc* __restrict lanes) {
+    acc v[kLanes];  // a local copy stays in registers
+    std::copy(lanes, lanes + kLanes, v);
+    int64_t k = 0;
+    for (; k < m && (pos + k) % kLanes; ++k) v[(pos + k) % kLanes] += static_cast<acc>(g[k]) * static_cast<acc>(eps[k]);
+    for (; k + kLanes <= m; k += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) v[l] += static_cast<acc>(g[k + l]) * static_cast<acc>(eps[k + l]);
+    }
+    for (int l = 0; k < m; ++k, ++l) v[l] += static_cast<acc>(g[k]) * static_cast<acc>(eps[k]);
+    std::copy(v, v + kLanes, lanes);
+  }
+};
+
+template <typename scalar_t>
+void noise_mul_sum_kernel(const scalar_t* g, acc_t<scalar_t>* out, int64_t n, int64_t segments,
+                          int64_t inner, int64_t channels, int dist, uint64_t seed, uint64_t offset) {
+  using acc = acc_t<scalar_t>;
+  const PhiloxKeys keys(seed);
+  if (channels == 1) inner = n;  // one entry: all elements are one run
+  const int64_t runs = n / inner, parts = (inner + kTile - 1) / kTile;
+  const PieceSums<scalar_t> pieces{inner, parts, std::min(inner, kTile)};
+  std::vector<acc> sums(runs * parts);
+  at::parallel_for(0, runs * parts, std::max<int64_t>(1, 8 * kTile / pieces.piece), [&](int64_t q0, int64_t q1) {
+    alignas(64) float tile[kTile];
+    acc lanes[kLanes] = {};
+    // The next piece starts where one ends; its end is the run's end or a piece further.
+    int64_t q = q0, qbegin = pieces.begin(q0), qend = pieces.end(q0), run_end = (q0 / parts + 1) * inner;
+    for_each_run(qbegin, pieces.end(q1 - 1), n, n / segments, 4, offset,
+                 [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+      noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
+      for (int64_t i = t; i < t + m;) {  // the run's parts in pieces q, q + 1, ...
+        const int64_t len = std::min(t + m, qend) - i;
+        PieceSums<scalar_t>::add(g + i, tile + skip + (i - t), len, i - qbegin, lanes);
+        i += len;
+        if (i == qend) {
+          acc s = 0;
+          for (int l = 0; l < kLanes; ++l) s += lanes[l];
+          sums[q++] = s;
+          std::fill(lanes, lanes + kLanes, acc(0));
+          if (qend == run_end) run_end += inner;
+          qbegin = qend;
+          qend = std::min(qbegin + pieces.piece, run_end);
+        }
+      }
+    });
+  });
+  at::parallel_for(0, channels, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc s = 0;
+      for (int64_t u = c; u < runs; u += channels) {
+        for (int64_t k = 0; k < parts; ++k) s += sums[u * parts + k];
+      }
+      out[c] = s;
+    }
+  });
+}
+
 at::Tensor noise_add(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
                      const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
                      int64_t replicas, std::optional<double> lo, std::optional<double> hi,
@@ -130,11 +205,26 @@ at::Tensor noise_mul(const at::Tensor& g, const at::Tensor& seed, const at::Tens
   return out;
 }
 
+at::Tensor noise_mul_sum(const at::Tensor& g, const at::Tensor& seed, const at::Tensor& offset,
+                         int64_t dist, int64_t inner, int64_t channels, int64_t segments) {
+  check_noise_mul_sum_args(g, seed, offset, dist, inner, channels, segments);
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out = at::zeros({channels}, gc.options().dtype(g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  if (gc.numel() == 0) return out;
+  const auto [s, o] = read_cpu_stream(seed, offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "noise_mul_sum", [&] {
+    noise_mul_sum_kernel(gc.const_data_ptr<scalar_t>(), out.data_ptr<acc_t<scalar_t>>(), gc.numel(), segments, inner,
+                         channels, static_cast<int>(dist), s, o);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(noisekernels, CPU, m) {
   m.impl("noise_add", &noise_add);
   m.impl("noise_mul", &noise_mul);
+  m.impl("noise_mul_sum", &noise_mul_sum);
 }
 
 }  // namespace noisekernels::cpu

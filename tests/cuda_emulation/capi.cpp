@@ -57,6 +57,12 @@ int nk_noise_mul(const void* grad, void* out, int dtype, int64_t n, int64_t segm
   return nk::launch_noise_mul(grad, out, dtype_of(dtype), n, segments, dist, seed, offset, nullptr);
 }
 
+int nk_noise_mul_sum(const void* grad, void* out, void* workspace, int dtype, int64_t n, int64_t segments,
+                     int64_t inner, int64_t channels, int dist, const int64_t* seed, const int64_t* offset) {
+  return nk::launch_noise_mul_sum(grad, out, workspace, dtype_of(dtype), n, segments, inner, channels, dist, seed,
+                                  offset, nullptr);
+}
+
 int nk_noise_add_foreach(const int64_t* meta, int64_t k, int64_t total, const void* scales, int dtype, int dist,
                          const int64_t* seed, const int64_t* offset) {
   return nk::launch_noise_add_foreach(meta, k, total, scales, dtype_of(dtype), dist, seed, offset, nullptr);

@@ -54,6 +54,19 @@ cudaError_t launch_noise_mul(const void* grad, void* out, DType dtype, int64_t n
                              int dist, const int64_t* seed, const int64_t* offset,
                              cudaStream_t stream);
 
+// The learnable scale's gradient: out[c] = sum of grad[i] * eps_i over the elements i of entry c
+// ((i / inner) % channels, n a multiple of inner * channels), in a fixed order; out and workspace
+// (noise_mul_sum_workspace(n, inner, channels) values) are double for kFloat64 grad, else float.
+constexpr int64_t kNoiseMulSumPiece = 4096;  // elements one block sums
+inline int64_t noise_mul_sum_workspace(int64_t n, int64_t inner, int64_t channels) {
+  if (n == 0) return 0;
+  if (channels == 1) inner = n;
+  return n / inner * ((inner + kNoiseMulSumPiece - 1) / kNoiseMulSumPiece);
+}
+cudaError_t launch_noise_mul_sum(const void* grad, void* out, void* workspace, DType dtype, int64_t n,
+                                 int64_t segments, int64_t inner, int64_t channels, int dist,
+                                 const int64_t* seed, const int64_t* offset, cudaStream_t stream);
+
 }  // namespace noisekernels::cuda
 
 namespace noisekernels::cuda {
