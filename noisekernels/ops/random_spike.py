@@ -93,8 +93,12 @@ def _(grad, mask):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-def _save_mask(ctx, mask):
-    ctx.save_for_backward(mask)
+def _save_output_mask(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _save_input_mask(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
 
 
 def _masked(ctx, grad):
@@ -110,9 +114,8 @@ def _spike_backward_backward(ctx, grad):
     return _masked(ctx, grad), None  # the backward is linear in grad: its gradient is itself
 
 
-register_autograd("random_spike", _spike_backward, setup_context=lambda ctx, inputs, output: _save_mask(ctx, output[1]))
-register_autograd("random_spike_backward", _spike_backward_backward,
-                  setup_context=lambda ctx, inputs, output: _save_mask(ctx, inputs[1]))
+register_autograd("random_spike", _spike_backward, setup_context=_save_output_mask)
+register_autograd("random_spike_backward", _spike_backward_backward, setup_context=_save_input_mask)
 
 
 def spike_groups(x, range, replicas):
