@@ -161,7 +161,8 @@ def random_spike_backward(grad, mask, *, backend=None):
     mask is set), exactly 0 where it was spiked."""
     check_floating_tensor(grad, "grad")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.uint8:
-        raise TypeError(f"mask must be a uint8 tensor (random_spike's packed mask), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a uint8 tensor (random_spike's packed mask), got {got}")
     if mask.shape != (-(-grad.numel() // 8),):
         raise ValueError(f"mask must have shape ({-(-grad.numel() // 8)},) (one bit per element of grad, "
                          f"{grad.numel()} elements), got {tuple(mask.shape)}")

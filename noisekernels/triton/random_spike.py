@@ -2,9 +2,9 @@
 
 Forward: per-program finite min/max partials of each group (in float64 for float64 x, else
 float32), reduced on the device by amin/amax, then the spike pass over BLOCK elements per program:
-two elements per counter ((w0, w1) and (w2, w3): keep test, value), one tl.rand4x per counter where
-segments hold an even number of elements (element e is then lane e % 2 of counter e // 2), else
-one per element. The keep tests are packed 8 per byte (element i at bit i % 8 of byte i // 8) for
+two elements per counter ((w0, w1) and (w2, w3): keep test, value), one tl.rand4x per counter for
+one segment or segments of an even size (element e is then lane e % 2 of counter e // 2), else one
+per element. The keep tests are packed 8 per byte (element i at bit i % 8 of byte i // 8) for
 the backward, a masked copy of grad. Launched with enable_fp_fusion=False so lo + u * (hi - lo)
 rounds exactly as on the CPU (no FMA)."""
 
@@ -36,7 +36,7 @@ def _random_spike_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, seed_ptr, off
     pid = tl.program_id(0).to(tl.int64)
     e = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     seed, offset = tl.load(seed_ptr), tl.load(offset_ptr)
-    if PAIRED:  # segments of even size: elements 2c and 2c + 1 share counter c
+    if PAIRED:  # elements 2c and 2c + 1 share counter c
         c = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2).to(tl.int64)
         u0, u1, u2, u3 = tl.rand4x(seed, offset + c)
         keep_u, value_u = tl.interleave(u0, u2), tl.interleave(u1, u3)
@@ -93,8 +93,9 @@ def random_spike(x, p, seed, offset, groups, segments):
     if n:
         lo, hi = group_minmax(x, groups)
         size = n // segments
+        paired = segments == 1 or size % 2 == 0
         _random_spike_kernel[(triton.cdiv(n, BLOCK),)](x, out, mask, lo, hi, seed, offset, n, size, triton.cdiv(size, 2),
-                                                       n // groups, p, BLOCK=BLOCK, PAIRED=size % 2 == 0,
+                                                       n // groups, p, BLOCK=BLOCK, PAIRED=paired,
                                                        enable_fp_fusion=False)
     return out, mask
 
