@@ -134,7 +134,7 @@ def call_op(name, backend, device, *args):
     head = [None if isinstance(a, list) else a for a in args]
     tail = [t for k, _ in lists for t in args[k]]
     out = _DirectCall.apply(*head, *tail, (name, chosen, len(args), lists))
-    return list(out) if isinstance(out, tuple) else out
+    return list(out) if _SCHEMAS[name].endswith("-> Tensor[]") else out  # apply returns a list output as a tuple
 
 
 def _python_kernel(name, backend):
@@ -167,6 +167,7 @@ class _DirectCall(torch.autograd.Function):
         for k, n in lists:
             args[k], i = list(inputs[i:i + n]), i + n
         out = _python_kernel(name, backend)(*args)
+        # A Tensor[] output's backward takes one list of gradients; a tuple output's, one per output.
         ctx.name, ctx.lists, ctx.list_output = name, lists, isinstance(out, list)
         _AUTOGRAD[name][0](ctx, args, out)
         ctx.backend = backend
@@ -174,7 +175,8 @@ class _DirectCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        result = list(_AUTOGRAD[ctx.name][1](ctx, list(grads) if ctx.list_output else grads[0]))
+        backward = _AUTOGRAD[ctx.name][1]
+        result = list(backward(ctx, list(grads)) if ctx.list_output else backward(ctx, *grads))
         tail = []
         for k, n in ctx.lists:
             tail.extend([None] * n if result[k] is None else result[k])

@@ -115,8 +115,8 @@ class Emulated:
         sig = {
             "nk_philox4x32": [p, p, p, i64],
             "nk_philox_fill": [p, i32, i64, i64, p, p, i32],
-            "nk_random_spike": [p, p, i32, i64, i64, i64, f32, p, p, p],
-            "nk_random_spike_backward": [p, p, i32, i64, i64, f32, p, p],
+            "nk_random_spike": [p, p, p, i32, i64, i64, i64, f32, p, p, p],
+            "nk_random_spike_backward": [p, p, p, i32, i64],
             "nk_noise_add": [p, p, p, i32, i64, i64, i64, i64, i64, i32, i32, f64, f64, p, p],
             "nk_noise_mul": [p, p, i32, i64, i64, i32, p, p],
             "nk_noise_mul_sum": [p, p, p, i32, i64, i64, i64, i64, i32, p, p],
@@ -162,17 +162,16 @@ class Emulated:
         seed, offset = _stream(seed, offset)
         xc = x.contiguous()
         out = torch.empty_like(xc)
+        mask = torch.empty((xc.numel() + 7) // 8, dtype=torch.uint8)
         workspace = torch.empty(2 * groups, dtype=torch.int64)
-        self.check(self.lib.nk_random_spike(_ptr(xc), _ptr(out), DTYPES[x.dtype], xc.numel(), groups, segments, p,
-                                            _ptr(seed), _ptr(offset), _ptr(workspace)))
-        return out
+        self.check(self.lib.nk_random_spike(_ptr(xc), _ptr(out), _ptr(mask), DTYPES[x.dtype], xc.numel(), groups,
+                                            segments, p, _ptr(seed), _ptr(offset), _ptr(workspace)))
+        return out, mask
 
-    def random_spike_backward(self, grad, p, seed, offset, segments):
-        seed, offset = _stream(seed, offset)
-        gc = grad.contiguous()
+    def random_spike_backward(self, grad, mask):
+        gc, mc = grad.contiguous(), mask.contiguous()
         out = torch.empty_like(gc)
-        self.check(self.lib.nk_random_spike_backward(_ptr(gc), _ptr(out), DTYPES[grad.dtype], gc.numel(), segments, p,
-                                                     _ptr(seed), _ptr(offset)))
+        self.check(self.lib.nk_random_spike_backward(_ptr(gc), _ptr(mc), _ptr(out), DTYPES[grad.dtype], gc.numel()))
         return out
 
     def noise_add(self, x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments):

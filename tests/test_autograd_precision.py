@@ -124,7 +124,8 @@ def test_explicit_backend_random_spike_is_differentiable(backend, device):
     x = torch.randn(6, 20, device=device)
     (gx,) = _assert_same_as_native(lambda x, backend: random_spike(x, 0.6, SEED, OFFSET, backend=backend), backend, x)
     assert (gx == 0).any() and (gx != 0).any()
-    _assert_same_as_native(lambda g, backend: random_spike_backward(g, 0.6, SEED, OFFSET, backend=backend), backend, x)
+    _, mask = random_spike(x.cpu(), 0.6, SEED, OFFSET, return_mask=True)
+    _assert_same_as_native(lambda g, backend: random_spike_backward(g, mask.to(g.device), backend=backend), backend, x)
 
 
 @pytest.mark.parametrize("backend,device", PYTHON_BACKENDS)
@@ -172,7 +173,8 @@ def _opcheck_cases():
     scale = torch.rand(3, requires_grad=True)
     return {
         "random_spike": [(x, 0.7, seed, offset, 2, 2), (x, 0.7, seed, offset, 1, 1)],
-        "random_spike_backward": [(x, 0.7, seed, offset, 1), (x, 0.7, seed, offset, 4)],
+        "random_spike_backward": [(x, torch.ops.noisekernels.random_spike(x.detach(), 0.7, seed, offset, 1, 4)[1]),
+                                  (half, torch.ops.noisekernels.random_spike(half.detach(), 0.7, seed, offset, 1, 1)[1])],
         "noise_add": [(x, scale, seed, offset, 1, 5, 3, 2, -0.5, 0.5, 2), (half, scale, seed, offset, 0, 5, 3, 1, 0.0, 1.0, 1),
                       (half, scale, seed, offset, 2, 5, 3, 3, None, None, 3)],
         "noise_mul": [(x, seed, offset, 0, 1), (half, seed, offset, 2, 2)],

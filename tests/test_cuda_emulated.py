@@ -14,7 +14,7 @@ from emulated_cuda import Emulated
 from noisekernels.ops.noise_add import noise_add_reference, noise_mul_reference, noise_mul_sum_reference
 from noisekernels.ops.noise_add_foreach import noise_add_foreach_reference
 from noisekernels.ops.random import philox4x32_reference, philox_normal_reference, philox_uniform_reference
-from noisekernels.ops.random_spike import random_spike_backward_reference, random_spike_reference
+from noisekernels.ops.random_spike import random_spike_backward_reference, random_spike_reference, unpack_mask
 from noisekernels.ops.replica_reduce import replica_reduce_reference
 
 # Each launcher (a method of Emulated, taking the reference's arguments) and the op it must match.
@@ -73,6 +73,12 @@ def assert_bit_equal(got, expected, label):
     assert torch.equal(got.nan_to_num(), expected.nan_to_num()), label
 
 
+def assert_spike_equal(got, expected, label):
+    """random_spike's (output, packed keep mask)."""
+    assert_bit_equal(got[0], expected[0], label)
+    assert got[1].dtype == torch.uint8 and torch.equal(got[1], expected[1]), label
+
+
 def assert_normals_close(got, expected, label):
     # libm's logf/cosf against torch's vectorised ones: a few ulp (8 ulp of the largest normal, ~5.5).
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(expected.dtype, 4e-6)
@@ -117,8 +123,9 @@ def test_uniform_and_normal_fill(emu, dtype, offset):
 
 
 # (numel, groups): one group over one to many blocks (and past the small_grid's block cap), many
-# groups of odd sizes, groups smaller than a warp.
-SPIKE_CASES = [(1, 1), (257, 1), (4099, 1), (70001, 1), (7 * 33, 7), (300 * 5, 300), (3 * 600, 3), (2 * 4097, 2)]
+# groups of odd sizes, groups smaller than a warp, groups of one element; numel off multiples of 8.
+SPIKE_CASES = [(1, 1), (257, 1), (4099, 1), (70001, 1), (7 * 33, 7), (300 * 5, 300), (3 * 600, 3), (2 * 4097, 2),
+               (13, 13)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -126,9 +133,10 @@ SPIKE_CASES = [(1, 1), (257, 1), (4099, 1), (70001, 1), (7 * 33, 7), (300 * 5, 3
 def test_random_spike(emu, dtype, numel, groups):
     x = _x((groups, numel // groups), dtype)
     seed, offset = stream(77, 2**32 - 1000)
-    for segments in {1, groups}:  # one segment, and one per group (odd S where the group size is odd)
-        check(assert_bit_equal, emu, "random_spike", x, 0.6, seed, offset, groups, segments)
-        check(assert_bit_equal, emu, "random_spike_backward", _x(x.shape, dtype, seed=1), 0.6, seed, offset, segments)
+    for segments in {1, groups}:  # one segment, and one per group (odd S where the group size is odd; S = 1)
+        check(assert_spike_equal, emu, "random_spike", x, 0.6, seed, offset, groups, segments)
+        _, mask = random_spike_reference(x, 0.6, seed, offset, groups, segments)
+        check(assert_bit_equal, emu, "random_spike_backward", _x(x.shape, dtype, seed=1), mask)
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
@@ -136,9 +144,10 @@ def test_random_spike_edge_probabilities(emu, p):
     x = _x((3, 257), torch.float32)
     seed, offset = stream(5, 0)
     results, expected = run(emu, "random_spike", x, p, seed, offset, 3, 3)
-    assert torch.equal(expected, x) == (p == 1.0)
+    assert torch.equal(expected[0], x) == (p == 1.0)
+    assert torch.equal(unpack_mask(expected[1], x.shape), torch.full(x.shape, p == 1.0))
     for label, got in results:
-        assert_bit_equal(got, expected, label)
+        assert_spike_equal(got, expected, label)
 
 
 @pytest.mark.parametrize("dtype,values", [(torch.float64, (1e300, 2e300)), (torch.float64, (0.3, 0.3)),
@@ -147,7 +156,7 @@ def test_random_spike_ranges_float32_cannot_hold(emu, dtype, values):
     """Issue 9: float64 min/max and values in float64; a range wider than the dtype's largest value."""
     x = torch.tensor(values, dtype=dtype).repeat(300)
     seed, offset = stream(3, 0)
-    check(assert_bit_equal, emu, "random_spike", x, 0.0, seed, offset, 1, 1)
+    check(assert_spike_equal, emu, "random_spike", x, 0.0, seed, offset, 1, 1)
 
 
 def test_random_spike_nan_inf(emu):
@@ -156,7 +165,7 @@ def test_random_spike_nan_inf(emu):
     x[1] = math.nan  # no finite value in this group: spiked units become NaN
     x[2, 299] = -math.inf
     seed, offset = stream(9, 123)
-    check(assert_bit_equal, emu, "random_spike", x, 0.5, seed, offset, 3, 1)
+    check(assert_spike_equal, emu, "random_spike", x, 0.5, seed, offset, 3, 1)
 
 
 # Scale layouts as noise_add passes them: (scale shape, inner, channels) for x of shape (4, 5, 7).

@@ -1,15 +1,16 @@
-"""random_spike against its reference on every backend (outputs, masks, gradients, bit for bit),
-its statistics, replica mode, NaN/Inf policy, strides, errors, the module and torch.compile."""
+"""random_spike against its reference on every backend (outputs, packed masks, gradients, bit for
+bit), its statistics, replica mode, NaN/Inf policy, strides, errors, the module and torch.compile."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import KERNEL_BACKENDS
 import noisekernels as nk
 from noisekernels import philox
-from noisekernels.ops.random_spike import random_spike, random_spike_backward
+from noisekernels.ops.random_spike import random_spike, random_spike_backward, unpack_mask
 
 SHAPES = [(1,), (7,), (3, 5), (4, 3, 5, 7), (6, 2, 1, 1), (2, 1537), (9, 4, 11)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -33,6 +34,13 @@ def _mask(p, seed, offset, n, segments=1):
     return philox.uniform_from_word(keep_words) < torch.tensor(p, dtype=torch.float32)
 
 
+def _unpacked(mask, n):
+    """The packed mask's bits as bools, by numpy's independent unpacking: element i at bit i % 8
+    (least significant first) of byte i // 8."""
+    assert mask.dtype == torch.uint8 and mask.shape == (-(-n // 8),)
+    return torch.from_numpy(np.unpackbits(mask.cpu().numpy(), bitorder="little")[:n].astype(bool))
+
+
 def _cases():
     for shape in SHAPES:
         for range_, replicas in MODES:
@@ -46,17 +54,39 @@ def _cases():
 @pytest.mark.parametrize("shape,range_,replicas", list(_cases()))
 def test_forward_and_backward_equal_reference(backend, device, dtype, shape, range_, replicas):
     x = _input(shape, dtype)
-    kw = dict(range=range_, replicas=replicas)
-    expected = random_spike(x, 0.6, 77, OFFSET, backend="reference", **kw)
-    got = random_spike(x.to(device), 0.6, 77, OFFSET, backend=backend, **kw)
+    kw = dict(range=range_, replicas=replicas, return_mask=True)
+    expected, expected_mask = random_spike(x, 0.6, 77, OFFSET, backend="reference", **kw)
+    got, mask = random_spike(x.to(device), 0.6, 77, OFFSET, backend=backend, **kw)
     assert got.dtype == dtype and got.shape == x.shape
-    assert torch.equal(got.cpu(), expected)
+    assert torch.equal(got.cpu(), expected) and torch.equal(mask.cpu(), expected_mask)
+    keep = _mask(0.6, 77, OFFSET, x.numel(), replicas)  # recomputed from the stream
+    assert torch.equal(_unpacked(mask, x.numel()), keep)
     g = _input(shape, dtype, seed=1)
-    expected_grad = random_spike_backward(g, 0.6, 77, OFFSET, replicas=replicas, backend="reference")
-    got_grad = random_spike_backward(g.to(device), 0.6, 77, OFFSET, replicas=replicas, backend=backend)
-    assert torch.equal(got_grad.cpu(), expected_grad)
-    keep = _mask(0.6, 77, OFFSET, x.numel(), replicas).view(shape)
-    assert torch.equal(expected_grad, torch.where(keep, g, torch.zeros((), dtype=dtype)))
+    expected_grad = torch.where(keep.view(shape), g, torch.zeros((), dtype=dtype))
+    assert torch.equal(random_spike_backward(g.to(device), mask, backend=backend).cpu(), expected_grad)
+    assert torch.equal(random_spike_backward(g, expected_mask, backend="reference"), expected_grad)
+    xg = x.to(device).requires_grad_()
+    random_spike(xg, 0.6, 77, OFFSET, backend=backend, range=range_, replicas=replicas).backward(g.to(device))
+    assert torch.equal(xg.grad.cpu(), expected_grad)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("shape,replicas", [((), 1), ((9,), 9), ((5, 1, 1), 5), ((3, 7), 3), ((2, 8), 2),
+                                            ((5, 3), 1), ((17,), 1), ((4, 9), 4)])
+def test_mask_bits_on_odd_sizes(backend, device, shape, replicas):
+    """The packed mask holds the recomputed keep test bit for bit where n is no multiple of 8 or 16,
+    segments are odd (S = 7, 3, 9) or single elements (S = 1), and for a 0-dim x; the gradient
+    through it is the masked grad."""
+    x = _input(shape, torch.float32)
+    n = x.numel()
+    y, mask = random_spike(x.to(device), 0.5, 13, OFFSET, replicas=replicas, backend=backend, return_mask=True)
+    keep = _mask(0.5, 13, OFFSET, n, replicas)
+    assert torch.equal(_unpacked(mask, n), keep)
+    assert torch.equal(unpack_mask(mask.cpu(), shape), keep.view(shape))
+    assert torch.equal(y.cpu()[keep.view(shape)], x[keep.view(shape)])
+    g = _input(shape, torch.float32, seed=2)
+    assert torch.equal(random_spike_backward(g.to(device), mask, backend=backend).cpu(),
+                       torch.where(keep.view(shape), g, torch.zeros(())))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -74,7 +104,9 @@ def test_edge_probabilities_and_empty(backend, device, p):
         for range_ in ("batch", "sample"):  # issue 9: an empty batch crashed the CPU sample range
             assert random_spike(empty, p, 3, 0, range=range_, backend=backend).shape == shape
         assert random_spike(empty, p, 3, 0, replicas=3 if shape[0] else 1, backend=backend).shape == shape
-        assert random_spike_backward(empty, p, 3, 0, backend=backend).shape == shape
+        out, mask = random_spike(empty, p, 3, 0, backend=backend, return_mask=True)
+        assert mask.dtype == torch.uint8 and mask.shape == (0,)
+        assert random_spike_backward(empty, mask, backend=backend).shape == shape
 
 
 def test_mask_and_gradient_follow_the_stream():
@@ -95,20 +127,35 @@ def test_mask_and_gradient_follow_the_stream():
 def test_double_backward_is_the_mask():
     """The gradient is linear in grad_output with the mask as its coefficient (and constant in x)."""
     x = _input((4, 9), torch.float64).requires_grad_()
-    y = random_spike(x, 0.5, 2, 0)
+    y, mask = random_spike(x, 0.5, 2, 0, return_mask=True)
     go = torch.ones_like(y).requires_grad_()
     (gx,) = torch.autograd.grad(y, x, go, create_graph=True)
     v = torch.randn_like(gx)
     (gg,) = torch.autograd.grad(gx, go, v)
-    assert torch.equal(gg, random_spike_backward(v, 0.5, 2, 0))
+    assert torch.equal(gg, random_spike_backward(v, mask))
+    assert torch.equal(gg, torch.where(_mask(0.5, 2, 0, x.numel()).view(x.shape), v, torch.zeros((), dtype=v.dtype)))
 
 
-def test_nothing_per_element_is_saved_for_backward():
-    x = torch.randn(64, 32, 14, 14, requires_grad=True)
+def test_backward_saves_only_the_packed_mask():
+    """One bit per element (eager code saves a bool mask: 8 times more), and it is the keep mask."""
+    x = torch.randn(63, 5, 13, 13, requires_grad=True)  # n = 53235: no multiple of 8
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        random_spike(x, 0.8, *nk.Stream(seed=1).reserve(x.numel()))
-    assert sum(t.numel() * t.element_size() for t in saved) == 16  # seed and offset
+        random_spike(x, 0.8, 1, 5)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.uint8, (-(-x.numel() // 8),))]
+    assert torch.equal(_unpacked(saved[0], x.numel()), _mask(0.8, 1, 5, x.numel()))
+
+
+def test_backward_mask_errors():
+    g = torch.randn(3, 7)
+    with pytest.raises(TypeError, match="mask must be a uint8 tensor"):
+        random_spike_backward(g, torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must have shape \(3,\) .* 21 elements\), got \(2,\)"):
+        random_spike_backward(g, torch.zeros(2, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match=r"mask must have shape \(3,\)"):
+        torch.ops.noisekernels.random_spike_backward(g, torch.zeros(1, 3, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="mask must be uint8"):
+        torch.ops.noisekernels.random_spike_backward(g, torch.zeros(3, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("make", [
@@ -210,7 +257,8 @@ def test_opcheck():
     for x, groups in ((torch.randn(4, 3, 5, requires_grad=True), 1), (torch.randn(6, 7, requires_grad=True), 3),
                       (torch.randn(2, 3, 4).transpose(0, 2).requires_grad_(), 4)):
         torch.library.opcheck(torch.ops.noisekernels.random_spike, (x, 0.7, seed, offset, groups, 2))
-        torch.library.opcheck(torch.ops.noisekernels.random_spike_backward, (x.detach(), 0.7, seed, offset, 2))
+        _, mask = torch.ops.noisekernels.random_spike(x.detach(), 0.7, seed, offset, groups, 2)
+        torch.library.opcheck(torch.ops.noisekernels.random_spike_backward, (x.detach(), mask))
 
 
 def test_module_train_eval_and_mc():

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include <noisekernels/cuda_launchers.h>
@@ -59,30 +60,29 @@ at::Tensor philox_fill(const at::Tensor& seed, const at::Tensor& offset, at::Int
   return out;
 }
 
-at::Tensor random_spike(const at::Tensor& x, double p, const at::Tensor& seed,
-                        const at::Tensor& offset, int64_t groups, int64_t segments) {
+std::tuple<at::Tensor, at::Tensor> random_spike(const at::Tensor& x, double p, const at::Tensor& seed,
+                                                const at::Tensor& offset, int64_t groups, int64_t segments) {
   check_random_spike_args(x, p, seed, offset, groups, segments);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
+  at::Tensor mask = at::empty({(xc.numel() + 7) / 8}, xc.options().dtype(at::kByte));
   at::Tensor workspace = at::empty({2 * groups}, xc.options().dtype(at::kLong));  // 64-bit keys fit all dtypes
   C10_CUDA_CHECK(launch_random_spike(
-      xc.const_data_ptr(), out.data_ptr(), to_dtype(xc.scalar_type()), xc.numel(), groups, segments,
-      static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
+      xc.const_data_ptr(), out.data_ptr(), mask.data_ptr<uint8_t>(), to_dtype(xc.scalar_type()), xc.numel(), groups,
+      segments, static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
       workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  return out;
+  return {out, mask};
 }
 
-at::Tensor random_spike_backward(const at::Tensor& grad, double p, const at::Tensor& seed,
-                                 const at::Tensor& offset, int64_t segments) {
-  check_random_spike_args(grad, p, seed, offset, 1, segments);
+at::Tensor random_spike_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  check_random_spike_backward_args(grad, mask);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor gc = grad.contiguous();
+  const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
   at::Tensor out = at::empty_like(gc);
-  C10_CUDA_CHECK(launch_random_spike_backward(
-      gc.const_data_ptr(), out.data_ptr(), to_dtype(gc.scalar_type()), gc.numel(), segments,
-      static_cast<float>(p), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
-      c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_random_spike_backward(gc.const_data_ptr(), mc.const_data_ptr<uint8_t>(), out.data_ptr(),
+                                              to_dtype(gc.scalar_type()), gc.numel(),
+                                              c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

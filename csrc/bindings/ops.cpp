@@ -48,6 +48,17 @@ void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& se
               seed.device(), " and ", x.device());
 }
 
+void check_random_spike_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
+  check_floating(grad.scalar_type(), "grad");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "random_spike_backward: mask must be uint8, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1 && mask.numel() == (grad.numel() + 7) / 8,
+              "random_spike_backward: mask must have shape (", (grad.numel() + 7) / 8,
+              ",) (one bit per element of grad), got ", mask.sizes());
+  TORCH_CHECK(mask.device() == grad.device(), "random_spike_backward: mask must be on grad's device, got ",
+              mask.device(), " and ", grad.device());
+}
+
 namespace {
 
 void check_dist(int64_t dist) {
@@ -139,10 +150,11 @@ TORCH_LIBRARY(noisekernels, m) {
   m.def("philox_normal(Tensor seed, Tensor offset, SymInt[] size, ScalarType dtype, int segments) -> Tensor");
   // Random Spiking: keep x where U(keep word) < p, else a uniform value in the finite [min, max]
   // of its group (x split into `groups` equal contiguous groups: 1 = batch, n = replicas,
-  // B = samples); two elements per counter, `segments` replica segments.
-  m.def("random_spike(Tensor x, float p, Tensor seed, Tensor offset, int groups, int segments) -> Tensor");
-  // Its gradient: grad where U(keep word) < p, else 0 (the mask is recomputed from the stream).
-  m.def("random_spike_backward(Tensor grad, float p, Tensor seed, Tensor offset, int segments) -> Tensor");
+  // B = samples); two elements per counter, `segments` replica segments. Also returns the keep
+  // mask packed in uint8: element i of the flat order at bit i % 8 of byte i // 8.
+  m.def("random_spike(Tensor x, float p, Tensor seed, Tensor offset, int groups, int segments) -> (Tensor, Tensor)");
+  // Its gradient: grad where the element's bit of the packed mask is set, else 0.
+  m.def("random_spike_backward(Tensor grad, Tensor mask) -> Tensor");
   // Additive noise: x + scale[(i / inner) % channels] * eps_i, eps of `dist` (0 gaussian N(0,1),
   // 1 uniform U(-1,1), 2 laplace(0,1)); `replicas` noisy copies of x, replica-major, each clipped
   // to [lo, hi] when given; the output forms `segments` segments of the stream.

@@ -18,9 +18,12 @@ void check_floating(at::ScalarType dtype, const char* name);
 // A call's segment count (ARCHITECTURE.md section 2): >= 1 and dividing numel.
 void check_segments(int64_t numel, int64_t segments);
 
-// random_spike's and random_spike_backward's arguments; the stream must be on x's device.
+// random_spike's arguments; the stream must be on x's device.
 void check_random_spike_args(const at::Tensor& x, double p, const at::Tensor& seed,
                              const at::Tensor& offset, int64_t groups, int64_t segments);
+
+// random_spike_backward's: mask is the forward's packed keep mask, ceil(numel / 8) uint8 bytes.
+void check_random_spike_backward_args(const at::Tensor& grad, const at::Tensor& mask);
 
 // noise_add's arguments: scale holds `channels` values in x's compute dtype (float64 for float64 x,
 // else float32); element i of replica r of x uses scale[(i / inner) % channels].

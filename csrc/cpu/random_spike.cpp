@@ -2,8 +2,9 @@
 // Forward: two passes, the copy floor (a min/max reduction, then one read and one write): finite
 // min/max per group, then per element keep x if U(keep word) < p, else lo + U(value word) *
 // (hi - lo) clamped to hi, in float64 for float64 x (float32 cannot hold its range), else float32.
-// Two elements per counter: (w0, w1) and (w2, w3). Backward recomputes the mask from (seed,
-// offset): nothing per element is saved.
+// Two elements per counter: (w0, w1) and (w2, w3). The forward also packs the keep tests into a
+// bit mask (element i at bit i % 8 of byte i // 8: 1/8 byte per element), so the backward is a
+// masked copy of grad at memory speed instead of a second pass of the generator.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,8 +12,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "../bindings/ops.h"
 #include "compute_type.h"
@@ -71,8 +78,34 @@ void group_minmax(const scalar_t* x, int64_t groups, int64_t group_size, acc* lo
   }
 }
 
+// Packs the keep tests (keep[i] < p) of a run of m elements starting at element `first` of the
+// call into mask. A run that starts a byte writes it whole (zeros above its last element); one
+// that starts inside a byte ORs into it: the same thread wrote its start, as every thread's range
+// of elements starts on a byte.
+void pack_keep(const float* keep, int64_t m, float p, int64_t first, uint8_t* mask) {
+  uint8_t* byte = mask + first / 8;
+  int64_t i = 0;
+  if (const int shift = static_cast<int>(first % 8)) {
+    unsigned bits = 0;
+    for (; i < m && shift + i < 8; ++i) bits |= static_cast<unsigned>(keep[i] < p) << (shift + i);
+    *byte++ |= static_cast<uint8_t>(bits);
+  }
+#ifdef __AVX512F__
+  const __m512 below = _mm512_set1_ps(p);
+  for (; i + 16 <= m; i += 16, byte += 2) {
+    const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(keep + i), below, _CMP_LT_OQ);
+    std::memcpy(byte, &k, 2);  // x86 is little-endian: elements i .. i + 7 in the first byte
+  }
+#endif
+  for (; i < m; i += 8) {
+    unsigned bits = 0;
+    for (int l = 0; l < 8 && i + l < m; ++l) bits |= static_cast<unsigned>(keep[i + l] < p) << l;
+    *byte++ = static_cast<uint8_t>(bits);
+  }
+}
+
 template <typename scalar_t, typename acc>
-void spike(const scalar_t* x, scalar_t* out, int64_t n, int64_t segments, int64_t group_size,
+void spike(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, int64_t segments, int64_t group_size,
            const acc* lo, const acc* hi, float p, uint64_t seed, uint64_t offset) {
   const PhiloxKeys keys(seed);
   const int64_t tiles = (n + kTile - 1) / kTile;
@@ -84,7 +117,8 @@ void spike(const scalar_t* x, scalar_t* out, int64_t n, int64_t segments, int64_
       for (int64_t i0 = 0; i0 < m;) {  // runs of one group inside the tile
         const int64_t g = (t + i0) / group_size;
         const int64_t i1 = std::min(m, (g + 1) * group_size - t);
-        // Locals, not captured references, so the loop vectorises (see spike_backward).
+        // Locals, not the lambda's captured references: otherwise every store may alias them and
+        // the loop stays scalar and branchy.
         const acc a = lo[g], b = hi[g], d = b - a;
         const float keep_below = p;
         const scalar_t* __restrict xs = x + t;
@@ -108,60 +142,75 @@ void spike(const scalar_t* x, scalar_t* out, int64_t n, int64_t segments, int64_
         }
         i0 = i1;
       }
+      pack_keep(u0 + skip, m, p, t, mask);
     });
   });
 }
 
+// out[i] = grad[i] where bit i of mask is set, else +0, for elements [begin, end) (begin on a
+// byte). Values move as bit patterns: kept elements are copied exactly, NaN payloads included.
 template <typename scalar_t>
-void spike_backward(const scalar_t* grad, scalar_t* out, int64_t n, int64_t segments, float p,
-                    uint64_t seed, uint64_t offset) {
-  const PhiloxKeys keys(seed);
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
-    alignas(64) float u0[kTile];
-    for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 2, offset,
-                 [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
-      spike_tile(keys, counter, run_counters(m, skip, 2), u0, nullptr);
-      // Locals, not the lambda's captured references: otherwise every store may alias them and
-      // the loop stays scalar and branchy.
-      const scalar_t* __restrict gs = grad + t;
-      scalar_t* __restrict os = out + t;
-      const float* __restrict keep = u0 + skip;
-      const float keep_below = p;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) os[i] = keep[i] < keep_below ? gs[i] : scalar_t(0);
-    });
-  });
+void masked_copy(const scalar_t* grad, const uint8_t* mask, scalar_t* out, int64_t begin, int64_t end) {
+  int64_t i = begin;
+#ifdef __AVX512F__
+  // Masked zeroing loads: one mask bit per lane, 64 bytes of grad per step.
+  if constexpr (sizeof(scalar_t) == 4) {
+    for (; i + 16 <= end; i += 16) {
+      __mmask16 k;
+      std::memcpy(&k, mask + i / 8, 2);
+      _mm512_storeu_si512(out + i, _mm512_maskz_loadu_epi32(k, grad + i));
+    }
+  } else if constexpr (sizeof(scalar_t) == 8) {
+    for (; i + 8 <= end; i += 8) {
+      _mm512_storeu_si512(out + i, _mm512_maskz_loadu_epi64(mask[i / 8], grad + i));
+    }
+  }
+#ifdef __AVX512BW__
+  if constexpr (sizeof(scalar_t) == 2) {
+    for (; i + 32 <= end; i += 32) {
+      __mmask32 k;
+      std::memcpy(&k, mask + i / 8, 4);
+      _mm512_storeu_si512(out + i, _mm512_maskz_loadu_epi16(k, grad + i));
+    }
+  }
+#endif
+#endif
+  for (; i < end; ++i) out[i] = (mask[i / 8] >> (i % 8)) & 1 ? grad[i] : scalar_t(0);
 }
 
-at::Tensor random_spike(const at::Tensor& x, double p, const at::Tensor& seed,
-                        const at::Tensor& offset, int64_t groups, int64_t segments) {
+std::tuple<at::Tensor, at::Tensor> random_spike(const at::Tensor& x, double p, const at::Tensor& seed,
+                                                const at::Tensor& offset, int64_t groups, int64_t segments) {
   check_random_spike_args(x, p, seed, offset, groups, segments);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
   const int64_t n = xc.numel();
-  if (n == 0) return out;
+  at::Tensor mask = at::empty({(n + 7) / 8}, xc.options().dtype(at::kByte));
+  if (n == 0) return {out, mask};
   const auto [s, o] = read_cpu_stream(seed, offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "random_spike", [&] {
     using acc = acc_t<scalar_t>;
     std::vector<acc> lo(groups), hi(groups);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     group_minmax(xp, groups, n / groups, lo.data(), hi.data());
-    spike(xp, out.data_ptr<scalar_t>(), n, segments, n / groups, lo.data(), hi.data(), static_cast<float>(p), s, o);
+    spike(xp, out.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), n, segments, n / groups, lo.data(), hi.data(),
+          static_cast<float>(p), s, o);
   });
-  return out;
+  return {out, mask};
 }
 
-at::Tensor random_spike_backward(const at::Tensor& grad, double p, const at::Tensor& seed,
-                                 const at::Tensor& offset, int64_t segments) {
-  check_random_spike_args(grad, p, seed, offset, 1, segments);
-  const at::Tensor gc = grad.contiguous();
+at::Tensor random_spike_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  check_random_spike_backward_args(grad, mask);
+  const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
   at::Tensor out = at::empty_like(gc);
   const int64_t n = gc.numel();
-  if (n == 0) return out;
-  const auto [s, o] = read_cpu_stream(seed, offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "random_spike_backward", [&] {
-    spike_backward(gc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, segments, static_cast<float>(p), s, o);
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const uint8_t* mp = mc.const_data_ptr<uint8_t>();
+    // Chunks of whole bytes of the mask, 32 KiB of float32 grad at least.
+    at::parallel_for(0, (n + 7) / 8, 1024, [&](int64_t b0, int64_t b1) {
+      masked_copy(gp, mp, op, b0 * 8, std::min(n, b1 * 8));
+    });
   });
   return out;
 }

@@ -1,17 +1,20 @@
 """Triton kernels of random_spike and random_spike_backward (Random Spiking).
 
 Forward: per-program finite min/max partials of each group (in float64 for float64 x, else
-float32), reduced on the device by amin/amax, then the spike pass: one tl.rand4x per counter, two
-elements per counter ((w0, w1) and (w2, w3): keep test, value). Launched with
-enable_fp_fusion=False so lo + u * (hi - lo) rounds exactly as on the CPU (no FMA)."""
+float32), reduced on the device by amin/amax, then the spike pass over BLOCK elements per program:
+two elements per counter ((w0, w1) and (w2, w3): keep test, value), one tl.rand4x per counter for
+one segment or segments of an even size (element e is then lane e % 2 of counter e // 2), else one
+per element. The keep tests are packed 8 per byte (element i at bit i % 8 of byte i // 8) for
+the backward, a masked copy of grad. Launched with enable_fp_fusion=False so lo + u * (hi - lo)
+rounds exactly as on the CPU (no FMA)."""
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import round_to, segment_elements
+from .common import round_to
 
-BLOCK = 512  # counters per program
+BLOCK = 1024  # elements per program: a multiple of 8, so programs own whole bytes of the mask
 REDUCE_BLOCK = 4096
 
 
@@ -28,7 +31,22 @@ def _group_minmax_kernel(x_ptr, lo_ptr, hi_ptr, group_size, per_group, BLOCK: tl
 
 
 @triton.jit
-def _spike_one(x_ptr, out_ptr, lo_ptr, hi_ptr, e, live, group_size, keep_u, value_u, p):
+def _random_spike_kernel(x_ptr, out_ptr, mask_ptr, lo_ptr, hi_ptr, seed_ptr, offset_ptr, n, size, per_segment,
+                         group_size, p, BLOCK: tl.constexpr, PAIRED: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    e = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    seed, offset = tl.load(seed_ptr), tl.load(offset_ptr)
+    if PAIRED:  # elements 2c and 2c + 1 share counter c
+        c = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2).to(tl.int64)
+        u0, u1, u2, u3 = tl.rand4x(seed, offset + c)
+        keep_u, value_u = tl.interleave(u0, u2), tl.interleave(u1, u3)
+    else:  # element j of segment k: lanes (w0, w1) or (w2, w3) of counter k * per_segment + j // 2
+        k = e // size
+        j = e - k * size
+        u0, u1, u2, u3 = tl.rand4x(seed, offset + k * per_segment + j // 2)
+        odd = (j % 2) == 1
+        keep_u, value_u = tl.where(odd, u2, u0), tl.where(odd, u3, u1)
+    live = e < n
     x = tl.load(x_ptr + e, mask=live, other=0.0)
     g = e // group_size
     lo = tl.load(lo_ptr + g, mask=live, other=0.0)
@@ -38,35 +56,21 @@ def _spike_one(x_ptr, out_ptr, lo_ptr, hi_ptr, e, live, group_size, keep_u, valu
     wide = tl.abs(d) == float("inf")  # a range wider than the dtype's largest value
     v = tl.where(wide, (lo - u * lo) + u * hi, lo + u * d)
     v = tl.where(v > hi, hi, v)
-    tl.store(out_ptr + e, tl.where(keep_u < p, x, round_to(v, x.dtype)), mask=live)
+    keep = live & (keep_u < p)
+    tl.store(out_ptr + e, tl.where(keep, x, round_to(v, x.dtype)), mask=live)
+    bits = tl.reshape(keep.to(tl.int32), (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
+    b = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
+    tl.store(mask_ptr + b, tl.sum(bits, axis=1).to(tl.uint8), mask=b * 8 < n)
 
 
 @triton.jit
-def _random_spike_kernel(x_ptr, out_ptr, lo_ptr, hi_ptr, seed_ptr, offset_ptr, total, size, per_segment,
-                         group_size, p, BLOCK: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    live = c < total
-    first, j = segment_elements(c, size, per_segment, 2)
-    u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), tl.load(offset_ptr) + c)
-    _spike_one(x_ptr, out_ptr, lo_ptr, hi_ptr, first, live & (j < size), group_size, u0, u1, p)
-    _spike_one(x_ptr, out_ptr, lo_ptr, hi_ptr, first + 1, live & (j + 1 < size), group_size, u2, u3, p)
-
-
-@triton.jit
-def _mask_one(grad_ptr, out_ptr, e, live, keep):
+def _random_spike_backward_kernel(grad_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    live = e < n
+    bits = tl.load(mask_ptr + e // 8, mask=live, other=0).to(tl.int32)
+    keep = ((bits >> (e % 8).to(tl.int32)) & 1) != 0
     g = tl.load(grad_ptr + e, mask=live, other=0.0)
     tl.store(out_ptr + e, tl.where(keep, g, tl.zeros_like(g)), mask=live)
-
-
-@triton.jit
-def _random_spike_backward_kernel(grad_ptr, out_ptr, seed_ptr, offset_ptr, total, size, per_segment, p,
-                                  BLOCK: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    live = c < total
-    first, j = segment_elements(c, size, per_segment, 2)
-    u0, _, u2, _ = tl.rand4x(tl.load(seed_ptr), tl.load(offset_ptr) + c)
-    _mask_one(grad_ptr, out_ptr, first, live & (j < size), u0 < p)
-    _mask_one(grad_ptr, out_ptr, first + 1, live & (j + 1 < size), u2 < p)
 
 
 def group_minmax(x, groups):
@@ -81,30 +85,25 @@ def group_minmax(x, groups):
     return lo.view(groups, per_group).amin(1), hi.view(groups, per_group).amax(1)
 
 
-def _geometry(n, segments):
-    size = n // segments
-    per_segment = triton.cdiv(size, 2)
-    return size, per_segment, segments * per_segment
-
-
 def random_spike(x, p, seed, offset, groups, segments):
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
+    mask = torch.empty(triton.cdiv(n, 8), dtype=torch.uint8, device=x.device)
     if n:
         lo, hi = group_minmax(x, groups)
-        size, per_segment, total = _geometry(n, segments)
-        _random_spike_kernel[(triton.cdiv(total, BLOCK),)](x, out, lo, hi, seed, offset, total, size, per_segment,
-                                                           n // groups, p, BLOCK=BLOCK, enable_fp_fusion=False)
-    return out
+        size = n // segments
+        paired = segments == 1 or size % 2 == 0
+        _random_spike_kernel[(triton.cdiv(n, BLOCK),)](x, out, mask, lo, hi, seed, offset, n, size, triton.cdiv(size, 2),
+                                                       n // groups, p, BLOCK=BLOCK, PAIRED=paired,
+                                                       enable_fp_fusion=False)
+    return out, mask
 
 
-def random_spike_backward(grad, p, seed, offset, segments):
+def random_spike_backward(grad, mask):
     grad = grad.contiguous()
     out = torch.empty_like(grad)
     n = grad.numel()
     if n:
-        size, per_segment, total = _geometry(n, segments)
-        _random_spike_backward_kernel[(triton.cdiv(total, BLOCK),)](grad, out, seed, offset, total, size, per_segment,
-                                                                    p, BLOCK=BLOCK)
+        _random_spike_backward_kernel[(triton.cdiv(n, BLOCK),)](grad, mask.contiguous(), out, n, BLOCK=BLOCK)
     return out

@@ -35,14 +35,14 @@ int nk_philox_fill(void* out, int dtype, int64_t n, int64_t segments, const int6
   return nk::launch_philox_fill(out, dtype_of(dtype), n, segments, seed, offset, normal != 0, nullptr);
 }
 
-int nk_random_spike(const void* x, void* out, int dtype, int64_t n, int64_t groups, int64_t segments, float p,
-                    const int64_t* seed, const int64_t* offset, void* workspace) {
-  return nk::launch_random_spike(x, out, dtype_of(dtype), n, groups, segments, p, seed, offset, workspace, nullptr);
+int nk_random_spike(const void* x, void* out, uint8_t* mask, int dtype, int64_t n, int64_t groups, int64_t segments,
+                    float p, const int64_t* seed, const int64_t* offset, void* workspace) {
+  return nk::launch_random_spike(x, out, mask, dtype_of(dtype), n, groups, segments, p, seed, offset, workspace,
+                                 nullptr);
 }
 
-int nk_random_spike_backward(const void* grad, void* out, int dtype, int64_t n, int64_t segments, float p,
-                             const int64_t* seed, const int64_t* offset) {
-  return nk::launch_random_spike_backward(grad, out, dtype_of(dtype), n, segments, p, seed, offset, nullptr);
+int nk_random_spike_backward(const void* grad, const uint8_t* mask, void* out, int dtype, int64_t n) {
+  return nk::launch_random_spike_backward(grad, mask, out, dtype_of(dtype), n, nullptr);
 }
 
 int nk_noise_add(const void* x, const void* scale, void* out, int dtype, int64_t numel_x, int64_t replicas,

@@ -27,15 +27,15 @@ namespace noisekernels::cuda {
 // Random Spiking forward: finite min/max of each of `groups` equal contiguous groups of x into
 // `workspace` (2 * groups 64-bit words, order-preserving keys, no host round trip), then each
 // element keeps x where U(keep word) < p, else lo + U(value word) * (hi - lo) clamped to hi; two
-// elements per counter, `segments` segments.
-cudaError_t launch_random_spike(const void* x, void* out, DType dtype, int64_t n, int64_t groups,
-                                int64_t segments, float p, const int64_t* seed,
+// elements per counter, `segments` segments. mask (ceil(n / 8) bytes) gets the keep tests packed:
+// element i at bit i % 8 of byte i / 8.
+cudaError_t launch_random_spike(const void* x, void* out, uint8_t* mask, DType dtype, int64_t n,
+                                int64_t groups, int64_t segments, float p, const int64_t* seed,
                                 const int64_t* offset, void* workspace, cudaStream_t stream);
 
-// Random Spiking backward: grad where U(keep word) < p, else 0.
-cudaError_t launch_random_spike_backward(const void* grad, void* out, DType dtype, int64_t n,
-                                         int64_t segments, float p, const int64_t* seed,
-                                         const int64_t* offset, cudaStream_t stream);
+// Random Spiking backward: grad where the element's bit of the forward's mask is set, else 0.
+cudaError_t launch_random_spike_backward(const void* grad, const uint8_t* mask, void* out, DType dtype,
+                                         int64_t n, cudaStream_t stream);
 
 }  // namespace noisekernels::cuda
 
