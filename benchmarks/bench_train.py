@@ -6,7 +6,7 @@ train with the preset's loss (A2SNN's CE - l1*ME - l2*WCA).
 
 Models come from the zoo through the presets: RSE on the VGG-style net (1/8 width), RS-1 on the
 same net (spike after conv1), A2SNN on ResNet-18 (width 8) with the 32-d layer. Goals on CPU:
-RSE >= 1.2x, never slower (>= 1.0x) for any scheme. Ratios are paired rounds (eager step, then
+RSE >= 1.2x, never slower (>= 1.0x) for any scheme. Ratios are paired rounds (eager step and
 ours, back to back; median of the per-round ratios), so they hold on a loaded machine."""
 
 import types
@@ -19,7 +19,7 @@ from torch import nn
 import noisekernels as nk
 from noisekernels import defenses
 
-ROUNDS = 9
+ROUNDS = 16
 BATCH = 128
 CIFAR = types.SimpleNamespace(shape=(3, 32, 32), num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 MODELS = {"rse": ("vgg", {"width": 1 / 8}), "rs1": ("vgg", {"width": 1 / 8}), "a2snn": ("resnet18", {"width": 8})}

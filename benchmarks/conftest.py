@@ -18,16 +18,18 @@ from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, MODE_NAME
 
 def paired_ratio(ours, baseline, rounds, sync=lambda: None):
     """Median over rounds of baseline time / ours time, the two run back to back in each round, so
-    both see the same load on a shared machine (long runs drift far more than short ones)."""
+    both see the same load on a shared machine (long runs drift far more than short ones). The
+    order alternates between rounds: whichever runs second gains or loses a percent or two (caches,
+    the allocator), which alternation cancels."""
     ratios = []
-    for _ in range(rounds):
-        times = []
-        for fn in (baseline, ours):
+    for i in range(rounds):
+        times = {}
+        for name, fn in (("baseline", baseline), ("ours", ours))[::1 if i % 2 == 0 else -1]:
             start = time.perf_counter()
             fn()
             sync()
-            times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
+            times[name] = time.perf_counter() - start
+        ratios.append(times["baseline"] / times["ours"])
     return statistics.median(ratios)
 
 
