@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 import torchattacks
-from conftest import DEVICES, MODE, paired_ratio, sync
+from conftest import DEVICES, MODE, full_size_goal, paired_ratio, sync
 from torch import nn
 
 import noisekernels as nk
@@ -118,8 +118,9 @@ def test_eot_pgd(benchmark, defense, device):
     # Crafting time on both sides: ours.perturb leaves out the MC verdict (attack.success), which
     # torchattacks does not compute.
     benchmark.extra_info["paired"] = {"torchattacks.EOTPGD": (paired_ratio(lambda: ours.perturb(x, y), lambda: theirs(x, y), 3, wait),
-                                                              GOALS[device].get(defense))}
+                                                              full_size_goal(GOALS[device].get(defense)))}
     # Reported (met / MISSED), not asserted: it is a statistical comparison.
     benchmark.extra_info["note"] = (f"clean {clean:.3f}, robust accuracy noisekernels {acc_ours:.3f}, torchattacks "
-                                    f"{acc_theirs:.3f}: within 3 points: {'met' if abs(acc_ours - acc_theirs) <= 0.03 else 'MISSED'}")
+                                    f"{acc_theirs:.3f}" + ("" if full_size_goal(True) is None else  # 800 inputs: fine enough for 3 points
+                                                            f": within 3 points: {'met' if abs(acc_ours - acc_theirs) <= 0.03 else 'MISSED'}"))
     benchmark.pedantic(lambda: (ours.perturb(x, y), wait()), rounds=1, iterations=1)

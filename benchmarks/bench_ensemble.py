@@ -9,7 +9,7 @@ how many: the suite's mode). Peak memory of both is measured in fresh processes 
 
 import pytest
 import torch
-from conftest import DEVICES, MODE, paired_ratio, sync
+from conftest import DEVICES, MODE, full_size_goal, paired_ratio, sync
 from torch import nn
 
 import noisekernels as nk
@@ -43,7 +43,7 @@ def _bench(benchmark, group, defense, device, batched, loop):
     benchmark.extra_info["impl"] = "batched"
     batched(), loop()  # warm up (and plan the model)
     benchmark.extra_info["paired"] = {"loop": (paired_ratio(batched, loop, MODE.paired_rounds, wait),
-                                                GOALS[device].get(defense))}
+                                                full_size_goal(GOALS[device].get(defense)))}
     benchmark.pedantic(lambda: (batched(), wait()), rounds=3, iterations=1)
 
 

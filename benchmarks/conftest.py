@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, MODE_NAME, sync  # noqa: E402,F401
+from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, MODE_NAME, full_size_goal, sync  # noqa: E402,F401
 
 
 def paired_ratio(ours, baseline, rounds, sync=lambda: None):

@@ -184,11 +184,20 @@ def get(name):
     raise ValueError(f"defense must be one of {NAMES}, got {name!r}")
 
 
+# Options that are probabilities (Random Spiking's keep, dropout's p and rsd1's dropout).
+PROBABILITY_OPTIONS = ("keep", "p", "dropout")
+# Options renamed since runs were first saved: the old name gets an error that names the new one.
+RENAMED_OPTIONS = {"rs1": {"p": "keep"}, "rsd1": {"p": "keep"}}
+
+
 def _check_option(key, value, default):
     if default is None or isinstance(default, float):
         if value is None and default is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if key in PROBABILITY_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"option {key} must be a probability in [0, 1], got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"option {key} must be a finite number >= 0, got {value!r}")
         return float(value)
     if isinstance(default, int) and not isinstance(default, bool):
@@ -203,6 +212,11 @@ def _check_option(key, value, default):
 def resolve_options(preset, options=None):
     """The preset's defaults updated by `options`; unknown keys and bad values are clear errors."""
     options = dict(options or {})
+    base = preset.name[:-len(ADV_SUFFIX)] if preset.name.endswith(ADV_SUFFIX) else preset.name
+    for old, new in RENAMED_OPTIONS.get(base, {}).items():
+        if old in options:
+            raise ValueError(f"option {old} of defense {preset.name!r} is now called {new} (the probability a unit is "
+                             f"kept, the opposite of dropout's p): use {new}={options[old]!r}")
     unknown = sorted(set(options) - set(preset.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for defense {preset.name!r}; accepted: {sorted(preset.options)}")

@@ -103,7 +103,8 @@ def test_bench(runs, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--defense", "magic"], "invalid choice: 'magic'"),
-    (["train", "--defense", "rs1", "--set", "keep=2"], "keep must be in [0, 1]"),
+    (["train", "--defense", "rs1", "--set", "keep=2"], "option keep must be a probability in [0, 1]"),
+    (["train", "--defense", "rs1", "--set", "p=0.8"], "option p of defense 'rs1' is now called keep"),
     (["train", "--defense", "rs1", "--set", "sigma=0.1"], "unknown option(s) ['sigma'] for defense 'rs1'"),
     (["train", "--set", "novalue"], "--set takes key=value"),
     (["train", "--batch-size", "0"], "--batch-size: must be an int >= 1"),

@@ -228,10 +228,12 @@ def test_spike_statistics_1e7():
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(4, 3)
     for p in (1.5, -0.1, math.nan):
-        with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"keep must be in \[0, 1\]"):
             random_spike(x, p, 0, 0)
-    with pytest.raises(TypeError, match="p must be a float"):
+    with pytest.raises(TypeError, match="keep must be a float"):
         random_spike(x, "0.5", 0, 0)
+    with pytest.raises(TypeError, match="return_mask must be a bool"):
+        random_spike(x, 0.5, 0, 0, return_mask="no")
     with pytest.raises(TypeError, match="x.dtype must be one of"):
         random_spike(torch.ones(3, dtype=torch.int64), 0.5, 0, 0)
     with pytest.raises(ValueError, match="range must be one of"):
@@ -240,7 +242,7 @@ def test_bad_arguments_raise_clear_errors():
         random_spike(x, 0.5, 0, 0, replicas=3)
     with pytest.raises(ValueError, match="needs x with a batch dimension"):
         random_spike(torch.tensor(1.0), 0.5, 0, 0, range="sample")
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"keep must be in \[0, 1\]"):
         nk.nn.RandomSpike(keep=2.0)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\], got 2"):
         torch.ops.noisekernels.random_spike(x, 2.0, torch.tensor(0), torch.tensor(0), 1, 1)

@@ -34,6 +34,18 @@ __global__ void group_minmax_kernel(const T* x, int64_t group_size, int64_t per_
   }
 }
 
+// Grid-stride over the mask's bytes: f(b, e0, m) for byte b, whose elements are [e0, e0 + m),
+// m = 8 except in the last byte.
+template <typename F>
+__device__ void for_each_mask_byte(int64_t n, F&& f) {
+  const int64_t bytes = (n + 7) / 8;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < bytes;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e0 = b * 8;
+    f(b, e0, n - e0 < 8 ? static_cast<int>(n - e0) : 8);
+  }
+}
+
 template <typename T>
 __global__ void random_spike_kernel(const T* x, T* out, uint8_t* mask, int64_t n, int64_t size,
                                     int64_t per_segment, int64_t group_size, int64_t groups,
@@ -41,11 +53,7 @@ __global__ void random_spike_kernel(const T* x, T* out, uint8_t* mask, int64_t n
                                     float p, const int64_t* seed, const int64_t* offset) {
   using A = typename Acc<T>::type;
   const uint64_t s = static_cast<uint64_t>(*seed), o = static_cast<uint64_t>(*offset);
-  const int64_t bytes = (n + 7) / 8;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < bytes;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e0 = b * 8;
-    const int m = n - e0 < 8 ? static_cast<int>(n - e0) : 8;
+  for_each_mask_byte(n, [&](int64_t b, int64_t e0, int m) {
     T t[8] = {};
     load_run<8>(x + e0, m, t);
     // Element e0 + l is element j of segment k; a byte may cross into the next segment.
@@ -75,16 +83,12 @@ __global__ void random_spike_kernel(const T* x, T* out, uint8_t* mask, int64_t n
     }
     store_run<8>(out + e0, m, t);
     mask[b] = static_cast<uint8_t>(bits);
-  }
+  });
 }
 
 template <typename T>
 __global__ void random_spike_backward_kernel(const T* grad, const uint8_t* mask, T* out, int64_t n) {
-  const int64_t bytes = (n + 7) / 8;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < bytes;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e0 = b * 8;
-    const int m = n - e0 < 8 ? static_cast<int>(n - e0) : 8;
+  for_each_mask_byte(n, [&](int64_t b, int64_t e0, int m) {
     T t[8] = {};
     load_run<8>(grad + e0, m, t);
     const unsigned bits = mask[b];
@@ -92,7 +96,7 @@ __global__ void random_spike_backward_kernel(const T* grad, const uint8_t* mask,
       if (!((bits >> l) & 1u)) t[l] = from_float<T>(0.0f);
     }
     store_run<8>(out + e0, m, t);
-  }
+  });
 }
 
 }  // namespace

@@ -9,8 +9,10 @@ input-noise replicas for MC/EOT in one pass.
 
 Backward: grad_x is grad (summed over replicas, zero where a clip was active); grad_scale is
 sum(grad * eps) per scale entry, eps regenerated from the stream, never saved: by noise_mul_sum,
-one pass that reduces as it goes, where each scale entry covers runs of consecutive elements;
-by noise_mul and a sum where it covers scattered single elements (a scale per element).
+one pass that reduces as it goes, where one scale covers everything or each entry covers runs of
+at least 64 consecutive elements (_FUSED_MIN_INNER); by noise_mul and a sum for shorter runs (a
+scale per element, per-channel scales of maps of 7x7 or less, weight noise with fan-in under 64),
+where it measured faster.
 Arithmetic is float64 for float64 x, else float32. Uniform and Laplace noise are bit-identical on
 every backend (Laplace uses exact_log); Gaussian agrees to a few ulp.
 """

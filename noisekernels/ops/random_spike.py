@@ -135,9 +135,10 @@ def spike_groups(x, range, replicas):
     return x.shape[0] if range == "sample" else replicas
 
 
-def random_spike(x, p, seed=None, offset=None, *, stream=None, range="batch", replicas=1, backend=None,
+def random_spike(x, keep, seed=None, offset=None, *, stream=None, range="batch", replicas=1, backend=None,
                  return_mask=False):
-    """Random Spiking of x with keep probability p.
+    """Random Spiking of x: each unit is kept with probability `keep` (the opposite of dropout's p),
+    else replaced by a value uniform in its group's finite [min, max].
 
     range: "batch" (min/max over the whole batch, or per replica when replicas > 1) or "sample".
     replicas: how many replicas x.shape[0] holds (replica-major); each replica is a segment of the
@@ -149,7 +150,9 @@ def random_spike(x, p, seed=None, offset=None, *, stream=None, range="batch", re
     Differentiable when backend is None (the dispatcher's kernel for x's device).
     """
     check_floating_tensor(x)
-    p = check_probability(p)
+    p = check_probability(keep, "keep")
+    if not isinstance(return_mask, bool):
+        raise TypeError(f"return_mask must be a bool, got {type(return_mask).__name__}")
     groups = spike_groups(x, range, replicas)
     seed, offset = call_stream(seed, offset, stream, x.device, philox.counters(x.numel(), replicas, philox.TWO_DRAWS))
     out, mask = call_op("random_spike", backend, x.device, x, p, seed, offset, groups, replicas)
