@@ -47,14 +47,15 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
+    from noisekernels.benchmarking.compare import bench_file
     groups = {}
     for bench in session.benchmarks:
         if bench.stats is not None:
-            groups.setdefault(bench.group, []).append(bench)
+            groups.setdefault((bench_file(bench.fullname), bench.group), []).append(bench)
     write = terminalreporter.write_line
     write("")
     write("noisekernels ratios (baseline median / ours median; > 1 means ours is faster)")
-    for group, benches in sorted(groups.items()):
+    for (_file, group), benches in sorted(groups.items()):
         for mine in [b for b in benches if b.extra_info.get("ours")]:
             mine_t = statistics.median(mine.stats.data)
             goals = mine.extra_info.get("goals", {})

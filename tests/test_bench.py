@@ -74,15 +74,16 @@ def test_check_fails_on_a_wrong_provider(monkeypatch):
         bench_providers.check_agrees("gaussian_add", "eager", "cpu", 4096)
 
 
-def _bench(group, impl, median, ours=False, **extra):
-    return {"group": group, "name": f"{group}-{impl}", "stats": {"median": median},
-            "extra_info": {"impl": impl, "ours": ours, **extra}}
+def _bench(group, impl, median, ours=False, file="bench_x", **extra):
+    return {"group": group, "name": f"{group}-{impl}", "fullname": f"benchmarks/{file}.py::test[{impl}]",
+            "stats": {"median": median}, "extra_info": {"impl": impl, "ours": ours, **extra}}
 
 
 def _run(eager, compile_, paired):
     return {"benchmarks": [
         _bench("spike-forward-cpu", "noisekernels", 1.0, ours=True), _bench("spike-forward-cpu", "eager", eager),
         _bench("spike-forward-cpu", "compile", compile_),
+        _bench("spike-forward-cpu", "eager", 100.0, file="bench_y"),  # same group name, another file: apart
         _bench("mc-n50", "batched", 2.0, paired={"loop": [paired, 1.0]}),
         *(_bench("memory-x", impl, 9.0, section="memory", kind="mc_predict", defense="rs1", n=4, batch=8,
                  peak_memory_mb=mib) for impl, mib in (("batched", 3.5), ("loop", 1.5)))]}
@@ -90,14 +91,14 @@ def _run(eager, compile_, paired):
 
 def test_compare_lists_the_ratios_that_fell(tmp_path, capsys):
     old, new = _run(10.0, 4.0, 3.0), _run(7.9, 3.3, 2.5)  # eager -21%, compile -17.5%, paired -16.7%
-    assert compare.ratios(old) == {"spike-forward-cpu: noisekernels vs eager": 10.0,
-                                   "spike-forward-cpu: noisekernels vs compile": 4.0,
-                                   "mc-n50: batched vs loop (paired)": 3.0}
-    assert compare.regressions(old, new) == [("spike-forward-cpu: noisekernels vs eager", 10.0, 7.9)]
+    assert compare.ratios(old) == {"bench_x/spike-forward-cpu: noisekernels vs eager": 10.0,
+                                   "bench_x/spike-forward-cpu: noisekernels vs compile": 4.0,
+                                   "bench_x/mc-n50: batched vs loop (paired)": 3.0}
+    assert compare.regressions(old, new) == [("bench_x/spike-forward-cpu: noisekernels vs eager", 10.0, 7.9)]
     worse = copy.deepcopy(new)
-    worse["benchmarks"][3]["extra_info"]["paired"]["loop"][0] = 2.0
-    assert [k for k, _, _ in compare.regressions(old, worse)] == ["mc-n50: batched vs loop (paired)",
-                                                                  "spike-forward-cpu: noisekernels vs eager"]
+    worse["benchmarks"][4]["extra_info"]["paired"]["loop"][0] = 2.0
+    assert [k for k, _, _ in compare.regressions(old, worse)] == ["bench_x/mc-n50: batched vs loop (paired)",
+                                                                  "bench_x/spike-forward-cpu: noisekernels vs eager"]
     paths = []
     for name, run in (("old", old), ("new", new)):
         paths.append(tmp_path / f"{name}.json")

@@ -3,6 +3,7 @@ both sides, so ratios hold on a loaded machine where absolute times do not) and 
 two runs: every ratio that fell by more than a threshold."""
 
 import json
+import os
 
 
 def load(path):
@@ -14,15 +15,22 @@ def _impl(bench):
     return bench["extra_info"].get("impl", bench["name"])
 
 
+def bench_file(fullname):
+    """The file of a benchmark's pytest id, without directory and suffix: groups of one name in two
+    files (an op's providers at the mode's size, its goal benchmark at the issue's) stay apart."""
+    return os.path.splitext(os.path.basename(fullname.split("::")[0]))[0]
+
+
 def ratios(run):
     """{"group: ours vs other": ratio} for every group with one of ours (median times) and every
     paired-rounds ratio a benchmark recorded. Memory measurements (timed whole processes) have none."""
     groups = {}
     for bench in run["benchmarks"]:
         if bench["extra_info"].get("section") != "memory":
-            groups.setdefault(bench["group"], []).append(bench)
+            groups.setdefault((bench_file(bench["fullname"]), bench["group"]), []).append(bench)
     out = {}
-    for group, benches in groups.items():
+    for (file, group), benches in groups.items():
+        group = f"{file}/{group}"
         for mine in [b for b in benches if b["extra_info"].get("ours")]:
             for other in benches:
                 if other is not mine and not other["extra_info"].get("ours"):
