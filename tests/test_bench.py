@@ -121,9 +121,9 @@ def test_headline_and_report_from_a_synthetic_run(tmp_path):
                                     mode="forward", device="cpu", numel=10, floor_bytes=120))
     assert report.headline(run) == [("spike forward (cpu) vs eager", 10.0), ("spike forward (cpu) vs compile", 4.0),
                                     ("spike forward (cpu): copy floor / ours", 0.5),
-                                    ("mc-n50: batched vs loop (paired)", 3.0)]
+                                    ("bench_x/mc-n50: batched vs loop (paired)", 3.0)]
     text = open(report.write_report(run, str(tmp_path))).read()
-    assert "| mc-n50: batched vs loop (paired) | 3.00x |" in text
+    assert "| bench_x/mc-n50: batched vs loop (paired) | 3.00x |" in text
     assert "| forward | cpu | eager | 1e+04 | 10.00x | 0.0 |  |  |" in text
     assert "| mc_predict | rs1 | 4 | 3.5 | 1.5 |" in text
     assert (tmp_path / "docs" / "benchmarks" / "providers.png").read_bytes()[:4] == b"\x89PNG"
