@@ -57,12 +57,14 @@ def test_noise_add_equals_reference(backend, device, dtype, dist, layout):
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
-def test_replicas_and_clip_equal_reference(backend, device, dtype, dist):
-    x = _x(dtype, (3, 2, 9))
+# Copies of 54 elements; of 2200 (copies and tiles cross mid-run); of 2202 (segments not on whole counters).
+@pytest.mark.parametrize("shape", [(3, 2, 9), (2, 1100), (2, 1, 1101)])
+def test_replicas_and_clip_equal_reference(backend, device, dtype, dist, shape):
+    x = _x(dtype, shape)
     kw = dict(dist=dist, replicas=4, clip=(-1.5, 2.25))
     expected = noise_add(x, 0.8, 3, OFFSET, backend="reference", **kw)
     got = noise_add(x.to(device), 0.8, 3, OFFSET, backend=backend, **kw)
-    assert got.shape == (12, 2, 9)
+    assert got.shape == (4 * shape[0], *shape[1:])
     _assert_matches(got, expected, dist)
     assert got.min() >= -1.5 and got.max() <= 2.25
 
@@ -80,7 +82,8 @@ def test_noise_mul_equals_reference(backend, device, dtype, dist):
 # run, across segments), scattered entries (inner 1), runs longer than the CPU's 2048-element and
 # Triton's 4096-element pieces, segments that split runs, a single element.
 MUL_SUM_CASES = [((4, 3, 5, 7), 35, 3, 1), ((4, 3, 5, 7), 35, 3, 4), ((6, 105), 105, 6, 3), ((6, 5, 7), 1, 1, 3),
-                 ((3, 5), 1, 5, 3), ((1, 2, 4101), 4101, 2, 1), ((2, 2, 1031), 1031, 1, 4), ((1,), 1, 1, 1)]
+                 ((3, 5), 1, 5, 3), ((1, 2, 4101), 4101, 2, 1), ((2, 2, 1031), 1031, 1, 4), ((1,), 1, 1, 1),
+                 ((2, 4, 48, 48), 2304, 4, 1), ((3, 4, 16, 20), 320, 4, 3), ((5, 4100), 1, 1, 1)]
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -375,3 +378,19 @@ def test_compile_fullgraph_fresh_noise_each_step():
         outs.append(out.detach())
     assert not torch.equal(outs[0], outs[1])
     assert other.n1.alpha.grad is not None
+
+
+@pytest.mark.parametrize("n,replicas", [(1, 1), (127, 1), (128, 1), (129, 1), (5003, 1), (2200, 3), (1101, 2), (4800, 2)])
+def test_cpu_gaussian_add_to_zeros_is_the_normal_fill(n, replicas):
+    """0 + 1 * z is z exactly, so noise_add on zeros must give the normal fill's values bit for bit,
+    whichever CPU path (straight from the generator, or through the tile) each element took, with
+    one scale, a scale per row, or per channel (runs of 16 or 48 elements, or of one)."""
+    expected = nk.random.normal((replicas, n), 11, OFFSET, segments=replicas)
+    for scale in (1.0, torch.ones(replicas, 1)):
+        assert torch.equal(noise_add(torch.zeros(replicas, n), scale, 11, OFFSET, segments=replicas), expected)
+    for inner in (16, 48, 1) if n % 48 == 0 else ():
+        x = torch.zeros(replicas, n // inner, inner)
+        got = noise_add(x, torch.ones(n // inner), 11, OFFSET, segments=replicas)
+        assert torch.equal(got.reshape(replicas, n), expected)
+    clipped = noise_add(torch.zeros(replicas, n), 1.0, 11, OFFSET, segments=replicas, clip=(-0.5, 0.75))
+    assert torch.equal(clipped, expected.clamp(-0.5, 0.75))

@@ -12,7 +12,7 @@ import noisekernels as nk
 from noisekernels import philox
 from noisekernels.ops.random_spike import random_spike, random_spike_backward, unpack_mask
 
-SHAPES = [(1,), (7,), (3, 5), (4, 3, 5, 7), (6, 2, 1, 1), (2, 1537), (9, 4, 11)]
+SHAPES = [(1,), (7,), (3, 5), (4, 3, 5, 7), (6, 2, 1, 1), (2, 1537), (9, 4, 11), (3, 4100)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODES = [("batch", 1), ("sample", 1), ("batch", 2), ("sample", 2)]  # replicas=2 needs an even batch
 OFFSET = 2**32 - 1000  # counters cross into the high word

@@ -8,15 +8,69 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../bindings/ops.h"
 #include "compute_type.h"
+#include "philox_avx512.h"
 #include "philox_cpu.h"
 
 namespace noisekernels::cpu {
 namespace {
+
+#ifdef NK_PHILOX_AVX512
+// The float32 Gaussian paths straight from the generator's registers (no tile), on whole steps of
+// kNormalStep elements from a counter's first element, where every 16-element vector has one scale
+// entry: one scale, or runs of inner elements, inner a multiple of 16, from a vector's start.
+constexpr int64_t kNormalStep = 4 * avx512::kStep;
+
+bool fuses_scale(int64_t j0, int64_t inner, int64_t channels) {
+  return channels == 1 || (inner % 16 == 0 && j0 % 16 == 0);
+}
+
+// The scale entry of consecutive 16-element vectors from element j0 of x: entry (j / inner) % channels.
+struct ScaleWalk {
+  const float* scale;
+  int64_t inner, channels, c, left;
+  ScaleWalk(const float* scale, int64_t j0, int64_t inner, int64_t channels)
+      : scale(scale), inner(inner), channels(channels),
+        c(channels == 1 ? 0 : (j0 / inner) % channels),
+        left(channels == 1 ? std::numeric_limits<int64_t>::max() : inner - j0 % inner) {}
+  __m512 next() {
+    if (left == 0) {
+      c = c + 1 == channels ? 0 : c + 1;
+      left = inner;
+    }
+    left -= 16;
+    return _mm512_set1_ps(scale[c]);
+  }
+};
+
+// out = x + scale * z, then v < lo ? lo : v and v > hi ? hi : v when clipping (NaN passes): the
+// elementwise loop of noise_add_kernel, for steps * kNormalStep elements from counter `first`.
+template <bool kClamp>
+void normal_add_f32(const PhiloxKeys& keys, uint64_t first, int64_t steps, const float* x, float* out,
+                    ScaleWalk scale, float lo, float hi) {
+  const __m512 a = _mm512_set1_ps(lo), b = _mm512_set1_ps(hi);
+  auto add = [&](int64_t i, __m512 z) {
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_mul_ps(scale.next(), z));
+    if constexpr (kClamp) {
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, a, _CMP_LT_OQ), v, a);
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ), v, b);
+    }
+    _mm512_storeu_ps(out + i, v);
+  };
+  for (int64_t s = 0; s < steps; ++s) {
+    avx512::normals_step(keys, first + s * avx512::kStep, [&](int j, __m512 z0, __m512 z1) {
+      add(s * kNormalStep + 32 * j, z0);
+      add(s * kNormalStep + 32 * j + 16, z1);
+    });
+  }
+}
+#endif
 
 template <typename scalar_t, bool kClamp>
 void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t* out,
@@ -30,6 +84,22 @@ void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t*
     alignas(64) float tile[kTile];
     for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 4, offset,
                  [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+#ifdef NK_PHILOX_AVX512
+      // float32 Gaussian noise on whole counters: the whole steps inside one copy of x straight
+      // from the generator's registers, the rest through the tile.
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const int64_t j0 = t % numel_x;
+        if (dist == kGaussian && skip == 0 && fuses_scale(j0, inner, channels)) {
+          const int64_t steps = std::min(m, numel_x - j0) / kNormalStep;
+          normal_add_f32<kClamp>(keys, counter, steps, x + j0, out + t, ScaleWalk(scale, j0, inner, channels), lo, hi);
+          const int64_t done = steps * kNormalStep;
+          if (done == m) return;
+          t += done;
+          m -= done;
+          counter += done / 4;
+        }
+      }
+#endif
       noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
       const float* eps = tile + skip;
       // Runs in which x is contiguous and the scale index is constant (or steps by one when
@@ -134,22 +204,54 @@ void noise_mul_sum_kernel(const scalar_t* g, acc_t<scalar_t>* out, int64_t n, in
     acc lanes[kLanes] = {};
     // The next piece starts where one ends; its end is the run's end or a piece further.
     int64_t q = q0, qbegin = pieces.begin(q0), qend = pieces.end(q0), run_end = (q0 / parts + 1) * inner;
+    auto close_piece = [&] {
+      acc s = 0;
+      for (int l = 0; l < kLanes; ++l) s += lanes[l];
+      sums[q++] = s;
+      std::fill(lanes, lanes + kLanes, acc(0));
+      if (qend == run_end) run_end += inner;
+      qbegin = qend;
+      qend = std::min(qbegin + pieces.piece, run_end);
+    };
     for_each_run(qbegin, pieces.end(q1 - 1), n, n / segments, 4, offset,
                  [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+#ifdef NK_PHILOX_AVX512
+      // float32 Gaussian noise on whole counters with pieces on 16-element vectors: the whole steps
+      // straight from the generator's registers (lane l of a vector is lane l of its piece), the
+      // rest through the tile.
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (dist == kGaussian && skip == 0 && t % 16 == 0 && fuses_scale(0, inner, channels)) {
+          const int64_t steps = m / kNormalStep;
+          __m512 sum = _mm512_loadu_ps(lanes);
+          auto add = [&](int64_t i, __m512 z) {
+            sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(g + i), z));
+            if (i + 16 == qend) {
+              _mm512_storeu_ps(lanes, sum);
+              close_piece();
+              sum = _mm512_setzero_ps();
+            }
+          };
+          for (int64_t s = 0; s < steps; ++s) {
+            avx512::normals_step(keys, counter + s * avx512::kStep, [&](int j, __m512 z0, __m512 z1) {
+              add(t + s * kNormalStep + 32 * j, z0);
+              add(t + s * kNormalStep + 32 * j + 16, z1);
+            });
+          }
+          _mm512_storeu_ps(lanes, sum);
+          const int64_t done = steps * kNormalStep;
+          if (done == m) return;
+          t += done;
+          m -= done;
+          counter += done / 4;
+        }
+      }
+#endif
       noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
       for (int64_t i = t; i < t + m;) {  // the run's parts in pieces q, q + 1, ...
         const int64_t len = std::min(t + m, qend) - i;
         PieceSums<scalar_t>::add(g + i, tile + skip + (i - t), len, i - qbegin, lanes);
         i += len;
-        if (i == qend) {
-          acc s = 0;
-          for (int l = 0; l < kLanes; ++l) s += lanes[l];
-          sums[q++] = s;
-          std::fill(lanes, lanes + kLanes, acc(0));
-          if (qend == run_end) run_end += inner;
-          qbegin = qend;
-          qend = std::min(qbegin + pieces.piece, run_end);
-        }
+        if (i == qend) close_piece();
       }
     });
   });

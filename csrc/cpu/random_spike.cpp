@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -23,6 +24,7 @@
 
 #include "../bindings/ops.h"
 #include "compute_type.h"
+#include "philox_avx512.h"
 #include "philox_cpu.h"
 
 namespace noisekernels::cpu {
@@ -104,6 +106,32 @@ void pack_keep(const float* keep, int64_t m, float p, int64_t first, uint8_t* ma
   }
 }
 
+#ifdef NK_PHILOX_AVX512
+// Elements per step of spike_f32: the two of each counter of one generator step.
+constexpr int64_t kSpikeStep = 2 * avx512::kStep;
+
+// Random Spiking of float32 x straight from the generator's registers (no tile), for steps *
+// kSpikeStep elements from counter `first` inside one group (range [lo, hi], d = hi - lo finite):
+// the arithmetic of spike()'s elementwise loop, and the keep tests into mask from its first byte.
+void spike_f32(const PhiloxKeys& keys, uint64_t first, int64_t steps, const float* x, float* out, uint8_t* mask,
+               float p, float lo, float hi, float d) {
+  using namespace avx512;
+  const __m512 below = _mm512_set1_ps(p), a = _mm512_set1_ps(lo), b = _mm512_set1_ps(hi), width = _mm512_set1_ps(d);
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+    words_step(keys, first + s * kStep, c0, c1, c2, c3);
+    for (int j = 0; j < kChains; ++j) {  // elements 16j .. 16j + 15 of the step, (w0, w2) / (w1, w3) per counter
+      const int64_t i = s * kSpikeStep + 16 * j;
+      const __mmask16 keep = _mm512_cmp_ps_mask(uniform16(pair_words(c0[j], c2[j])), below, _CMP_LT_OQ);
+      __m512 v = _mm512_add_ps(a, _mm512_mul_ps(uniform16(pair_words(c1[j], c3[j])), width));
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ), v, b);  // v > hi ? hi : v, signed zeros kept
+      _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(keep, v, _mm512_loadu_ps(x + i)));
+      std::memcpy(mask + i / 8, &keep, 2);  // x86 is little-endian: elements i .. i + 7 in the first byte
+    }
+  }
+}
+#endif
+
 template <typename scalar_t, typename acc>
 void spike(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, int64_t segments, int64_t group_size,
            const acc* lo, const acc* hi, float p, uint64_t seed, uint64_t offset) {
@@ -111,8 +139,8 @@ void spike(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, int64_t s
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
     alignas(64) float u0[kTile], u1[kTile];
-    for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 2, offset,
-                 [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+    // Elements [t, t + m) from element `skip` of `counter`, through a tile of uniforms.
+    auto by_tile = [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
       spike_tile(keys, counter, run_counters(m, skip, 2), u0, u1);
       for (int64_t i0 = 0; i0 < m;) {  // runs of one group inside the tile
         const int64_t g = (t + i0) / group_size;
@@ -143,6 +171,24 @@ void spike(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, int64_t s
         i0 = i1;
       }
       pack_keep(u0 + skip, m, p, t, mask);
+    };
+    for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 2, offset,
+                 [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
+#ifdef NK_PHILOX_AVX512
+      // float32, a run on whole counters and mask bytes inside one group with a finite range: its
+      // whole steps straight from the generator's registers, the rest through the tile.
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const int64_t g = t / group_size, steps = m / kSpikeStep;
+        if (skip == 0 && t % 8 == 0 && steps > 0 && (t + m - 1) / group_size == g &&
+            std::abs(hi[g] - lo[g]) < std::numeric_limits<float>::infinity()) {
+          spike_f32(keys, counter, steps, x + t, out + t, mask + t / 8, p, lo[g], hi[g], hi[g] - lo[g]);
+          const int64_t done = steps * kSpikeStep;
+          if (done < m) by_tile(t + done, m - done, counter + done / 2, 0);
+          return;
+        }
+      }
+#endif
+      by_tile(t, m, counter, skip);
     });
   });
 }
