@@ -1,6 +1,7 @@
 // Tiles of stream-contract random numbers on the CPU (version 2: all four words of a counter).
 // Ops fill a small tile (kept in L1) for a run of consecutive counters, then run a plain
-// elementwise loop over it.
+// elementwise loop over it; the float32 Gaussian and Random Spiking paths of AVX-512 builds take
+// whole generator steps straight from registers instead (philox_avx512.h), with the same values.
 #pragma once
 #include <algorithm>
 #include <cstdint>
