@@ -360,3 +360,41 @@ def test_compiled_layer_is_bit_exact():
     h = torch.randn(3, 4, 6, 6)
     for _ in range(2):
         assert torch.equal(step(h), eager(h))
+
+
+CPU_KERNELS = pytest.mark.skipif(nk.build_info()["reference_only"], reason="needs the compiled CPU kernels")
+
+
+@CPU_KERNELS
+@pytest.mark.parametrize("fill", ["normal", "equal", "wide", "nonfinite"])
+@pytest.mark.parametrize("rng,replicas", [("batch", 1), ("sample", 1), ("batch", 3)])
+def test_cpu_float32_paths_equal_reference(fill, rng, replicas):
+    """Rows of 4100 (runs inside one group: the fused path), ranges wider than float32's largest value
+    (d = inf: the tile path), a group of one value (d = 0), NaN/inf units; values and mask bits."""
+    x = _input((6, 4100), torch.float32, seed=3)
+    if fill == "equal":
+        x[:] = -0.0
+    elif fill == "wide":
+        x[:, 0], x[:, 1] = -3e38, 3e38
+    elif fill == "nonfinite":
+        x.view(-1)[[5, 700, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for offset in (2**32 - 33, 2**64 - 300):
+        got, mask = random_spike(x, 0.6, 8, offset, range=rng, replicas=replicas, return_mask=True)
+        expected, expected_mask = random_spike(x, 0.6, 8, offset, range=rng, replicas=replicas, return_mask=True,
+                                               backend="reference")
+        same = (got.view(torch.int32) == expected.view(torch.int32)) | (got.isnan() & expected.isnan())
+        assert bool(same.all()) and torch.equal(mask, expected_mask)
+
+
+@CPU_KERNELS
+@pytest.mark.parametrize("row", [784, 785, 130, 100, 2050])
+def test_cpu_float32_sample_groups_equal_reference(row):
+    """range="sample": each row's whole steps from a counter and mask byte take the registers' path
+    (rows of 784 and 2050), the rest the tile (rows of 785 on odd segments, of 130 off mask bytes); rows
+    under two steps (100) one tile pass."""
+    x = _input((7, row), torch.float32, seed=4)
+    for replicas in (1, 7):
+        kw = dict(range="sample", replicas=replicas, return_mask=True)
+        got, mask = random_spike(x, 0.7, 12, OFFSET, **kw)
+        expected, expected_mask = random_spike(x, 0.7, 12, OFFSET, backend="reference", **kw)
+        assert torch.equal(got, expected) and torch.equal(mask, expected_mask)

@@ -35,10 +35,10 @@ bool fuses_scale(int64_t j0, int64_t inner, int64_t channels) {
 struct ScaleWalk {
   const float* scale;
   int64_t inner, channels, c, left;
-  ScaleWalk(const float* scale, int64_t j0, int64_t inner, int64_t channels)
-      : scale(scale), inner(inner), channels(channels),
-        c(channels == 1 ? 0 : (j0 / inner) % channels),
-        left(channels == 1 ? std::numeric_limits<int64_t>::max() : inner - j0 % inner) {}
+  ScaleWalk(const float* entries, int64_t j0, int64_t run, int64_t count)
+      : scale(entries), inner(run), channels(count),
+        c(count == 1 ? 0 : (j0 / run) % count),
+        left(count == 1 ? std::numeric_limits<int64_t>::max() : run - j0 % run) {}
   __m512 next() {
     if (left == 0) {
       c = c + 1 == channels ? 0 : c + 1;

@@ -22,9 +22,9 @@ PhiloxKeys::PhiloxKeys(uint64_t seed) {
 
 bool has_avx512_path() { return true; }
 
-namespace {
-
 using namespace avx512;
+
+namespace {
 
 // Runs step(first, out) for n counters in steps of kStep counters writing `width` floats per
 // counter; a partial last step goes through scratch, so every element takes the same path.

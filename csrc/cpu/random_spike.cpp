@@ -175,15 +175,23 @@ void spike(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, int64_t s
     for_each_run(t0 * kTile, std::min(n, t1 * kTile), n, n / segments, 2, offset,
                  [&](int64_t t, int64_t m, uint64_t counter, int64_t skip) {
 #ifdef NK_PHILOX_AVX512
-      // float32, a run on whole counters and mask bytes inside one group with a finite range: its
-      // whole steps straight from the generator's registers, the rest through the tile.
+      // float32 on whole counters: each group's whole steps from an element that starts a counter
+      // and a mask byte (with a finite range), straight from the generator's registers; the rest
+      // through the tile. Groups under two steps stay in one tile pass (a tile per group would cost
+      // more than the registers save).
       if constexpr (std::is_same_v<scalar_t, float>) {
-        const int64_t g = t / group_size, steps = m / kSpikeStep;
-        if (skip == 0 && t % 8 == 0 && steps > 0 && (t + m - 1) / group_size == g &&
-            std::abs(hi[g] - lo[g]) < std::numeric_limits<float>::infinity()) {
-          spike_f32(keys, counter, steps, x + t, out + t, mask + t / 8, p, lo[g], hi[g], hi[g] - lo[g]);
-          const int64_t done = steps * kSpikeStep;
-          if (done < m) by_tile(t + done, m - done, counter + done / 2, 0);
+        if (skip == 0 && group_size >= 2 * kSpikeStep) {
+          for (int64_t i0 = 0; i0 < m;) {
+            const int64_t g = (t + i0) / group_size, i1 = std::min(m, (g + 1) * group_size - t);
+            const bool fuses = i0 % 2 == 0 && (t + i0) % 8 == 0 &&
+                               std::abs(hi[g] - lo[g]) < std::numeric_limits<float>::infinity();
+            const int64_t steps = fuses ? (i1 - i0) / kSpikeStep : 0;
+            spike_f32(keys, counter + i0 / 2, steps, x + t + i0, out + t + i0, mask + (t + i0) / 8, p, lo[g], hi[g],
+                      hi[g] - lo[g]);
+            const int64_t done = i0 + steps * kSpikeStep;
+            if (done < i1) by_tile(t + done, i1 - done, counter + done / 2, done % 2);
+            i0 = i1;
+          }
           return;
         }
       }
