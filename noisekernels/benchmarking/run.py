@@ -32,12 +32,19 @@ def run_suite(mode, json_path, *, command, select=None, quiet=True):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    # pytest-benchmark opens its JSON file when the run starts: a file of its own until the run passes, so
+    # the committed JSON is neither truncated by a failed run nor counted as an uncommitted change in the
+    # run's own record (git describe --dirty).
+    partial = os.path.abspath(json_path) + ".partial"
     args = [sys.executable, "-m", "pytest", *bench_files(mode), "-p", "no:cacheprovider", "-o", "addopts=",
-            f"--benchmark-json={os.path.abspath(json_path)}", "--benchmark-disable-gc", "-q" if quiet else "-v"]
+            f"--benchmark-json={partial}", "--benchmark-disable-gc", "-q" if quiet else "-v"]
     if select:
         args += ["-k", select]
     if mode == "smoke":
         args.append("--benchmark-columns=median")
     env = dict(os.environ, NK_BENCH_MODE=mode, NK_BENCH_COMMAND=command,
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    return subprocess.run(args, cwd=REPO, env=env).returncode
+    code = subprocess.run(args, cwd=REPO, env=env).returncode
+    if code == 0:
+        os.replace(partial, json_path)
+    return code
