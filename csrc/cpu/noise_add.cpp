@@ -49,26 +49,40 @@ struct ScaleWalk {
   }
 };
 
+// use(i, z) for the 16-element vectors of steps * kNormalStep normals from counter `first`, in
+// order, i the vector's first element.
+template <typename Use>
+void for_normals(const PhiloxKeys& keys, uint64_t first, int64_t steps, Use&& use) {
+  for (int64_t s = 0; s < steps; ++s) {
+    avx512::normals_step(keys, first + s * avx512::kStep, [&](int j, __m512 z0, __m512 z1) {
+      use(s * kNormalStep + 32 * j, z0);
+      use(s * kNormalStep + 32 * j + 16, z1);
+    });
+  }
+}
+
 // out = x + scale * z, then v < lo ? lo : v and v > hi ? hi : v when clipping (NaN passes): the
 // elementwise loop of noise_add_kernel, for steps * kNormalStep elements from counter `first`.
 template <bool kClamp>
 void normal_add_f32(const PhiloxKeys& keys, uint64_t first, int64_t steps, const float* x, float* out,
                     ScaleWalk scale, float lo, float hi) {
   const __m512 a = _mm512_set1_ps(lo), b = _mm512_set1_ps(hi);
-  auto add = [&](int64_t i, __m512 z) {
+  for_normals(keys, first, steps, [&](int64_t i, __m512 z) {
     __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_mul_ps(scale.next(), z));
     if constexpr (kClamp) {
       v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, a, _CMP_LT_OQ), v, a);
       v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ), v, b);
     }
     _mm512_storeu_ps(out + i, v);
-  };
-  for (int64_t s = 0; s < steps; ++s) {
-    avx512::normals_step(keys, first + s * avx512::kStep, [&](int j, __m512 z0, __m512 z1) {
-      add(s * kNormalStep + 32 * j, z0);
-      add(s * kNormalStep + 32 * j + 16, z1);
-    });
-  }
+  });
+}
+
+// Moves a run (t, m, counter) past its first `done` elements (whole counters); false if none remain.
+bool advance_run(int64_t done, int64_t& t, int64_t& m, uint64_t& counter) {
+  t += done;
+  m -= done;
+  counter += done / 4;
+  return m > 0;
 }
 #endif
 
@@ -92,11 +106,7 @@ void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t*
         if (dist == kGaussian && skip == 0 && fuses_scale(j0, inner, channels)) {
           const int64_t steps = std::min(m, numel_x - j0) / kNormalStep;
           normal_add_f32<kClamp>(keys, counter, steps, x + j0, out + t, ScaleWalk(scale, j0, inner, channels), lo, hi);
-          const int64_t done = steps * kNormalStep;
-          if (done == m) return;
-          t += done;
-          m -= done;
-          counter += done / 4;
+          if (!advance_run(steps * kNormalStep, t, m, counter)) return;
         }
       }
 #endif
@@ -223,26 +233,16 @@ void noise_mul_sum_kernel(const scalar_t* g, acc_t<scalar_t>* out, int64_t n, in
         if (dist == kGaussian && skip == 0 && t % 16 == 0 && fuses_scale(0, inner, channels)) {
           const int64_t steps = m / kNormalStep;
           __m512 sum = _mm512_loadu_ps(lanes);
-          auto add = [&](int64_t i, __m512 z) {
-            sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(g + i), z));
-            if (i + 16 == qend) {
+          for_normals(keys, counter, steps, [&](int64_t i, __m512 z) {
+            sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(g + t + i), z));
+            if (t + i + 16 == qend) {
               _mm512_storeu_ps(lanes, sum);
               close_piece();
               sum = _mm512_setzero_ps();
             }
-          };
-          for (int64_t s = 0; s < steps; ++s) {
-            avx512::normals_step(keys, counter + s * avx512::kStep, [&](int j, __m512 z0, __m512 z1) {
-              add(t + s * kNormalStep + 32 * j, z0);
-              add(t + s * kNormalStep + 32 * j + 16, z1);
-            });
-          }
+          });
           _mm512_storeu_ps(lanes, sum);
-          const int64_t done = steps * kNormalStep;
-          if (done == m) return;
-          t += done;
-          m -= done;
-          counter += done / 4;
+          if (!advance_run(steps * kNormalStep, t, m, counter)) return;
         }
       }
 #endif
