@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -22,67 +21,14 @@ namespace noisekernels::cpu {
 namespace {
 
 #ifdef NK_PHILOX_AVX512
-// The float32 Gaussian paths straight from the generator's registers (no tile), on whole steps of
-// kNormalStep elements from a counter's first element, where every 16-element vector has one scale
-// entry: one scale, or runs of inner elements, inner a multiple of 16, from a vector's start.
-constexpr int64_t kNormalStep = 4 * avx512::kStep;
+using avx512::advance_run;
+using avx512::kNormalStep;
+using avx512::ScaleWalk;
 
+// Whether every 16-element vector from element j0 has one scale entry (the register paths' need):
+// one scale, or runs of inner elements, inner a multiple of 16, from a vector's start.
 bool fuses_scale(int64_t j0, int64_t inner, int64_t channels) {
   return channels == 1 || (inner % 16 == 0 && j0 % 16 == 0);
-}
-
-// The scale entry of consecutive 16-element vectors from element j0 of x: entry (j / inner) % channels.
-struct ScaleWalk {
-  const float* scale;
-  int64_t inner, channels, c, left;
-  ScaleWalk(const float* entries, int64_t j0, int64_t run, int64_t count)
-      : scale(entries), inner(run), channels(count),
-        c(count == 1 ? 0 : (j0 / run) % count),
-        left(count == 1 ? std::numeric_limits<int64_t>::max() : run - j0 % run) {}
-  __m512 next() {
-    if (left == 0) {
-      c = c + 1 == channels ? 0 : c + 1;
-      left = inner;
-    }
-    left -= 16;
-    return _mm512_set1_ps(scale[c]);
-  }
-};
-
-// use(i, z) for the 16-element vectors of steps * kNormalStep normals from counter `first`, in
-// order, i the vector's first element.
-template <typename Use>
-void for_normals(const PhiloxKeys& keys, uint64_t first, int64_t steps, Use&& use) {
-  for (int64_t s = 0; s < steps; ++s) {
-    avx512::normals_step(keys, first + s * avx512::kStep, [&](int j, __m512 z0, __m512 z1) {
-      use(s * kNormalStep + 32 * j, z0);
-      use(s * kNormalStep + 32 * j + 16, z1);
-    });
-  }
-}
-
-// out = x + scale * z, then v < lo ? lo : v and v > hi ? hi : v when clipping (NaN passes): the
-// elementwise loop of noise_add_kernel, for steps * kNormalStep elements from counter `first`.
-template <bool kClamp>
-void normal_add_f32(const PhiloxKeys& keys, uint64_t first, int64_t steps, const float* x, float* out,
-                    ScaleWalk scale, float lo, float hi) {
-  const __m512 a = _mm512_set1_ps(lo), b = _mm512_set1_ps(hi);
-  for_normals(keys, first, steps, [&](int64_t i, __m512 z) {
-    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_mul_ps(scale.next(), z));
-    if constexpr (kClamp) {
-      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, a, _CMP_LT_OQ), v, a);
-      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ), v, b);
-    }
-    _mm512_storeu_ps(out + i, v);
-  });
-}
-
-// Moves a run (t, m, counter) past its first `done` elements (whole counters); false if none remain.
-bool advance_run(int64_t done, int64_t& t, int64_t& m, uint64_t& counter) {
-  t += done;
-  m -= done;
-  counter += done / 4;
-  return m > 0;
 }
 #endif
 
@@ -105,7 +51,7 @@ void noise_add_kernel(const scalar_t* x, const acc_t<scalar_t>* scale, scalar_t*
         const int64_t j0 = t % numel_x;
         if (dist == kGaussian && skip == 0 && fuses_scale(j0, inner, channels)) {
           const int64_t steps = std::min(m, numel_x - j0) / kNormalStep;
-          normal_add_f32<kClamp>(keys, counter, steps, x + j0, out + t, ScaleWalk(scale, j0, inner, channels), lo, hi);
+          avx512::normal_add_f32<kClamp>(keys, counter, steps, x + j0, out + t, ScaleWalk(scale, j0, inner, channels), lo, hi);
           if (!advance_run(steps * kNormalStep, t, m, counter)) return;
         }
       }
@@ -233,7 +179,7 @@ void noise_mul_sum_kernel(const scalar_t* g, acc_t<scalar_t>* out, int64_t n, in
         if (dist == kGaussian && skip == 0 && t % 16 == 0 && fuses_scale(0, inner, channels)) {
           const int64_t steps = m / kNormalStep;
           __m512 sum = _mm512_loadu_ps(lanes);
-          for_normals(keys, counter, steps, [&](int64_t i, __m512 z) {
+          avx512::for_normals(keys, counter, steps, [&](int64_t i, __m512 z) {
             sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(g + t + i), z));
             if (t + i + 16 == qend) {
               _mm512_storeu_ps(lanes, sum);

@@ -7,10 +7,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../bindings/ops.h"
 #include "compute_type.h"
+#include "philox_avx512.h"
 #include "philox_cpu.h"
 
 namespace noisekernels::cpu {
@@ -36,6 +38,17 @@ void foreach_kernel(const std::vector<const scalar_t*>& xs, const std::vector<sc
       for_each_run(local, stop - first[k], first[k + 1] - first[k], first[k + 1] - first[k], 4,
                    offset + static_cast<uint64_t>(starts[k]),
                    [&](int64_t i, int64_t m, uint64_t counter, int64_t skip) {
+#ifdef NK_PHILOX_AVX512
+        // float32 Gaussian noise: the run's whole steps straight from the generator's registers.
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (dist == kGaussian && skip == 0) {
+            const int64_t steps = m / avx512::kNormalStep;
+            avx512::normal_add_f32<false>(keys, counter, steps, xs[k] + i, outs[k] + i,
+                                          avx512::ScaleWalk(scales + k, 0, 1, 1), 0.0f, 0.0f);
+            if (!avx512::advance_run(steps * avx512::kNormalStep, i, m, counter)) return;
+          }
+        }
+#endif
         noise4_tile(dist, keys, counter, run_counters(m, skip, 4), tile);
         const float* __restrict eps = tile + skip;
         const scalar_t* __restrict xp = xs[k] + i;

@@ -1,7 +1,8 @@
 // The Philox generator in AVX-512 registers (ARCHITECTURE.md section 2, version 2), for kernels
-// that use the numbers where they are made: the tile functions of philox_cpu.cpp, and the fused
-// float32 paths of the ops (random_spike.cpp, noise_add.cpp), which skip the tile's store and
-// reload. Every path runs the same code per counter, so their values agree bit for bit.
+// that use the numbers where they are made: the tile functions of philox_cpu.cpp, and the float32
+// paths of the ops (random_spike.cpp, noise_add.cpp, noise_add_foreach.cpp), which skip the
+// tile's store and reload. Every path runs the same code per counter, so their values agree bit
+// for bit.
 #pragma once
 #include "philox_cpu.h"
 
@@ -11,6 +12,8 @@
 
 #ifdef NK_PHILOX_AVX512
 #include <immintrin.h>
+
+#include <limits>
 
 #include "vector_math.h"
 
@@ -113,6 +116,68 @@ __attribute__((always_inline)) inline void normals_step(const PhiloxKeys& keys, 
     const __m512 zc = _mm512_mul_ps(r, cos_t), zs = _mm512_mul_ps(r, sin_t);
     use(j, _mm512_permutex2var_ps(zc, lo_idx, zs), _mm512_permutex2var_ps(zc, hi_idx, zs));
   }
+}
+
+// Gaussian noise added straight from the generator's registers (float32; noise_add and
+// noise_add_foreach): whole steps of kNormalStep elements from a counter's first element, one
+// scale entry per 16-element vector.
+constexpr int64_t kNormalStep = 4 * kStep;
+
+// The scale entry of consecutive 16-element vectors from element j0 of x: entry
+// (j / inner) % channels.
+struct ScaleWalk {
+  const float* scale;
+  int64_t inner, channels, c, left;
+  ScaleWalk(const float* entries, int64_t j0, int64_t run, int64_t count)
+      : scale(entries), inner(run), channels(count),
+        c(count == 1 ? 0 : (j0 / run) % count),
+        left(count == 1 ? std::numeric_limits<int64_t>::max() : run - j0 % run) {}
+  __m512 next() {
+    if (left == 0) {
+      c = c + 1 == channels ? 0 : c + 1;
+      left = inner;
+    }
+    left -= 16;
+    return _mm512_set1_ps(scale[c]);
+  }
+};
+
+// use(i, z) for the 16-element vectors of steps * kNormalStep normals from counter `first`, in
+// order, i the vector's first element.
+template <typename Use>
+inline void for_normals(const PhiloxKeys& keys, uint64_t first, int64_t steps, Use&& use) {
+  for (int64_t s = 0; s < steps; ++s) {
+    normals_step(keys, first + s * kStep, [&](int j, __m512 z0, __m512 z1) {
+      use(s * kNormalStep + 32 * j, z0);
+      use(s * kNormalStep + 32 * j + 16, z1);
+    });
+  }
+}
+
+// out = x + scale * z, then v < lo ? lo : v and v > hi ? hi : v when clipping (NaN passes): the
+// elementwise loops of noise_add and noise_add_foreach, for steps * kNormalStep elements from
+// counter `first`.
+template <bool kClamp>
+inline void normal_add_f32(const PhiloxKeys& keys, uint64_t first, int64_t steps, const float* x, float* out,
+                           ScaleWalk scale, float lo, float hi) {
+  const __m512 a = _mm512_set1_ps(lo), b = _mm512_set1_ps(hi);
+  for_normals(keys, first, steps, [&](int64_t i, __m512 z) {
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_mul_ps(scale.next(), z));
+    if constexpr (kClamp) {
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, a, _CMP_LT_OQ), v, a);
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ), v, b);
+    }
+    _mm512_storeu_ps(out + i, v);
+  });
+}
+
+// Moves a run (t, m, counter) of 4 elements per counter past its first `done` elements (whole
+// counters); false if none remain.
+inline bool advance_run(int64_t done, int64_t& t, int64_t& m, uint64_t& counter) {
+  t += done;
+  m -= done;
+  counter += done / 4;
+  return m > 0;
 }
 
 }  // namespace noisekernels::cpu::avx512
