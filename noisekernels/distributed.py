@@ -8,6 +8,7 @@ equals a single-process run with the same seeds (with the same batch size, and t
 per-process thread count on CPU, where float sums can depend on it).
 """
 
+import atexit
 import contextlib
 import os
 
@@ -23,7 +24,9 @@ def _seed_int(seed_tensor):
 
 def init():
     """(rank, world size): joins torchrun's process group (gloo on CPU, nccl with a GPU) when
-    launched by torchrun with more than one process, else (0, 1)."""
+    launched by torchrun with more than one process, else (0, 1). A group joined here is left at
+    interpreter exit: a rank that finished first and exited with the group alive could abort in
+    the backend's threads ("terminate called without an active exception", SIGABRT)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -32,7 +35,13 @@ def init():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend)
+        atexit.register(_leave)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _leave():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _rank_world(rank, world):

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from . import data as datasets
-from . import defenses
+from . import defenses, distributed
 from .attacks import PGD
 from .stream import Stream, for_rank
 
@@ -104,17 +104,6 @@ class TrainConfig:
         return cfg
 
 
-def world():
-    """(rank, world_size), initialising torch.distributed from torchrun's environment if needed."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
 def model_info(dataset):
     """What a model needs from its dataset (shape, classes, normalisation)."""
     return types.SimpleNamespace(shape=dataset.shape, num_classes=dataset.num_classes, mean=dataset.mean,
@@ -173,7 +162,7 @@ class Trainer:
         self.is_teacher = _teacher_of is not None
         self.config = cfg = config.resolved()
         self.run_dir = run_dir
-        self.rank, self.world = world()
+        self.rank, self.world = distributed.init()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
         self.device = torch.device(cfg.device)
