@@ -4,6 +4,8 @@
 - PNI (learnable alpha) forward+backward against the eager version that saves eps (goal: 4x,
   issue 11);
 - multi-tensor weight noise over a ResNet-18-sized parameter list against a loop of single calls;
+- the fixed cost of one noise layer call (forward+backward of GaussianNoise on 8 x 16 values, where
+  the kernel is nothing) against the eager composite: what a small layer or an MC loop pays per call;
 - Gaussian augmentation N=10 against x.repeat + randn_like + clamp."""
 
 import pytest
@@ -79,6 +81,15 @@ def test_pni_forward_backward(benchmark, impl, device):
     else:
         fn = lambda: pni_eager(x, alpha.view(1, -1, 1, 1)).backward(g)  # noqa: E731
     _run(benchmark, fn, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["noisekernels", "eager"])
+def test_layer_call_overhead(benchmark, impl, device):
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    layer = nk.nn.GaussianNoise(SIGMA).to(device) if impl == "noisekernels" else (lambda t: gaussian_eager(t, SIGMA))
+    _record(benchmark, impl, f"noise_layer-call-overhead-{device}")
+    benchmark.pedantic(lambda: (layer(x).sum().backward(), sync(device)), rounds=20, warmup_rounds=3, iterations=100)
 
 
 @pytest.mark.parametrize("device", DEVICES)

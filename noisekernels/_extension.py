@@ -124,17 +124,10 @@ def call_op(name, backend, device, *args):
     op's registered autograd, so every backend is differentiable the same way."""
     chosen = resolve_backend(backend, device)
     if _dispatched(chosen, torch.device(device)):
-        return getattr(torch.ops.noisekernels, name)(*args)
+        return _OPS[name](*args)
     if name not in _AUTOGRAD:
         return _python_kernel(name, chosen)(*args)
-    # apply takes the op's arguments in place, so the backward's ctx.needs_input_grad[i] is argument
-    # i's (torch.compile reads it from the apply call); a tensor-list argument is None there, its
-    # tensors follow, then the call's description.
-    lists = tuple((k, len(a)) for k, a in enumerate(args) if isinstance(a, list))
-    head = [None if isinstance(a, list) else a for a in args]
-    tail = [t for k, _ in lists for t in args[k]]
-    out = _DirectCall.apply(*head, *tail, (name, chosen, len(args), lists))
-    return list(out) if _SCHEMAS[name].endswith("-> Tensor[]") else out  # apply returns a list output as a tuple
+    return _differentiable(name, chosen, None, args)
 
 
 def _python_kernel(name, backend):
@@ -142,31 +135,68 @@ def _python_kernel(name, backend):
     return reference if backend == "reference" else triton()
 
 
+class _Ops(dict):
+    """Op name -> its OpOverload, looked up once (torch.ops attribute lookups cost microseconds a call)."""
+
+    def __missing__(self, name):
+        self[name] = getattr(torch.ops.noisekernels, name).default
+        return self[name]
+
+
+_OPS = _Ops()
 _AUTOGRAD = {}  # op name -> (setup_context, backward) as registered
 
 
 def register_autograd(name, backward, *, setup_context):
-    """torch.library.register_autograd for op `name`, kept for the kernels call_op calls directly.
-    ctx.backend is the backend the forward ran on (None: the dispatcher's): the backward passes it to
-    call_op, so it regenerates the noise with the forward's kernels."""
-    def setup(ctx, inputs, output):
-        ctx.backend = None
-        setup_context(ctx, inputs, output)
+    """Makes op `name` differentiable by setup_context(ctx, inputs, output) and backward(ctx, *grads),
+    the contract of torch.library.register_autograd, for the dispatcher's calls (the op's Autograd
+    kernel) and for the kernels call_op calls directly. ctx.backend is the backend the forward ran
+    on (None: the dispatcher's): the backward passes it to call_op, so it regenerates the noise with
+    the forward's kernels.
 
+    The Autograd kernel is torch.library.register_autograd's without its argument filling, which
+    rebuilds the schema's argument list once per argument: 30 us of each call of an 11-argument op,
+    more than the kernel of a small layer. The schemas have no defaults to fill."""
+    if any(a.has_default_value() or a.kwarg_only for a in _OPS[name]._schema.arguments):
+        raise ValueError(f"noisekernels::{name} has arguments with defaults or keyword-only ones, which the "
+                         "Autograd kernel does not fill in")
     _AUTOGRAD[name] = (setup_context, backward)
-    torch.library.register_autograd(f"noisekernels::{name}", backward, setup_context=setup)
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return _differentiable(name, None, keyset, args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _OPS[name].redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
-class _DirectCall(torch.autograd.Function):
-    """A Python kernel called outside the dispatcher, differentiated by its op's registered autograd."""
+def _differentiable(name, backend, keyset, args):
+    # apply takes the op's arguments in place, so the backward's ctx.needs_input_grad[i] is argument
+    # i's (torch.compile reads it from the apply call); a tensor-list argument is None there, its
+    # tensors follow, then the call's description.
+    lists = tuple((k, len(a)) for k, a in enumerate(args) if isinstance(a, list))
+    head = [None if isinstance(a, list) else a for a in args]
+    tail = [t for k, _ in lists for t in args[k]]
+    out = _Differentiable.apply(*head, *tail, (name, backend, keyset, len(args), lists))
+    return list(out) if _SCHEMAS[name].endswith("-> Tensor[]") else out  # apply returns a list output as a tuple
+
+
+class _Differentiable(torch.autograd.Function):
+    """One call of an op, differentiated by its registered autograd: the dispatcher's kernel below
+    autograd (backend None), or a Python kernel called outside the dispatcher."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        name, backend, nargs, lists = inputs[-1]
+        name, backend, keyset, nargs, lists = inputs[-1]
         args, i = list(inputs[:nargs]), nargs
         for k, n in lists:
             args[k], i = list(inputs[i:i + n]), i + n
-        out = _python_kernel(name, backend)(*args)
+        if backend is None:
+            with torch._C._AutoDispatchBelowAutograd():
+                out = _OPS[name].redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        else:
+            out = _python_kernel(name, backend)(*args)
         # A Tensor[] output's backward takes one list of gradients; a tuple output's, one per output.
         ctx.name, ctx.lists, ctx.list_output = name, lists, isinstance(out, list)
         _AUTOGRAD[name][0](ctx, args, out)

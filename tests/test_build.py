@@ -70,6 +70,9 @@ def test_reference_mode_runs_the_ops_without_the_extension():
         "u = torch.ops.noisekernels.philox_uniform(torch.tensor(3), torch.tensor(2**32 - 2), [5], torch.float32, 1)\n"
         "z = nk.random.normal(5, 3, 2**32 - 2)\n"
         "print(repr(u.tolist())); print(repr(z.tolist()))\n"
+        "from noisekernels.ops.noise_add import noise_add\n"
+        "x, a = torch.ones(5, requires_grad=True), torch.tensor(0.5, requires_grad=True)\n"
+        "noise_add(x, a, 3, 7).sum().backward(); print(repr([a.grad.item(), *x.grad.tolist()]))\n"
         "try:\n"
         "    nk.random.uniform(5, 3, 0, backend='cpu')\n"
         "except RuntimeError as e:\n"
@@ -80,4 +83,8 @@ def test_reference_mode_runs_the_ops_without_the_extension():
     lines = r.stdout.splitlines()
     assert eval(lines[0]) == random.uniform(5, 3, 2**32 - 2).tolist()
     torch.testing.assert_close(torch.tensor(eval(lines[1])), random.normal(5, 3, 2**32 - 2), rtol=2e-6, atol=4e-6)
-    assert lines[2].startswith("refused: backend='cpu' needs noisekernels._C")
+    # The ops' autograd works without the extension: d/da sum(x + a * eps) = sum(eps), d/dx = 1.
+    grads = torch.tensor(eval(lines[2]))
+    torch.testing.assert_close(grads[0], random.normal(5, 3, 7).sum(), rtol=2e-6, atol=4e-6)
+    assert grads[1:].tolist() == [1.0] * 5
+    assert lines[3].startswith("refused: backend='cpu' needs noisekernels._C")
