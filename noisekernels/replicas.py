@@ -12,6 +12,7 @@ import contextlib
 import threading
 
 _state = threading.local()
+_DEFAULTS = {"count": 1, "expand_layer": None, "expand_n": 1, "noise_off": False}
 
 
 def current():
@@ -69,3 +70,20 @@ def replicas(n):
         yield
     finally:
         _state.count = before
+
+
+def settings():
+    """This thread's replica settings (count, expansion, noise off), to rerun a pass later under the
+    same ones: noisekernels.checkpoint's recomputation runs in the backward, outside their blocks."""
+    return {name: getattr(_state, name, default) for name, default in _DEFAULTS.items()}
+
+
+@contextlib.contextmanager
+def restored(saved):
+    """Runs this thread's enclosed passes under replica settings that settings() returned."""
+    before = settings()
+    _state.__dict__.update(saved)
+    try:
+        yield
+    finally:
+        _state.__dict__.update(before)

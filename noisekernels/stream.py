@@ -6,10 +6,13 @@ and advances the offset in place on the device: no host sync, and under torch.co
 advance happens inside the graph, so compiled steps never freeze their noise.
 """
 
+import threading
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from . import philox
+from . import philox, replicas
 from .ops._args import stream_tensors
 
 # Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
@@ -21,7 +24,7 @@ _DERIVE_TAG = 0x6E6B7264
 # backward regenerated the next call's noise. Custom ops are never dropped or recomputed.
 _LIB = torch.library.Library("noisekernels", "FRAGMENT")
 _LIB.define("offset_snapshot(Tensor offset) -> Tensor")
-_LIB.impl("offset_snapshot", lambda offset: offset.clone(), "CompositeExplicitAutograd")
+_LIB.impl("offset_snapshot", lambda offset: _refuse_in_backward() or offset.clone(), "CompositeExplicitAutograd")
 torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset), lib=_LIB)
 
 
@@ -60,9 +63,15 @@ class Stream(nn.Module):
 
     def reserve(self, n):
         """Reserves counters [offset, offset + n) and returns (seed, start offset) for an op call.
-        The start offset is a new tensor, so later reservations never change it."""
+        The start offset is a new tensor, so later reservations never change it. Inside the
+        recomputation of noisekernels.checkpoint it returns the forward's reservation instead."""
         if isinstance(n, int) and n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
+        if not torch.compiler.is_compiling() and _checkpoints.stack:
+            return _checkpoint_reserve(self, n)
+        return self._advance(n)
+
+    def _advance(self, n):
         start = torch.ops.noisekernels.offset_snapshot(self.offset)
         self.offset.add_(n)
         return self.seed, start
@@ -75,6 +84,101 @@ class Stream(nn.Module):
 
     def extra_repr(self):
         return f"device={self.seed.device}"
+
+
+# Activation checkpointing recomputes a forward during the backward. A Stream's offset has moved on
+# by then, so a plain recomputation would draw new noise and the gradient would belong to noise the
+# forward never used. noisekernels.checkpoint records the forward's reservations and replays them
+# in the recomputation. Any other reservation during a backward pass is refused by offset_snapshot
+# itself, so the refusal also covers torch.compile's recomputation of a checkpointed region (its
+# backward graph reruns the snapshot on the advanced offset).
+class _Checkpoints(threading.local):
+    def __init__(self):
+        self.stack = []  # the checkpointed regions this thread is running, innermost last
+
+
+_checkpoints = _Checkpoints()
+
+
+class _Record:
+    """The forward of a checkpointed region: keeps every reservation (stream, n, seed, start) and the
+    thread's replica settings, which the recomputation runs under again."""
+
+    def __init__(self):
+        self.reservations, self.replicas = [], None
+
+    def __enter__(self):
+        self.replicas = replicas.settings()
+        _checkpoints.stack.append(self)
+
+    def __exit__(self, *exc):
+        _checkpoints.stack.remove(self)
+
+
+class _Replay:
+    """The recomputation of a checkpointed region: hands out its forward's reservations in order
+    (from the first again at each recomputation: a second backward recomputes again)."""
+
+    def __init__(self, record):
+        self.record, self.next, self.settings = record, 0, None
+
+    def __enter__(self):
+        self.next = 0
+        self.settings = replicas.restored(self.record.replicas)
+        self.settings.__enter__()
+        _checkpoints.stack.append(self)
+
+    def __exit__(self, *exc):
+        _checkpoints.stack.remove(self)
+        self.settings.__exit__(*exc)
+
+    def take(self, stream, n):
+        reservations = self.record.reservations
+        if self.next >= len(reservations):
+            raise RuntimeError("noisekernels.checkpoint: the recomputation drew noise the forward did not draw "
+                               "(the checkpointed function must make the same noise calls each time it runs)")
+        owner, count, seed, start = reservations[self.next]
+        if owner is not stream or count != n:
+            raise RuntimeError("noisekernels.checkpoint: the recomputation's noise calls differ from the forward's "
+                               "(another stream or size); the checkpointed function must make the same calls each time")
+        self.next += 1
+        return seed, start
+
+
+def _checkpoint_reserve(stream, n):
+    """A reservation inside checkpointed regions: the innermost replay's, else a fresh one; every
+    region being recorded inside that replay keeps it for its own recomputation."""
+    stack = _checkpoints.stack
+    replays = [i for i, c in enumerate(stack) if isinstance(c, _Replay)]
+    seed, start = stack[replays[-1]].take(stream, n) if replays else stream._advance(n)
+    for context in stack[replays[-1] + 1 if replays else 0:]:
+        context.reservations.append((stream, n, seed, start))
+    return seed, start
+
+
+def _refuse_in_backward():
+    if torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(
+            "a noise layer drew new noise during a backward pass: torch.utils.checkpoint recomputes a forward "
+            "there, and its recomputation would use other noise than the forward did (a wrong gradient). "
+            "Checkpoint noisy code with noisekernels.checkpoint, which replays the forward's noise (eager mode; "
+            "under torch.compile, leave noise layers outside checkpointed regions)")
+
+
+def checkpoint(function, *args, **kwargs):
+    """torch.utils.checkpoint.checkpoint (use_reentrant=False) whose recomputation draws exactly the
+    forward's noise: every Stream reservation of the forward is recorded and handed out again, in
+    order, when the backward recomputes the region. Keyword arguments go to torch's checkpoint
+    (context_fn and use_reentrant are this function's own)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("noisekernels.checkpoint runs in eager mode; under torch.compile, leave noise layers "
+                           "outside checkpointed regions")
+    for name in ("context_fn", "use_reentrant"):
+        if name in kwargs:
+            raise ValueError(f"noisekernels.checkpoint sets {name} itself; got {name}={kwargs[name]!r}")
+    record = _Record()
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                             context_fn=lambda: (record, _Replay(record)), **kwargs)
 
 
 def for_rank(module, rank=None):

@@ -1,0 +1,143 @@
+"""Activation checkpointing of noisy code: noisekernels.checkpoint's recomputation draws the forward's
+noise, so its gradients equal those of the same run without checkpointing bit for bit; torch's own
+checkpoint, whose recomputation would draw new noise (a wrong gradient), is refused with a clear
+error, in eager mode and under torch.compile."""
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+import noisekernels as nk
+from noisekernels.ops._streams import default_stream
+
+
+class Block(nn.Module):
+    """Every kind of noise draw: a Gaussian layer, Random Spiking, a learnable scale (its own gradient)
+    and a functional call on the default stream."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(16, 16)
+        self.gaussian = nk.nn.GaussianNoise(0.5, seed=1)
+        self.spike = nk.nn.RandomSpike(keep=0.7, seed=2)
+        self.learnable = nk.nn.LearnableNoise((16,), init=0.3, seed=3)
+
+    def forward(self, x):
+        h = self.learnable(self.spike(self.gaussian(self.linear(x))))
+        return torch.tanh(h) + nk.functional.noise_add(x, 0.1)
+
+
+def _offsets(block):
+    return [s.offset.clone() for s in (*[m for m in block.modules() if isinstance(m, nk.Stream)], default_stream())]
+
+
+def _set_offsets(block, offsets):
+    with torch.no_grad():
+        for s, o in zip((*[m for m in block.modules() if isinstance(m, nk.Stream)], default_stream()), offsets):
+            s.offset.copy_(o)
+
+
+def _grads(block, x, run, backwards=1):
+    x = x.detach().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    y = run(x)
+    for i in range(backwards):
+        y.square().sum().backward(retain_graph=i < backwards - 1)
+    return y.detach(), [x.grad, *[p.grad for p in block.parameters()]]
+
+
+@pytest.fixture
+def case():
+    block, x = Block(), torch.randn(4, 16)
+    start = _offsets(block)
+    y, grads = _grads(block, x, block)
+    return block, x, start, y, grads, _offsets(block)
+
+
+def test_gradients_equal_the_run_without_checkpointing(case):
+    block, x, start, y_ref, grads_ref, end_ref = case
+    _set_offsets(block, start)
+    y, grads = _grads(block, x, lambda t: nk.checkpoint(block, t))
+    assert torch.equal(y, y_ref)
+    assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+    assert all(torch.equal(a, b) for a, b in zip(_offsets(block), end_ref))  # the recomputation reserved nothing
+
+
+def test_each_backward_recomputes_the_same_noise(case):
+    block, x, start, _, grads_ref, _ = case
+    _set_offsets(block, start)
+    _, grads = _grads(block, x, lambda t: nk.checkpoint(block, t), backwards=2)
+    assert all(torch.equal(g, 2 * r) for g, r in zip(grads, grads_ref))
+
+
+def test_nested_checkpoints_replay_the_outer_forward(case):
+    block, x, start, _, grads_ref, _ = case
+    _set_offsets(block, start)
+    _, grads = _grads(block, x, lambda t: nk.checkpoint(lambda u: nk.checkpoint(block, u) * 1.0, t))
+    assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+
+
+def test_recomputation_runs_under_the_forwards_replica_settings():
+    """Inside `nk.replicas(2)` Random Spiking takes min/max per replica; the backward (and so the
+    recomputation) runs after the block has closed. The linear layer's weight gradient reads its
+    (recomputed) input, the spiked values."""
+    torch.manual_seed(0)
+    spike, linear = nk.nn.RandomSpike(keep=0.5, seed=4), nn.Linear(8, 4)
+    x = torch.cat([torch.randn(3, 8), 10 + torch.randn(3, 8)])
+    grads = []
+    for run in (lambda t: linear(spike(t)), lambda t: nk.checkpoint(lambda u: linear(spike(u)), t)):
+        with torch.no_grad():
+            spike.stream.offset.zero_()
+        linear.zero_grad(set_to_none=True)
+        with nk.replicas(2):
+            y = run(x)
+        y.sum().backward()
+        grads.append(linear.weight.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_without_grad_it_runs_the_function_once(case):
+    block, x, start, y_ref, _, end_ref = case
+    _set_offsets(block, start)
+    with torch.no_grad():
+        assert torch.equal(nk.checkpoint(block, x), y_ref)
+    assert all(torch.equal(a, b) for a, b in zip(_offsets(block), end_ref))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpoint_is_refused(case, reentrant):
+    block, x, *_ = case
+    y = torch.utils.checkpoint.checkpoint(block, x.requires_grad_(), use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="drew new noise during a backward pass.*noisekernels.checkpoint"):
+        y.sum().backward()
+
+
+def test_torch_checkpoint_under_compile_is_refused(case):
+    """Inductor's partitioner reruns a checkpointed region's offset snapshot in the backward graph, on
+    the offset the forward already advanced: refused there too."""
+    block, x, *_ = case
+    step = torch.compile(lambda t: torch.utils.checkpoint.checkpoint(block, t, use_reentrant=False),
+                         backend="aot_eager")
+    y = step(x.requires_grad_())
+    with pytest.raises(RuntimeError, match="drew new noise during a backward pass"):
+        y.sum().backward()
+
+
+def test_a_recomputation_with_other_noise_calls_is_refused():
+    layer, calls = nk.nn.GaussianNoise(0.1, seed=1), []
+
+    def changing(x):  # draws for 4 rows the first time, 2 rows when recomputed
+        calls.append(1)
+        return layer(x if len(calls) == 1 else x[:2]).sum()
+
+    y = nk.checkpoint(changing, torch.randn(4, 3, requires_grad=True))
+    with pytest.raises(RuntimeError, match="recomputation's noise calls differ from the forward's"):
+        y.backward()
+
+
+@pytest.mark.parametrize("kwarg", [{"use_reentrant": True}, {"context_fn": lambda: (None, None)}])
+def test_own_arguments_are_not_overridden(kwarg):
+    with pytest.raises(ValueError, match="sets (use_reentrant|context_fn) itself"):
+        nk.checkpoint(lambda t: t, torch.ones(1), **kwarg)
