@@ -67,6 +67,10 @@ class Stream(nn.Module):
         recomputation of noisekernels.checkpoint it returns the forward's reservation instead."""
         if isinstance(n, int) and n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
+        if self.__dict__.get("_is_replica", False):  # set on every module copy nn.DataParallel makes
+            raise RuntimeError("nn.DataParallel copies a Stream to every device with its seed and offset, so every "
+                               "device would draw the same noise; train with DistributedDataParallel and "
+                               "nk.for_rank (one noise sequence per rank)")
         if not torch.compiler.is_compiling() and _checkpoints.stack:
             return _checkpoint_reserve(self, n)
         return self._advance(n)

@@ -128,3 +128,12 @@ def test_compiled_draws_advance_like_eager():
     for out in outs:
         assert torch.equal(out, eager(x))
     assert compiled.stream.offset.item() == eager.stream.offset.item() == 72
+
+
+def test_data_parallel_copies_refuse_to_draw():
+    """nn.DataParallel makes every module's per-device copy with Module._replicate_for_data_parallel;
+    each copy of a Stream holds the same seed and offset, so every device would draw device 0's noise."""
+    stream = nk.Stream(seed=1)
+    with pytest.raises(RuntimeError, match="DataParallel.*same noise.*DistributedDataParallel"):
+        stream._replicate_for_data_parallel().reserve(4)
+    assert stream.reserve(4)[1].item() == 0  # the stream itself still draws
