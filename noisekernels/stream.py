@@ -6,6 +6,7 @@ and advances the offset in place on the device: no host sync, and under torch.co
 advance happens inside the graph, so compiled steps never freeze their noise.
 """
 
+import contextlib
 import threading
 
 import torch
@@ -150,10 +151,26 @@ def _checkpoint_reserve(stream, n):
     region being recorded inside that replay keeps it for its own recomputation."""
     stack = _checkpoints.stack
     replays = [i for i, c in enumerate(stack) if isinstance(c, _Replay)]
-    seed, start = stack[replays[-1]].take(stream, n) if replays else stream._advance(n)
+    if replays:
+        seed, start = stack[replays[-1]].take(stream, n)
+    else:  # the seed buffer as it is now: one changed in place before the backward (reseeding) must not leak in
+        seed, start = stream._advance(n)
+        seed = seed.clone()
     for context in stack[replays[-1] + 1 if replays else 0:]:
         context.reservations.append((stream, n, seed, start))
     return seed, start
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Runs draws that the caller undoes afterwards (a probe that puts the streams back) outside the
+    record of any checkpointed region: its recomputation does not make them, and replaying them there
+    would hand the real calls the probe's noise."""
+    stack, _checkpoints.stack = _checkpoints.stack, []
+    try:
+        yield
+    finally:
+        _checkpoints.stack = stack
 
 
 def _refuse_in_backward():
