@@ -182,3 +182,31 @@ def test_a_seed_changed_in_place_before_the_backward_is_not_replayed():
         y = nk.checkpoint(model, x)
     y.square().sum().backward()
     assert torch.equal(model[0].weight.grad, want)
+
+
+def test_noise_meant_for_the_backward_is_drawn_inside_fresh_noise_in_backward():
+    """Noise added to a gradient in a hook is new noise of the backward, not a recomputation: refused
+    by default (the refusal cannot tell it from one), drawn inside fresh_noise_in_backward(), where it
+    is the stream's next draw, as in a forward."""
+    torch.manual_seed(0)
+    linear, x, stream = nn.Linear(4, 3), torch.randn(2, 4), nk.Stream(5)
+    clean = torch.autograd.grad(linear(x).sum(), linear.weight)[0]
+    want = nk.functional.noise_add(clean, 0.1, stream=nk.Stream(5))  # the hook's draw, from a copy of the stream
+
+    hook = linear.weight.register_hook(lambda g: nk.functional.noise_add(g, 0.1, stream=stream))
+    with pytest.raises(RuntimeError, match="drew new noise during a backward pass.*fresh_noise_in_backward"):
+        linear(x).sum().backward()
+    hook.remove()
+    assert stream.offset.item() == 0  # the refused draw reserved nothing
+
+    def noisy_grad(g):
+        with nk.fresh_noise_in_backward():
+            return nk.functional.noise_add(g, 0.1, stream=stream)
+
+    linear.weight.register_hook(noisy_grad)
+    linear.weight.grad = None
+    linear(x).sum().backward()
+    assert torch.equal(linear.weight.grad, want)
+    y = torch.utils.checkpoint.checkpoint(nk.nn.GaussianNoise(0.1, seed=1), x.requires_grad_(), use_reentrant=False)
+    with pytest.raises(RuntimeError, match="drew new noise during a backward pass"):  # only inside the block
+        y.sum().backward()
