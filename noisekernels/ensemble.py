@@ -31,7 +31,7 @@ from .nn.anisotropic import AnisotropicNoise
 from .nn.noise import WeightNoise, _NoiseLayer
 from .nn.random_spike import RandomSpike
 from .ops.replica_reduce import MODES, replica_reduce
-from .stream import Stream
+from .stream import Stream, unrecorded
 
 # Activation working set per chunk on CPU: about the L2 caches of this class of machine.
 CPU_CACHE_BYTES = 2 << 20
@@ -76,10 +76,12 @@ def _check_batch_statistics(model):
 
 @contextlib.contextmanager
 def _restored_streams(model):
-    """Runs a probe and puts every stream back where it was."""
+    """Runs a probe and puts every stream back where it was (its draws are not part of a
+    checkpointed region's record: the recomputation finds the plan cached and does not probe)."""
     saved = [(s, s.offset.clone()) for s in model.modules() if isinstance(s, Stream)]
     try:
-        yield
+        with unrecorded():
+            yield
     finally:
         for s, offset in saved:
             s.offset.copy_(offset)

@@ -6,6 +6,7 @@ and advances the offset in place on the device: no host sync, and under torch.co
 advance happens inside the graph, so compiled steps never freeze their noise.
 """
 
+import contextlib
 import threading
 
 import torch
@@ -99,6 +100,7 @@ class Stream(nn.Module):
 class _Checkpoints(threading.local):
     def __init__(self):
         self.stack = []  # the checkpointed regions this thread is running, innermost last
+        self.fresh_in_backward = False  # inside fresh_noise_in_backward()
 
 
 _checkpoints = _Checkpoints()
@@ -154,19 +156,52 @@ def _checkpoint_reserve(stream, n):
     region being recorded inside that replay keeps it for its own recomputation."""
     stack = _checkpoints.stack
     replays = [i for i, c in enumerate(stack) if isinstance(c, _Replay)]
-    seed, start = stack[replays[-1]].take(stream, n) if replays else stream._advance(n)
+    if replays:
+        seed, start = stack[replays[-1]].take(stream, n)
+    else:  # the seed buffer as it is now: one changed in place before the backward (reseeding) must not leak in
+        seed, start = stream._advance(n)
+        seed = seed.clone()
     for context in stack[replays[-1] + 1 if replays else 0:]:
         context.reservations.append((stream, n, seed, start))
     return seed, start
 
 
+@contextlib.contextmanager
+def unrecorded():
+    """Runs draws that the caller undoes afterwards (a probe that puts the streams back) outside the
+    record of any checkpointed region: its recomputation does not make them, and replaying them there
+    would hand the real calls the probe's noise."""
+    stack, _checkpoints.stack = _checkpoints.stack, []
+    try:
+        yield
+    finally:
+        _checkpoints.stack = stack
+
+
 def _refuse_in_backward():
-    if torch._C._current_graph_task_id() != -1:
+    if torch._C._current_graph_task_id() != -1 and not _checkpoints.fresh_in_backward:
         raise RuntimeError(
             "a noise layer drew new noise during a backward pass: torch.utils.checkpoint recomputes a forward "
             "there, and its recomputation would use other noise than the forward did (a wrong gradient). "
             "Checkpoint noisy code with noisekernels.checkpoint, which replays the forward's noise (eager mode; "
-            "under torch.compile, leave noise layers outside checkpointed regions)")
+            "under torch.compile, leave noise layers outside checkpointed regions). Noise meant to be new in "
+            "the backward (added to gradients in a hook, a BPDA surrogate's backward) is drawn inside "
+            "noisekernels.fresh_noise_in_backward()")
+
+
+@contextlib.contextmanager
+def fresh_noise_in_backward():
+    """Lets this thread's enclosed code draw new noise during a backward pass, which is otherwise
+    refused as a recomputation of a forward (torch.utils.checkpoint's): for noise that belongs to the
+    backward itself, e.g. noise added to gradients in a hook or a noisy surrogate run in a custom
+    backward (BPDA). Enter it inside the hook or backward, around the draws only: a recomputation
+    run inside it would not be caught."""
+    before = _checkpoints.fresh_in_backward
+    _checkpoints.fresh_in_backward = True
+    try:
+        yield
+    finally:
+        _checkpoints.fresh_in_backward = before
 
 
 def checkpoint(function, *args, **kwargs):

@@ -141,3 +141,72 @@ def test_a_recomputation_with_other_noise_calls_is_refused():
 def test_own_arguments_are_not_overridden(kwarg):
     with pytest.raises(ValueError, match="sets (use_reentrant|context_fn) itself"):
         nk.checkpoint(lambda t: t, torch.ones(1), **kwarg)
+
+
+def test_the_engines_first_call_inside_a_region_replays_only_its_real_draws():
+    """The MC engine's first call on a model probes its plan: noise drawn and the streams put back.
+    The recomputation finds the plan cached and makes only the real calls, which must get the real
+    calls' noise, not the probe's (the second chunk got the first chunk's noise: a wrong gradient)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nk.nn.GaussianNoise(0.5, mc=True, seed=7),
+                          nk.nn.RandomSpike(0.6, mc=True, seed=8), nn.Linear(8, 3)).eval()
+    linear, x = nn.Linear(8, 8), torch.randn(2, 8)
+    streams = [m for m in model.modules() if isinstance(m, nk.Stream)]
+    start = [s.offset.clone() for s in streams]
+    region = lambda t: nk.ensemble.replica_logits(model, t, 4, chunk=2)  # noqa: E731
+    grads = []
+    for run in (region, lambda t: nk.checkpoint(region, t)):
+        with torch.no_grad():
+            for s, o in zip(streams, start):
+                s.offset.copy_(o)
+        nk.ensemble._plans.pop(model, None)  # each run probes its plan inside the region
+        x_ = x.clone().requires_grad_()
+        run(linear(x_)).square().sum().backward()
+        grads.append(x_.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_seed_changed_in_place_before_the_backward_is_not_replayed():
+    """The recomputation draws with the seed the forward used, also when the stream was reseeded in
+    place between the forward and the backward (distributed.reseeded puts the seeds back on exit)."""
+    from noisekernels.distributed import reseeded
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nk.nn.GaussianNoise(0.5, seed=7), nk.nn.RandomSpike(0.6, seed=8))
+    x = torch.randn(2, 8)
+    with reseeded(model, 5, 0):  # the reference: the backward runs while the seeds are changed
+        model(x).square().sum().backward()
+    want = model[0].weight.grad
+    model.zero_grad(set_to_none=True)
+    with reseeded(model, 5, 0):
+        y = nk.checkpoint(model, x)
+    y.square().sum().backward()
+    assert torch.equal(model[0].weight.grad, want)
+
+
+def test_noise_meant_for_the_backward_is_drawn_inside_fresh_noise_in_backward():
+    """Noise added to a gradient in a hook is new noise of the backward, not a recomputation: refused
+    by default (the refusal cannot tell it from one), drawn inside fresh_noise_in_backward(), where it
+    is the stream's next draw, as in a forward."""
+    torch.manual_seed(0)
+    linear, x, stream = nn.Linear(4, 3), torch.randn(2, 4), nk.Stream(5)
+    clean = torch.autograd.grad(linear(x).sum(), linear.weight)[0]
+    want = nk.functional.noise_add(clean, 0.1, stream=nk.Stream(5))  # the hook's draw, from a copy of the stream
+
+    hook = linear.weight.register_hook(lambda g: nk.functional.noise_add(g, 0.1, stream=stream))
+    with pytest.raises(RuntimeError, match="drew new noise during a backward pass.*fresh_noise_in_backward"):
+        linear(x).sum().backward()
+    hook.remove()
+    assert stream.offset.item() == 0  # the refused draw reserved nothing
+
+    def noisy_grad(g):
+        with nk.fresh_noise_in_backward():
+            return nk.functional.noise_add(g, 0.1, stream=stream)
+
+    linear.weight.register_hook(noisy_grad)
+    linear.weight.grad = None
+    linear(x).sum().backward()
+    assert torch.equal(linear.weight.grad, want)
+    y = torch.utils.checkpoint.checkpoint(nk.nn.GaussianNoise(0.1, seed=1), x.requires_grad_(), use_reentrant=False)
+    with pytest.raises(RuntimeError, match="drew new noise during a backward pass"):  # only inside the block
+        y.sum().backward()
