@@ -9,6 +9,7 @@ import importlib
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._source_hash import source_hash
 
@@ -68,10 +69,13 @@ def triton_kernel(module, name):
     return lambda: getattr(importlib.import_module(f"noisekernels.triton.{module}"), name)
 
 
-def register_op(name, schema, *, reference, triton=None):
+def register_op(name, schema, *, reference, triton=None, noise=False):
     """Registers Python kernels for op `name`: the reference everywhere when the extension is not
     loaded (defining the schema), and Triton for CUDA tensors when C++ CUDA kernels are not built.
-    `triton` is a zero-argument callable returning the Triton kernel, imported on first use."""
+    `triton` is a zero-argument callable returning the Triton kernel, imported on first use.
+    noise: the op applies the noise of its (seed, offset) to a data tensor, so torch.vmap, which
+    runs it once per sample with the same (seed, offset), is refused (every sample would get the
+    same noise)."""
     _PYTHON_KERNELS[name] = (reference, triton)
     _SCHEMAS[name] = schema
     if REFERENCE_ONLY:
@@ -79,6 +83,21 @@ def register_op(name, schema, *, reference, triton=None):
         LIB.impl(name, reference, "CompositeExplicitAutograd")
     elif not BUILD_INFO["cuda"] and triton is not None and _triton_available():
         LIB.impl(name, lambda *args: triton()(*args), "CUDA")
+    if noise:
+        torch.library.register_vmap(f"noisekernels::{name}", lambda info, in_dims, *args: refuse_vmap(), lib=LIB)
+
+
+def under_vmap():
+    """Whether this thread runs inside torch.vmap (functorch's interpreter stack holds a vmap level)."""
+    return torch._C._functorch.maybe_current_level() is not None and any(
+        i.key() == torch._C._functorch.TransformType.Vmap for i in torch._C._functorch.get_interpreter_stack())
+
+
+def refuse_vmap():
+    raise RuntimeError(
+        "noisekernels noise under torch.vmap: the draw is made once for the whole vmapped call, so every sample "
+        "would get the same noise (torch's own random ops refuse vmap too, by default). Run the batch without "
+        "vmap: noise layers and ops take batches, and nk.replicas / nk.ensemble batch noisy replicas")
 
 
 def resolve_backend(backend, device):
@@ -163,12 +182,22 @@ def register_autograd(name, backward, *, setup_context):
     _AUTOGRAD[name] = (setup_context, backward)
 
     def autograd_kernel(keyset, *args):
+        if fwAD._current_level >= 0:
+            _refuse_tangents(name, args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return _differentiable(name, None, keyset, args)
         with torch._C._AutoDispatchBelowAutograd():
             return _OPS[name].redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _refuse_tangents(name, args):
+    """Forward-mode AD would pass the op by and drop the tangents (a zero or missing derivative)."""
+    tensors = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(f"noisekernels::{name} has no forward-mode derivative (torch.func.jvp, "
+                           "torch.autograd.forward_ad); differentiate it in reverse mode (backward, torch.autograd.grad)")
 
 
 def _differentiable(name, backend, keyset, args):

@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import philox, replicas
+from ._extension import refuse_vmap, under_vmap
 from .ops._args import stream_tensors
 
 # Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
@@ -72,8 +73,11 @@ class Stream(nn.Module):
             raise RuntimeError("nn.DataParallel copies a Stream to every device with its seed and offset, so every "
                                "device would draw the same noise; train with DistributedDataParallel and "
                                "nk.for_rank (one noise sequence per rank)")
-        if not torch.compiler.is_compiling() and _checkpoints.stack:
-            return _checkpoint_reserve(self, n)
+        if not torch.compiler.is_compiling():
+            if under_vmap():  # a draw here would be one for all of vmap's samples
+                refuse_vmap()
+            if _checkpoints.stack:
+                return _checkpoint_reserve(self, n)
         return self._advance(n)
 
     def _advance(self, n):

@@ -57,11 +57,11 @@ def noise_mul_sum_reference(grad, seed, offset, dist, inner, channels, segments)
 
 register_op("noise_add", "noise_add(Tensor x, Tensor scale, Tensor seed, Tensor offset, int dist, int inner, "
             "int channels, int replicas, float? lo, float? hi, int segments) -> Tensor",
-            reference=noise_add_reference, triton=triton_kernel("noise_add", "noise_add"))
+            reference=noise_add_reference, triton=triton_kernel("noise_add", "noise_add"), noise=True)
 register_op("noise_mul", "noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist, int segments) -> Tensor",
-            reference=noise_mul_reference, triton=triton_kernel("noise_add", "noise_mul"))
+            reference=noise_mul_reference, triton=triton_kernel("noise_add", "noise_mul"), noise=True)
 register_op("noise_mul_sum", "noise_mul_sum(Tensor grad, Tensor seed, Tensor offset, int dist, int inner, int channels, "
-            "int segments) -> Tensor", reference=noise_mul_sum_reference, triton=triton_kernel("noise_add", "noise_mul_sum"))
+            "int segments) -> Tensor", reference=noise_mul_sum_reference, triton=triton_kernel("noise_add", "noise_mul_sum"), noise=True)
 
 
 @torch.library.register_fake("noisekernels::noise_add")

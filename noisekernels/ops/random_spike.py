@@ -74,7 +74,7 @@ def random_spike_backward_reference(grad, mask):
 
 register_op("random_spike", "random_spike(Tensor x, float p, Tensor seed, Tensor offset, int groups, int segments) "
             "-> (Tensor, Tensor)",
-            reference=random_spike_reference, triton=triton_kernel("random_spike", "random_spike"))
+            reference=random_spike_reference, triton=triton_kernel("random_spike", "random_spike"), noise=True)
 register_op("random_spike_backward", "random_spike_backward(Tensor grad, Tensor mask) -> Tensor",
             reference=random_spike_backward_reference, triton=triton_kernel("random_spike", "random_spike_backward"))
 
