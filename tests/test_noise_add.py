@@ -273,6 +273,11 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.noisekernels.noise_add(x, torch.ones(1), torch.tensor(0), torch.tensor(0), 7, 1, 1, 1, None, None, 1)
     with pytest.raises(RuntimeError, match="segments must be >= 1 and divide the number of elements 12, got 5"):
         torch.ops.noisekernels.noise_add(x, torch.ones(1), torch.tensor(0), torch.tensor(0), 0, 1, 1, 1, None, None, 5)
+    # a scale layout of 5 channels or runs of 5 does not tile 12 elements; inner * channels = 2**64 wraps int64
+    for inner, channels in ((1, 5), (5, 1), (2**62, 4)):
+        with pytest.raises(RuntimeError, match="x.numel\\(\\) a multiple of inner \\* channels"):
+            torch.ops.noisekernels.noise_add(x, torch.ones(channels if channels < 8 else 1), torch.tensor(0),
+                                             torch.tensor(0), 0, inner, channels, 1, None, None, 1)
     with pytest.raises(ValueError, match="segments=3 must divide the output's rows, got 8 output rows"):
         noise_add(x, 0.1, 0, 0, replicas=2, segments=3)
     with pytest.raises(ValueError, match="pass either seed and offset or stream"):

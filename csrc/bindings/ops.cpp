@@ -85,9 +85,12 @@ void check_noise_add_args(const at::Tensor& x, const at::Tensor& scale, const at
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.scalar_type() == acc, "noise_add: scale must be ", acc, " for x of dtype ",
               x.scalar_type(), ", got ", scale.scalar_type());
-  TORCH_CHECK(inner >= 1 && channels >= 1 && scale.numel() == channels,
-              "noise_add: need inner >= 1 and channels == scale.numel() >= 1, got inner=", inner,
-              ", channels=", channels, ", scale.numel()=", scale.numel());
+  // numel % inner, then % channels: inner * channels may overflow int64 (then % 0 kills the process).
+  TORCH_CHECK(inner >= 1 && channels >= 1 && scale.numel() == channels && x.numel() % inner == 0 &&
+                  (x.numel() / inner) % channels == 0,
+              "noise_add: need inner >= 1, channels == scale.numel() >= 1 and x.numel() a multiple of inner * "
+              "channels, got inner=", inner, ", channels=", channels, ", scale.numel()=", scale.numel(),
+              ", x.numel()=", x.numel());
   TORCH_CHECK(replicas >= 1 && (replicas == 1 || x.dim() >= 1),
               "noise_add: replicas must be >= 1 (and x batched when > 1), got ", replicas);
   TORCH_CHECK(lo.has_value() == hi.has_value() && (!lo.has_value() || *lo <= *hi),
