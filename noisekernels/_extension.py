@@ -73,9 +73,9 @@ def register_op(name, schema, *, reference, triton=None, noise=False):
     """Registers Python kernels for op `name`: the reference everywhere when the extension is not
     loaded (defining the schema), and Triton for CUDA tensors when C++ CUDA kernels are not built.
     `triton` is a zero-argument callable returning the Triton kernel, imported on first use.
-    noise: the op applies the noise of its (seed, offset) to a data tensor, so torch.vmap, which
-    runs it once per sample with the same (seed, offset), is refused (every sample would get the
-    same noise)."""
+    noise: the op applies the noise of its (seed, offset) to a data tensor, so torch.vmap with one
+    (seed, offset) for all samples is refused (every sample would get the same noise); vmap over
+    per-sample seeds or offsets runs the op once per sample, as a loop over them would."""
     _PYTHON_KERNELS[name] = (reference, triton)
     _SCHEMAS[name] = schema
     if REFERENCE_ONLY:
@@ -84,7 +84,29 @@ def register_op(name, schema, *, reference, triton=None, noise=False):
     elif not BUILD_INFO["cuda"] and triton is not None and _triton_available():
         LIB.impl(name, lambda *args: triton()(*args), "CUDA")
     if noise:
-        torch.library.register_vmap(f"noisekernels::{name}", lambda info, in_dims, *args: refuse_vmap(), lib=LIB)
+        torch.library.register_vmap(f"noisekernels::{name}", _per_sample_noise(name), lib=LIB)
+
+
+def _per_sample_noise(name):
+    """The vmap rule of noise op `name`. A Stream draw under vmap is refused by the Stream (eager);
+    this catches one (seed, offset) shared by all samples (explicit values, or a Stream's under
+    torch.compile, which skips the Stream's check)."""
+    def rule(info, in_dims, *args):
+        names = [a.name for a in _OPS[name]._schema.arguments]
+        if in_dims[names.index("seed")] is None and in_dims[names.index("offset")] is None:
+            refuse_vmap()
+        outs = [_OPS[name](*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        stacked = [torch.stack(parts) for parts in zip(*outs)]
+        return (tuple(stacked), (0,) * len(stacked)) if isinstance(outs[0], tuple) else (stacked, [0] * len(stacked))
+    return rule
+
+
+def _sample(arg, dim, i):
+    if isinstance(arg, list):
+        return [_sample(a, d, i) for a, d in zip(arg, dim if isinstance(dim, list) else [dim] * len(arg))]
+    return arg if dim is None else arg.select(dim, i)
 
 
 def under_vmap():
@@ -97,7 +119,8 @@ def refuse_vmap():
     raise RuntimeError(
         "noisekernels noise under torch.vmap: the draw is made once for the whole vmapped call, so every sample "
         "would get the same noise (torch's own random ops refuse vmap too, by default). Run the batch without "
-        "vmap: noise layers and ops take batches, and nk.replicas / nk.ensemble batch noisy replicas")
+        "vmap: noise layers and ops take batches, and nk.replicas / nk.ensemble batch noisy replicas (vmap over "
+        "per-sample seeds or offsets of an op runs)")
 
 
 def resolve_backend(backend, device):

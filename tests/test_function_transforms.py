@@ -3,6 +3,8 @@
 (one draw for all of vmap's samples: every sample the same noise). Torch's own random ops refuse
 vmap by default too. A refused call leaves the streams where they were."""
 
+import functools
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -74,3 +76,37 @@ def test_vmap_over_a_stream_draw_is_refused():
 def test_vmap_without_noise_still_runs():
     linear = torch.nn.Linear(4, 2)
     assert torch.allclose(torch.vmap(linear)(X), linear(X))
+
+
+SEEDS, OFFSETS = torch.tensor([1, 2, 3]), torch.tensor([0, 100, 200])
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_vmap_over_per_sample_seeds_and_offsets_equals_a_loop(name):
+    """Each sample has its own (seed, offset), so each draws its own noise: vmap runs the op per sample."""
+    for in_dims, seeds, offsets in (((None, 0, None), SEEDS, torch.tensor(0)), ((None, None, 0), torch.tensor(1), OFFSETS),
+                                    ((0, 0, 0), SEEDS, OFFSETS)):
+        xs = X if in_dims[0] == 0 else X[0]
+        expected = torch.stack([_seeded(name, xs[i] if in_dims[0] == 0 else xs, seeds[i] if seeds.dim() else seeds,
+                                        offsets[i] if offsets.dim() else offsets) for i in range(3)])
+        assert not torch.equal(expected[0], expected[1])
+        assert torch.equal(torch.vmap(functools.partial(_seeded, name), in_dims=in_dims)(xs, seeds, offsets), expected)
+
+
+def _seeded(name, x, seed, offset):
+    if name == "noise_add":
+        return noise_add(x, 0.1, seed, offset)
+    if name == "noise_add_scale":
+        return noise_add(x, torch.tensor(0.1), seed, offset)
+    if name == "random_spike":
+        return random_spike(x, 0.5, seed, offset)
+    return noise_add_foreach([x, x], 0.1, seed, offset)[1]
+
+
+def test_gradients_through_vmap_over_seeds_equal_a_loop():
+    scale = torch.tensor(0.3, requires_grad=True)
+    x = X.clone().requires_grad_()
+    (torch.vmap(lambda s: noise_add(x, scale, s, torch.tensor(0)))(SEEDS) ** 2).sum().backward()
+    loop_scale, loop_x = scale.detach().clone().requires_grad_(), X.clone().requires_grad_()
+    sum((noise_add(loop_x, loop_scale, s, torch.tensor(0)) ** 2).sum() for s in SEEDS).backward()
+    assert torch.allclose(x.grad, loop_x.grad) and torch.allclose(scale.grad, loop_scale.grad)
