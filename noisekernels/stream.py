@@ -73,11 +73,12 @@ class Stream(nn.Module):
             raise RuntimeError("nn.DataParallel copies a Stream to every device with its seed and offset, so every "
                                "device would draw the same noise; train with DistributedDataParallel and "
                                "nk.for_rank (one noise sequence per rank)")
-        if not torch.compiler.is_compiling():
-            if under_vmap():  # a draw here would be one for all of vmap's samples
-                refuse_vmap()
-            if _checkpoints.stack:
-                return _checkpoint_reserve(self, n)
+        # A draw here would be one for all of vmap's samples. Checked under torch.compile too, which
+        # traces torch.vmap's body with vmap's level set and would otherwise compile the shared draw.
+        if under_vmap():
+            refuse_vmap()
+        if not torch.compiler.is_compiling() and _checkpoints.stack:
+            return _checkpoint_reserve(self, n)
         return self._advance(n)
 
     def _advance(self, n):

@@ -110,3 +110,15 @@ def test_gradients_through_vmap_over_seeds_equal_a_loop():
     loop_scale, loop_x = scale.detach().clone().requires_grad_(), X.clone().requires_grad_()
     sum((noise_add(loop_x, loop_scale, s, torch.tensor(0)) ** 2).sum() for s in SEEDS).backward()
     assert torch.allclose(x.grad, loop_x.grad) and torch.allclose(scale.grad, loop_scale.grad)
+
+
+@pytest.mark.parametrize("name", ["anisotropic", "gaussian"])
+def test_vmap_inside_torch_compile_is_refused(name):
+    """torch.compile traces vmap's body: a Stream draw there was compiled as one draw for all samples
+    (AnisotropicNoise draws through nk.random, whose ops see no batched input, so nothing refused it)."""
+    layer = LAYERS[name]()
+    with pytest.raises(RuntimeError, match=NO_VMAP):
+        torch.compile(lambda x: torch.vmap(layer)(x))(X.unsqueeze(1))
+    with pytest.raises(torch._dynamo.exc.Unsupported):  # the check's level query stops fullgraph tracing
+        torch.compile(lambda x: torch.vmap(layer)(x), fullgraph=True)(X.unsqueeze(1))
+    assert all(s.offset.item() == 0 for s in layer.modules() if isinstance(s, nk.Stream))
