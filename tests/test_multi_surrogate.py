@@ -8,6 +8,8 @@ import torch
 import noisekernels as nk
 from attack_models import CLASSES, make_data, trained
 from noisekernels.attacks import CW, PGD, MinimalFGSM, MultiSurrogate, rotate_targets
+from noisekernels.attacks.multi_surrogate import _SurrogateSum
+from noisekernels.models import Dropout
 
 CW_OPTS = dict(c=0.5, kappa=2.0, steps=12, lr=0.05, binary_steps=2, targeted=True, seed=0)
 
@@ -111,3 +113,26 @@ def test_multi_surrogate_with_pgd_still_sums_losses(data):
     xr = x.clone().requires_grad_()
     sum(torch.nn.functional.cross_entropy(m(xr), y) for m in models).backward()
     torch.testing.assert_close(attack.gradient(x, y), xr.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_surrogates_run_in_their_current_mode():
+    """The stacked forward runs a copy of the first surrogate's modules: it must follow train/eval
+    changes made after construction (BatchNorm's running statistics), as the surrogates do."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)) for _ in range(2)]
+    for m in models:
+        m(torch.randn(64, 4) * 3 + 1)  # running statistics far from a test batch's
+    both = _SurrogateSum(models).eval()
+    assert both.stacked
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(both(x), torch.stack([m(x) for m in models], 1))
+
+
+def test_surrogates_drawing_from_streams_are_not_stacked():
+    """The zoo's Dropout draws from a Stream: under vmap one draw would serve every surrogate, so such
+    surrogates run in a loop, each drawing its own mask."""
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 4), Dropout(0.5, seed=s)) for s in (1, 2)]
+    both = _SurrogateSum(models)
+    assert not both.stacked
+    both(torch.randn(5, 4))
+    assert all(m[1].stream.offset.item() > 0 for m in models)

@@ -16,9 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from ..nn.noise import _NoiseLayer
-from ..nn.anisotropic import AnisotropicNoise
-from ..nn.random_spike import RandomSpike
+from ..stream import Stream
 from .base import Attack, _check_positive_int
 from .cw import CW
 from .minimal_fgsm import MinimalFGSM
@@ -32,7 +30,9 @@ def _stackable(models):
     shapes = [tuple(p.shape) for p in first.parameters()]
     return len(models) > 1 and all(
         type(m) is type(first) and [tuple(p.shape) for p in m.parameters()] == shapes
-        and not any(isinstance(x, (_NoiseLayer, RandomSpike, AnisotropicNoise)) for x in m.modules())
+        # A module drawing from a Stream (noise layers, the zoo's Dropout) would draw once for all
+        # surrogates under vmap.
+        and not any(isinstance(x, Stream) for x in m.modules())
         for m in models)
 
 
@@ -51,7 +51,12 @@ class _SurrogateSum(nn.Module):
             self._base = (copy.deepcopy(self.surrogates[0]).to("meta"),)
 
     def forward(self, x):
-        if self.stacked:
+        # The skeleton runs in the surrogates' train/eval modes of now (BatchNorm's statistics), which
+        # must be one for all of them to be stacked.
+        modes = [[m.training for m in s.modules()] for s in self.surrogates]
+        if self.stacked and all(mode == modes[0] for mode in modes):
+            for m, training in zip(self._base[0].modules(), modes[0]):
+                m.training = training
             call = lambda p, b, x: functional_call(self._base[0], (p, b), (x,))  # noqa: E731
             return torch.vmap(call, in_dims=(0, 0, None))(*self._stack, x).transpose(0, 1)
         return torch.stack([m(x) for m in self.surrogates], dim=1)
