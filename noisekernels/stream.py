@@ -73,9 +73,10 @@ class Stream(nn.Module):
             raise RuntimeError("nn.DataParallel copies a Stream to every device with its seed and offset, so every "
                                "device would draw the same noise; train with DistributedDataParallel and "
                                "nk.for_rank (one noise sequence per rank)")
-        # A draw here would be one for all of vmap's samples. Checked under torch.compile too, which
-        # traces torch.vmap's body with vmap's level set and would otherwise compile the shared draw.
-        if under_vmap():
+        # A draw here would be one for all of vmap's samples, unless the stream's state is itself
+        # stacked per sample. Checked under torch.compile too, which traces torch.vmap's body with
+        # vmap's level set and would otherwise compile the shared draw.
+        if under_vmap(self.seed, self.offset):
             refuse_vmap()
         if not torch.compiler.is_compiling() and _checkpoints.stack:
             return _checkpoint_reserve(self, n)

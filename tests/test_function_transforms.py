@@ -3,6 +3,7 @@
 (one draw for all of vmap's samples: every sample the same noise). Torch's own random ops refuse
 vmap by default too. A refused call leaves the streams where they were."""
 
+import copy
 import functools
 
 import pytest
@@ -109,7 +110,8 @@ def test_gradients_through_vmap_over_seeds_equal_a_loop():
     (torch.vmap(lambda s: noise_add(x, scale, s, torch.tensor(0)))(SEEDS) ** 2).sum().backward()
     loop_scale, loop_x = scale.detach().clone().requires_grad_(), X.clone().requires_grad_()
     sum((noise_add(loop_x, loop_scale, s, torch.tensor(0)) ** 2).sum() for s in SEEDS).backward()
-    assert torch.allclose(x.grad, loop_x.grad) and torch.allclose(scale.grad, loop_scale.grad)
+    torch.testing.assert_close(x.grad, loop_x.grad)
+    torch.testing.assert_close(scale.grad, loop_scale.grad)
 
 
 @pytest.mark.parametrize("name", ["anisotropic", "gaussian"])
@@ -122,3 +124,20 @@ def test_vmap_inside_torch_compile_is_refused(name):
     with pytest.raises(torch._dynamo.exc.Unsupported):  # the check's level query stops fullgraph tracing
         torch.compile(lambda x: torch.vmap(layer)(x), fullgraph=True)(X.unsqueeze(1))
     assert all(s.offset.item() == 0 for s in layer.modules() if isinstance(s, nk.Stream))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_vmap_over_an_ensemble_with_stacked_streams_equals_a_loop(name):
+    """torch.func's model ensembling (stack_module_state, functional_call, vmap) stacks every model's
+    stream state too: one noise source per model, so vmap draws each model's own noise."""
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 4), LAYERS[name]()) for _ in range(3)]
+    for k, m in enumerate(models):
+        for s in m.modules():
+            if isinstance(s, nk.Stream):
+                s.seed.fill_(k + 1)
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    ensemble = torch.vmap(lambda p, b, x: torch.func.functional_call(skeleton, (p, b), (x,)), in_dims=(0, 0, None))
+    for _ in range(2):  # the stacked streams advance: the second call draws new noise, as the loop's does
+        out = ensemble(params, buffers, X)
+        torch.testing.assert_close(out, torch.stack([m(X) for m in models]))  # vmap's batched Linear rounds apart
