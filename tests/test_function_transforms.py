@@ -85,7 +85,8 @@ SEEDS, OFFSETS = torch.tensor([1, 2, 3]), torch.tensor([0, 100, 200])
 @pytest.mark.parametrize("name", OPS)
 def test_vmap_over_per_sample_seeds_and_offsets_equals_a_loop(name):
     """Each sample has its own (seed, offset), so each draws its own noise: vmap runs the op per sample."""
-    for in_dims, seeds, offsets in (((None, 0, None), SEEDS, torch.tensor(0)), ((None, None, 0), torch.tensor(1), OFFSETS),
+    for in_dims, seeds, offsets in (((None, 0, None), SEEDS, torch.tensor(0)),
+                                    ((None, None, 0), torch.tensor(1), OFFSETS),
                                     ((0, 0, 0), SEEDS, OFFSETS)):
         xs = X if in_dims[0] == 0 else X[0]
         expected = torch.stack([_seeded(name, xs[i] if in_dims[0] == 0 else xs, seeds[i] if seeds.dim() else seeds,

@@ -119,7 +119,8 @@ def test_stacked_surrogates_run_in_their_current_mode():
     """The stacked forward runs a copy of the first surrogate's modules: it must follow train/eval
     changes made after construction (BatchNorm's running statistics), as the surrogates do."""
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)) for _ in range(2)]
+    nn = torch.nn
+    models = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)) for _ in range(2)]
     for m in models:
         m(torch.randn(64, 4) * 3 + 1)  # running statistics far from a test batch's
     both = _SurrogateSum(models).eval()
