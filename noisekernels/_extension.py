@@ -109,14 +109,17 @@ def _sample(arg, dim, i):
     return arg if dim is None else arg.select(dim, i)
 
 
-def under_vmap(*per_sample):
-    """Whether this thread runs inside torch.vmap (functorch's interpreter stack holds a vmap level)
-    and none of the tensors `per_sample` is batched at the innermost level (a stream's own state
-    stacked per sample, as torch.func's model ensembling does, is one noise source per sample)."""
+def under_vmap():
+    """Whether this thread runs inside torch.vmap (functorch's interpreter stack holds a vmap level)."""
+    return torch._C._functorch.maybe_current_level() is not None and any(
+        i.key() == torch._C._functorch.TransformType.Vmap for i in torch._C._functorch.get_interpreter_stack())
+
+
+def batched_here(*tensors):
+    """Whether one of `tensors` is batched at the innermost functorch level (under vmap: one value
+    per sample, as a stream's state stacked by torch.func's model ensembling)."""
     level = torch._C._functorch.maybe_current_level()
-    return level is not None and any(
-        i.key() == torch._C._functorch.TransformType.Vmap for i in torch._C._functorch.get_interpreter_stack()
-    ) and all(torch._C._functorch.maybe_get_level(t) != level for t in per_sample)
+    return any(torch._C._functorch.maybe_get_level(t) == level for t in tensors)
 
 
 def refuse_vmap():

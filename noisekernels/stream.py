@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import philox, replicas
-from ._extension import refuse_vmap, under_vmap
+from ._extension import batched_here, refuse_vmap, under_vmap
 from .ops._args import stream_tensors
 
 # Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
@@ -76,7 +76,7 @@ class Stream(nn.Module):
         # A draw here would be one for all of vmap's samples, unless the stream's state is itself
         # stacked per sample. Checked under torch.compile too, which traces torch.vmap's body with
         # vmap's level set and would otherwise compile the shared draw.
-        if under_vmap(self.seed, self.offset):
+        if under_vmap() and not batched_here(self.seed, self.offset):
             refuse_vmap()
         if not torch.compiler.is_compiling() and _checkpoints.stack:
             return _checkpoint_reserve(self, n)
