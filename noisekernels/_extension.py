@@ -88,9 +88,9 @@ def register_op(name, schema, *, reference, triton=None, noise=False):
 
 
 def _per_sample_noise(name):
-    """The vmap rule of noise op `name`. A Stream draw under vmap is refused by the Stream (eager);
-    this catches one (seed, offset) shared by all samples (explicit values, or a Stream's under
-    torch.compile, which skips the Stream's check)."""
+    """The vmap rule of noise op `name`: one (seed, offset) shared by all samples (explicit values;
+    a shared Stream's draw is refused by the Stream) is refused, per-sample ones run the op once per
+    sample."""
     def rule(info, in_dims, *args):
         names = [a.name for a in _OPS[name]._schema.arguments]
         if in_dims[names.index("seed")] is None and in_dims[names.index("offset")] is None:
