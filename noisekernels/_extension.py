@@ -91,9 +91,11 @@ def _per_sample_noise(name):
     """The vmap rule of noise op `name`: one (seed, offset) shared by all samples (explicit values;
     a shared Stream's draw is refused by the Stream) is refused, per-sample ones run the op once per
     sample."""
+    names = [a.name for a in _OPS[name]._schema.arguments]
+    seed, offset = names.index("seed"), names.index("offset")
+
     def rule(info, in_dims, *args):
-        names = [a.name for a in _OPS[name]._schema.arguments]
-        if in_dims[names.index("seed")] is None and in_dims[names.index("offset")] is None:
+        if in_dims[seed] is None and in_dims[offset] is None:
             refuse_vmap()
         outs = [_OPS[name](*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
         if isinstance(outs[0], torch.Tensor):

@@ -26,7 +26,14 @@ _DERIVE_TAG = 0x6E6B7264
 # backward regenerated the next call's noise. Custom ops are never dropped or recomputed.
 _LIB = torch.library.Library("noisekernels", "FRAGMENT")
 _LIB.define("offset_snapshot(Tensor offset) -> Tensor")
-_LIB.impl("offset_snapshot", lambda offset: _refuse_in_backward() or offset.clone(), "CompositeExplicitAutograd")
+
+
+def _offset_snapshot(offset):
+    _refuse_in_backward()  # a snapshot in a backward pass is a recomputed forward's draw (see checkpoint below)
+    return offset.clone()
+
+
+_LIB.impl("offset_snapshot", _offset_snapshot, "CompositeExplicitAutograd")
 torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset), lib=_LIB)
 
 

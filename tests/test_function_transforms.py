@@ -17,12 +17,19 @@ X = torch.randn(3, 4)
 NO_JVP = "has no forward-mode derivative"
 NO_VMAP = "noise under torch.vmap.*every sample would get the same noise"
 
-OPS = {
-    "noise_add": lambda x: noise_add(x, 0.1, 1, 0),
-    "noise_add_scale": lambda x: noise_add(x, torch.tensor(0.1), 1, 0),
-    "random_spike": lambda x: random_spike(x, 0.5, 1, 0),
-    "noise_add_foreach": lambda x: noise_add_foreach([x, x], 0.1, 1, 0)[1],
-}
+
+def _seeded(name, x, seed, offset):
+    if name == "noise_add":
+        return noise_add(x, 0.1, seed, offset)
+    if name == "noise_add_scale":
+        return noise_add(x, torch.tensor(0.1), seed, offset)
+    if name == "random_spike":
+        return random_spike(x, 0.5, seed, offset)
+    return noise_add_foreach([x, x], 0.1, seed, offset)[1]
+
+
+OPS = {name: functools.partial(_seeded, name, seed=1, offset=0)
+       for name in ("noise_add", "noise_add_scale", "random_spike", "noise_add_foreach")}
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -93,16 +100,6 @@ def test_vmap_over_per_sample_seeds_and_offsets_equals_a_loop(name):
                                         offsets[i] if offsets.dim() else offsets) for i in range(3)])
         assert not torch.equal(expected[0], expected[1])
         assert torch.equal(torch.vmap(functools.partial(_seeded, name), in_dims=in_dims)(xs, seeds, offsets), expected)
-
-
-def _seeded(name, x, seed, offset):
-    if name == "noise_add":
-        return noise_add(x, 0.1, seed, offset)
-    if name == "noise_add_scale":
-        return noise_add(x, torch.tensor(0.1), seed, offset)
-    if name == "random_spike":
-        return random_spike(x, 0.5, seed, offset)
-    return noise_add_foreach([x, x], 0.1, seed, offset)[1]
 
 
 def test_gradients_through_vmap_over_seeds_equal_a_loop():

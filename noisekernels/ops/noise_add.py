@@ -61,7 +61,8 @@ register_op("noise_add", "noise_add(Tensor x, Tensor scale, Tensor seed, Tensor 
 register_op("noise_mul", "noise_mul(Tensor grad, Tensor seed, Tensor offset, int dist, int segments) -> Tensor",
             reference=noise_mul_reference, triton=triton_kernel("noise_add", "noise_mul"), noise=True)
 register_op("noise_mul_sum", "noise_mul_sum(Tensor grad, Tensor seed, Tensor offset, int dist, int inner, int channels, "
-            "int segments) -> Tensor", reference=noise_mul_sum_reference, triton=triton_kernel("noise_add", "noise_mul_sum"), noise=True)
+            "int segments) -> Tensor", reference=noise_mul_sum_reference, triton=triton_kernel("noise_add", "noise_mul_sum"),
+            noise=True)
 
 
 @torch.library.register_fake("noisekernels::noise_add")

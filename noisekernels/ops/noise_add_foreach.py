@@ -22,7 +22,8 @@ def noise_add_foreach_reference(xs, scales, seed, offset, starts, dist):
 
 register_op("noise_add_foreach", "noise_add_foreach(Tensor[] xs, Tensor scales, Tensor seed, Tensor offset, "
             "SymInt[] starts, int dist) -> Tensor[]",
-            reference=noise_add_foreach_reference, triton=triton_kernel("noise_add_foreach", "noise_add_foreach"), noise=True)
+            reference=noise_add_foreach_reference, triton=triton_kernel("noise_add_foreach", "noise_add_foreach"),
+            noise=True)
 
 
 @torch.library.register_fake("noisekernels::noise_add_foreach")
