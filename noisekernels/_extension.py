@@ -212,6 +212,8 @@ def register_autograd(name, backward, *, setup_context):
         raise ValueError(f"noisekernels::{name} has arguments with defaults or keyword-only ones, which the "
                          "Autograd kernel does not fill in")
     _AUTOGRAD[name] = (setup_context, backward)
+    if not REFERENCE_ONLY and torch._C._dispatch_has_kernel_for_dispatch_key(f"noisekernels::{name}", "Autograd"):
+        return  # the extension's own C++ Autograd kernel (noise_add's: csrc/bindings/noise_add_autograd.cpp)
 
     def autograd_kernel(keyset, *args):
         if fwAD._current_level >= 0:

@@ -35,6 +35,7 @@ def _offset_snapshot(offset):
 
 _LIB.impl("offset_snapshot", _offset_snapshot, "CompositeExplicitAutograd")
 torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset), lib=_LIB)
+_SNAPSHOT = torch.ops.noisekernels.offset_snapshot.default
 
 
 def _random_seed():
@@ -90,8 +91,9 @@ class Stream(nn.Module):
         return self._advance(n)
 
     def _advance(self, n):
-        start = torch.ops.noisekernels.offset_snapshot(self.offset)
-        self.offset.add_(n)
+        offset = self.offset
+        start = _SNAPSHOT(offset)
+        offset.add_(n)
         return self.seed, start
 
     def fork(self, index):

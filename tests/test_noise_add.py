@@ -162,6 +162,18 @@ def test_fixed_scale_gradient_is_identity_and_saves_only_the_stream():
     assert torch.equal(x.grad, g)
 
 
+def test_native_calls_differentiate_in_the_extensions_autograd():
+    """Native (dispatcher) calls use the C++ Autograd kernel, the kernels called directly use the
+    Python backward; the tests around this one compare the two."""
+    x = _x(torch.float32).requires_grad_()
+    if nk.build_info()["reference_only"]:
+        pytest.skip("reference mode loads no C++")
+    assert "NoiseAdd" in noise_add(x, 0.5, 1, 0).grad_fn.name()
+    assert type(noise_add(x, 0.5, 1, 0, backend="reference").grad_fn).__name__ == "_DifferentiableBackward"
+    with torch.no_grad():
+        assert noise_add(x, 0.5, 1, 0).grad_fn is None
+
+
 @pytest.mark.parametrize("layout", ["one", "channel", "sample-element", "element", "row"])
 @pytest.mark.parametrize("dist", ["gaussian", "uniform", "laplace"])
 def test_learnable_scale_gradcheck(layout, dist):

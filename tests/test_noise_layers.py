@@ -62,3 +62,30 @@ def test_anisotropic_noise_on_an_empty_batch(draw):
     assert layer(torch.rand(0, 4)).shape == (0, 4)
     with nk.replicas(2):
         assert layer(torch.rand(0, 4)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("make", [lambda: nk.nn.GaussianNoise(0.2, seed=4), lambda: nk.nn.LaplaceNoise(0.2, seed=4)],
+                         ids=["gaussian", "laplace"])
+def test_additive_layers_check_scale_and_dist_when_set(make):
+    """Setting a layer's scale or dist checks it then (the forward does not again); a bad value
+    leaves the layer as it was, a good one applies from the next call."""
+    layer, x = make(), torch.rand(4, 3)
+    with pytest.raises(ValueError, match="must be a finite float >= 0, got -1"):
+        layer.scale = -1.0
+    with pytest.raises(ValueError, match="dist must be one of"):
+        layer.dist = "cauchy"
+    assert layer.scale == 0.2 and layer.dist in ("gaussian", "laplace")
+    layer(x)  # caches the scale's tensor
+    layer.scale, layer.dist = 0.5, "uniform"
+    start = layer.stream.offset.clone()
+    expected = nk.ops.noise_add.noise_add(x, 0.5, layer.stream.seed, start, dist="uniform")
+    assert torch.equal(layer(x), expected)
+
+
+def test_additive_layer_refuses_bad_input_before_drawing():
+    layer = nk.nn.GaussianNoise(0.2, seed=4)
+    with pytest.raises(TypeError, match="x.dtype must be one of float32"):
+        layer(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="the layer's stream is on cpu but x is on meta"):
+        layer(torch.ones(4, 3, device="meta"))
+    assert layer.stream.offset.item() == 0  # nothing reserved
