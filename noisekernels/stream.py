@@ -14,8 +14,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import philox, replicas
-from ._extension import batched_here, refuse_vmap, under_vmap
+from ._extension import REFERENCE_ONLY, batched_here, refuse_vmap, register_op, under_vmap
 from .ops._args import stream_tensors
+
+if not REFERENCE_ONLY:
+    from . import _C
 
 # Counter word c2 of seed derivation; data counters always have c2 = 0, so the two never meet.
 _DERIVE_TAG = 0x6E6B7264
@@ -23,18 +26,15 @@ _DERIVE_TAG = 0x6E6B7264
 # reserve's start offset is a copy made by an op of its own. A plain clone of the offset buffer, which
 # the step then advances in place, is not safe under torch.compile: inductor drops it as a no-op and
 # the partitioners recompute it in the backward, both reading the buffer after the advance, so the
-# backward regenerated the next call's noise. Custom ops are never dropped or recomputed.
-_LIB = torch.library.Library("noisekernels", "FRAGMENT")
-_LIB.define("offset_snapshot(Tensor offset) -> Tensor")
-
-
+# backward regenerated the next call's noise. Custom ops are never dropped or recomputed. Its kernel is
+# C++ (csrc/bindings/stream.cpp); this is the reference mode's.
 def _offset_snapshot(offset):
     _refuse_in_backward()  # a snapshot in a backward pass is a recomputed forward's draw (see checkpoint below)
     return offset.clone()
 
 
-_LIB.impl("offset_snapshot", _offset_snapshot, "CompositeExplicitAutograd")
-torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset), lib=_LIB)
+register_op("offset_snapshot", "offset_snapshot(Tensor offset) -> Tensor", reference=_offset_snapshot)
+torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset))
 _SNAPSHOT = torch.ops.noisekernels.offset_snapshot.default
 
 
@@ -115,7 +115,7 @@ class Stream(nn.Module):
 class _Checkpoints(threading.local):
     def __init__(self):
         self.stack = []  # the checkpointed regions this thread is running, innermost last
-        self.fresh_in_backward = False  # inside fresh_noise_in_backward()
+        self.fresh_in_backward = False  # inside fresh_noise_in_backward(), for the reference mode's kernel
 
 
 _checkpoints = _Checkpoints()
@@ -211,12 +211,19 @@ def fresh_noise_in_backward():
     backward itself, e.g. noise added to gradients in a hook or a noisy surrogate run in a custom
     backward (BPDA). Enter it inside the hook or backward, around the draws only: a recomputation
     run inside it would not be caught."""
-    before = _checkpoints.fresh_in_backward
-    _checkpoints.fresh_in_backward = True
+    before = _set_fresh_in_backward(True)
     try:
         yield
     finally:
-        _checkpoints.fresh_in_backward = before
+        _set_fresh_in_backward(before)
+
+
+def _set_fresh_in_backward(on):
+    """Sets this thread's permission where offset_snapshot's kernel reads it; returns the previous one."""
+    if not REFERENCE_ONLY:
+        return _C.set_fresh_noise_in_backward(on)
+    before, _checkpoints.fresh_in_backward = _checkpoints.fresh_in_backward, on
+    return before
 
 
 def checkpoint(function, *args, **kwargs):

@@ -1,6 +1,6 @@
 // Schemas of every noisekernels op (one TORCH_LIBRARY block) and the extension's Python module.
 // Device kernels register in TORCH_LIBRARY_IMPL blocks beside them; fake kernels and autograd are
-// registered from Python (noisekernels/ops/).
+// registered from Python (noisekernels/ops/), except noise_add's autograd (noise_add_autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -184,6 +184,8 @@ TORCH_LIBRARY(noisekernels, m) {
   // ties to the smaller class index and NaN counted as -inf (mode 1); (B, C), float64 for float64
   // logits else float32.
   m.def("replica_reduce(Tensor logits, int mode) -> Tensor");
+  // A Stream reservation's start: a copy of its offset (refused in a backward pass; stream.cpp).
+  m.def("offset_snapshot(Tensor offset) -> Tensor");
 }
 
 // The Python module: importing it loads the library above; build_info() lets the package
@@ -197,8 +199,14 @@ PyObject* build_info(PyObject*, PyObject*) {
                        noisekernels::cpu::has_avx512_path() ? Py_True : Py_False);
 }
 
+PyObject* set_fresh_noise_in_backward(PyObject*, PyObject* on) {
+  return PyBool_FromLong(noisekernels::set_fresh_noise_in_backward(PyObject_IsTrue(on)));
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {"set_fresh_noise_in_backward", set_fresh_noise_in_backward, METH_O,
+     "Lets this thread draw noise during a backward pass; returns the previous setting."},
     {nullptr, nullptr, 0, nullptr},
 };
 

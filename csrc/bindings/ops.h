@@ -44,6 +44,10 @@ void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, c
 // replica_reduce's arguments: (n, B, C) floating logits, mode 0 (mean softmax) or 1 (votes).
 void check_replica_reduce_args(const at::Tensor& logits, int64_t mode);
 
+// Lets this thread's offset_snapshot calls run during a backward pass (noisekernels.fresh_noise_in_backward);
+// returns the previous setting.
+bool set_fresh_noise_in_backward(bool on);
+
 // Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);
 
