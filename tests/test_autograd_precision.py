@@ -185,6 +185,7 @@ def _opcheck_cases():
         "philox_uniform": [(seed, offset, [3, 5], torch.float16, 3)],
         "philox_normal": [(seed, offset, [7], torch.float32, 1)],
         "replica_reduce": [(torch.randn(3, 4, 6), 0), (torch.randn(3, 4, 6), 1)],
+        "offset_snapshot": [(torch.tensor(2**40 + 3),)],
     }
 
 
