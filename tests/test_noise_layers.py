@@ -88,4 +88,23 @@ def test_additive_layer_refuses_bad_input_before_drawing():
         layer(torch.ones(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="the layer's stream is on cpu but x is on meta"):
         layer(torch.ones(4, 3, device="meta"))
+    with pytest.raises(TypeError, match="x must be a tensor, got list"):
+        layer([1.0, 2.0])
     assert layer.stream.offset.item() == 0  # nothing reserved
+    assert not layer._scale_tensors  # nor any scale tensor made for the refused calls
+
+
+def test_additive_layer_run_under_a_fake_tensor_mode_stays_real():
+    """A forward under FakeTensorMode (shape propagation, memory estimates) makes fake tensors; the
+    layer's scale tensor made there must not serve later real calls, nor a real one fake calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer, x = nk.nn.GaussianNoise(0.2, seed=4), torch.rand(4, 3)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the stream's buffers are real
+        assert layer(mode.from_tensor(x)).shape == (4, 3)
+    start = layer.stream.offset.clone()
+    out = layer(x)
+    assert type(out) is torch.Tensor
+    assert torch.equal(out, nk.ops.noise_add.noise_add(x, 0.2, layer.stream.seed, start))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert type(layer(mode.from_tensor(x))) is not torch.Tensor
