@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import noisekernels as nk
+from noisekernels.replicas import expanding
 
 
 @pytest.mark.parametrize("make", [lambda: nk.nn.GaussianNoise(0.2), lambda: nk.nn.UniformNoise(0.2),
@@ -90,6 +91,8 @@ def test_additive_layer_refuses_bad_input_before_drawing():
         layer(torch.ones(4, 3, device="meta"))
     with pytest.raises(TypeError, match="x must be a tensor, got list"):
         layer([1.0, 2.0])
+    with expanding(layer, 2), pytest.raises(ValueError, match="replicas > 1 needs x with a batch"):
+        layer(torch.tensor(1.0))  # the engine's prefix sharing expanding a 0-dim x (one segment)
     assert layer.stream.offset.item() == 0  # nothing reserved
     assert not layer._scale_tensors  # nor any scale tensor made for the refused calls
 

@@ -208,8 +208,6 @@ def noise_add(x, scale, seed=None, offset=None, *, stream=None, dist="gaussian",
     code = check_dist(dist)
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
-    if replicas > 1 and x.dim() == 0:
-        raise ValueError("replicas > 1 needs x with a batch dimension, got a 0-dim tensor")
     segments = _check_row_segments(x, replicas, replicas if segments is None else segments)
     lo = hi = None
     if clip is not None:
@@ -239,7 +237,9 @@ def noise_add_stream(x, scale_of, inner, channels, stream, code, replicas, segme
 
 
 def _check_row_segments(x, replicas, segments):
-    """segments must split the output's rows (replica-major) evenly."""
+    """replicas need x's rows, and segments must split the output's rows (replica-major) evenly."""
+    if replicas > 1 and x.dim() == 0:
+        raise ValueError("replicas > 1 needs x with a batch dimension, got a 0-dim tensor")
     if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
         raise ValueError(f"segments must be an int >= 1, got {segments!r}")
     if segments > 1 and (x.dim() == 0 or (x.shape[0] * replicas) % segments):
