@@ -97,6 +97,17 @@ def test_additive_layer_refuses_bad_input_before_drawing():
     assert not layer._scale_tensors  # nor any scale tensor made for the refused calls
 
 
+
+def test_additive_layer_data_parallel_copy_refuses_before_any_change():
+    """nn.DataParallel's copies share the layer's attributes (a shallow copy of its __dict__): the
+    refused copy must leave the layer as it was, its stream and its scale tensors."""
+    layer = nk.nn.GaussianNoise(0.2, seed=4)
+    copy = layer._replicate_for_data_parallel()
+    copy.stream = layer.stream._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        copy(torch.rand(4, 3))
+    assert layer.stream.offset.item() == 0 and not layer._scale_tensors
+
 def test_additive_layer_run_under_a_fake_tensor_mode_stays_real():
     """A forward under FakeTensorMode (shape propagation, memory estimates) makes fake tensors; the
     layer's scale tensor made there must not serve later real calls, nor a real one fake calls."""

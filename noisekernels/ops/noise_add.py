@@ -222,18 +222,18 @@ def noise_add(x, scale, seed=None, offset=None, *, stream=None, dist="gaussian",
 
 def noise_add_stream(x, scale_of, inner, channels, stream, code, replicas, segments):
     """noise_add's call for a layer that holds its checked scale layout (scale_of(x): the flat scale
-    in x's compute dtype, asked for once x is checked; inner, channels), dist code and replica counts:
-    checks x and the stream's device, reserves from `stream`, runs on x's native backend."""
+    in x's compute dtype, asked for once x is checked and the stream drawn from; inner, channels),
+    dist code and replica counts: checks x and the stream's device, reserves from `stream`, runs on
+    x's native backend."""
     check_floating_tensor(x)
     if x.device != stream.seed.device:
         raise ValueError(f"the layer's stream is on {stream.seed.device} but x is on {x.device}; move the "
                          "model to x's device")
     if replicas != 1 or segments != 1:
         _check_row_segments(x, replicas, segments)
-    flat = scale_of(x)
-    seed, offset = stream.reserve(philox.counters(x.numel() * replicas, segments))
-    return call_op("noise_add", None, x.device, x, flat, seed, offset, code, inner, channels, replicas, None, None,
-                   segments)
+    seed, offset = stream.reserve(philox.counters(x.numel() * replicas, segments))  # may refuse: DataParallel
+    return call_op("noise_add", None, x.device, x, scale_of(x), seed, offset, code, inner, channels, replicas, None,
+                   None, segments)
 
 
 def _check_row_segments(x, replicas, segments):
