@@ -73,8 +73,9 @@ def test_additive_layers_check_scale_and_dist_when_set(make):
     layer, x = make(), torch.rand(4, 3)
     with pytest.raises(ValueError, match="must be a finite float >= 0, got -1"):
         layer.scale = -1.0
-    with pytest.raises(ValueError, match="dist must be one of"):
-        layer.dist = "cauchy"
+    for bad in ("cauchy", ["gaussian"]):
+        with pytest.raises(ValueError, match="dist must be one of"):
+            layer.dist = bad
     assert layer.scale == 0.2 and layer.dist in ("gaussian", "laplace")
     layer(x)  # caches the scale's tensor
     layer.scale, layer.dist = 0.5, "uniform"

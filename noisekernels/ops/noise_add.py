@@ -152,7 +152,7 @@ register_autograd("noise_mul_sum", _noise_mul_sum_backward, setup_context=_setup
 
 
 def check_dist(dist):
-    if dist not in DISTS:
+    if not isinstance(dist, str) or dist not in DISTS:  # an unhashable value would fail the lookup unexplained
         raise ValueError(f"dist must be one of {tuple(DISTS)}, got {dist!r}")
     return DISTS[dist]
 
