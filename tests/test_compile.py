@@ -101,3 +101,28 @@ def test_explicit_reference_backend_compiles_with_its_gradients():
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
     assert all((g != 0).any() for g in results[1][1:])
+
+
+def test_noise_layers_keep_a_dynamic_batch_size_under_compile():
+    """A differentiable call does not specialize x's sizes (mark_dynamic refuses a specialized one):
+    a new batch size reuses the compiled graph, with eager's output and gradients."""
+    from noisekernels.functional import noise_add
+
+    def make():
+        layers = nn.Sequential(nk.nn.GaussianNoise(0.7, seed=2), nk.nn.LearnableNoise((3,), init=0.4, seed=3))
+        stream = nk.Stream(5)  # replicas, clipped: the backward sums over them and recomputes from x
+        return lambda x: noise_add(layers(x), 0.3, stream=stream, replicas=2, clip=(0.0, 1.0)), layers
+
+    (eager, eager_layers), (compiled, compiled_layers) = make(), make()
+    step = torch.compile(compiled, backend="aot_eager")
+    for batch in (4, 6):
+        x = torch.rand(batch, 3, 5)
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch._dynamo.mark_dynamic(x_compiled, 0)
+        out_eager, out_compiled = eager(x_eager), step(x_compiled)
+        assert torch.equal(out_compiled, out_eager)
+        weight = torch.rand_like(out_eager)
+        (out_eager * weight).sum().backward()
+        (out_compiled * weight).sum().backward()
+        assert torch.equal(x_compiled.grad, x_eager.grad)
+        assert torch.equal(compiled_layers[1].alpha.grad, eager_layers[1].alpha.grad)

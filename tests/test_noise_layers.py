@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import noisekernels as nk
+from noisekernels.replicas import expanding
 
 
 @pytest.mark.parametrize("make", [lambda: nk.nn.GaussianNoise(0.2), lambda: nk.nn.UniformNoise(0.2),
@@ -72,8 +73,9 @@ def test_additive_layers_check_scale_and_dist_when_set(make):
     layer, x = make(), torch.rand(4, 3)
     with pytest.raises(ValueError, match="must be a finite float >= 0, got -1"):
         layer.scale = -1.0
-    with pytest.raises(ValueError, match="dist must be one of"):
-        layer.dist = "cauchy"
+    for bad in ("cauchy", ["gaussian"]):
+        with pytest.raises(ValueError, match="dist must be one of"):
+            layer.dist = bad
     assert layer.scale == 0.2 and layer.dist in ("gaussian", "laplace")
     layer(x)  # caches the scale's tensor
     layer.scale, layer.dist = 0.5, "uniform"
@@ -88,4 +90,36 @@ def test_additive_layer_refuses_bad_input_before_drawing():
         layer(torch.ones(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="the layer's stream is on cpu but x is on meta"):
         layer(torch.ones(4, 3, device="meta"))
+    with pytest.raises(TypeError, match="x must be a tensor, got list"):
+        layer([1.0, 2.0])
+    with expanding(layer, 2), pytest.raises(ValueError, match="replicas > 1 needs x with a batch"):
+        layer(torch.tensor(1.0))  # the engine's prefix sharing expanding a 0-dim x (one segment)
     assert layer.stream.offset.item() == 0  # nothing reserved
+    assert not layer._scale_tensors  # nor any scale tensor made for the refused calls
+
+
+
+def test_additive_layer_data_parallel_copy_refuses_before_any_change():
+    """nn.DataParallel's copies share the layer's attributes (a shallow copy of its __dict__): the
+    refused copy must leave the layer as it was, its stream and its scale tensors."""
+    layer = nk.nn.GaussianNoise(0.2, seed=4)
+    copy = layer._replicate_for_data_parallel()
+    copy.stream = layer.stream._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        copy(torch.rand(4, 3))
+    assert layer.stream.offset.item() == 0 and not layer._scale_tensors
+
+def test_additive_layer_run_under_a_fake_tensor_mode_stays_real():
+    """A forward under FakeTensorMode (shape propagation, memory estimates) makes fake tensors; the
+    layer's scale tensor made there must not serve later real calls, nor a real one fake calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer, x = nk.nn.GaussianNoise(0.2, seed=4), torch.rand(4, 3)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the stream's buffers are real
+        assert layer(mode.from_tensor(x)).shape == (4, 3)
+    start = layer.stream.offset.clone()
+    out = layer(x)
+    assert type(out) is torch.Tensor
+    assert torch.equal(out, nk.ops.noise_add.noise_add(x, 0.2, layer.stream.seed, start))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert type(layer(mode.from_tensor(x))) is not torch.Tensor

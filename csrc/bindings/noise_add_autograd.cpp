@@ -59,7 +59,7 @@ class NoiseAdd : public torch::autograd::Function<NoiseAdd> {
       out = noise_add_op(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments);
     }
     ctx->saved_data["args"] = std::vector<int64_t>{dist, inner, channels, replicas, segments};
-    ctx->saved_data["x_shape"] = x.sizes().vec();
+    ctx->saved_data["x_shape"] = x.sym_sizes();  // sizes() would specialize torch.compile's dynamic sizes
     // A clipped call keeps x and the scale to recompute the unclipped values: an output at a bound
     // does not tell whether the clip was active. Unclipped calls save the 16 bytes of the stream.
     if (lo.has_value()) {
@@ -90,9 +90,9 @@ class NoiseAdd : public torch::autograd::Function<NoiseAdd> {
       if (replicas == 1) {
         grad_x = grad;
       } else {
-        auto shape = ctx->saved_data["x_shape"].toIntVector();
-        shape.insert(shape.begin(), replicas);
-        grad_x = grad.reshape(shape).sum(0);
+        auto shape = ctx->saved_data["x_shape"].toSymIntVector();
+        shape.insert(shape.begin(), c10::SymInt(replicas));
+        grad_x = grad.reshape_symint(shape).sum(0);
       }
     }
     if (ctx->needs_input_grad(1)) {

@@ -62,11 +62,13 @@ class AdditiveNoise(_NoiseLayer):
 
     def _scale_tensor(self, x):
         key = (x.device, compute_dtype(x.dtype))
+        # A traced forward (torch.compile) or one under a dispatch mode (FakeTensorMode, make_fx) makes
+        # its own: a cached tensor would be fake or traced in later real calls, or real among fakes.
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return torch.full((1,), self._scale, dtype=key[1], device=x.device)
         flat = self._scale_tensors.get(key)
         if flat is None:
-            flat = torch.full((1,), self._scale, dtype=key[1], device=x.device)
-            if not torch.compiler.is_compiling():  # a traced forward makes its own
-                self._scale_tensors[key] = flat
+            flat = self._scale_tensors[key] = torch.full((1,), self._scale, dtype=key[1], device=x.device)
         return flat
 
     def forward(self, x):
@@ -76,7 +78,7 @@ class AdditiveNoise(_NoiseLayer):
         # The output holds replica_count() replicas, one stream segment each (section 3). The scale
         # and dist were checked when set: a layer's call costs about as much as the kernel of a
         # small one (RSE runs 13 a step), so it skips noise_add's argument parsing.
-        return noise_add_stream(x, self._scale_tensor(x), 1, 1, self.stream, self._code, n, replica_count())
+        return noise_add_stream(x, self._scale_tensor, 1, 1, self.stream, self._code, n, replica_count())
 
     def extra_repr(self):
         return f"{self.scale_name}={self.scale}, dist={self.dist!r}, mc={self.mc}"

@@ -152,7 +152,7 @@ register_autograd("noise_mul_sum", _noise_mul_sum_backward, setup_context=_setup
 
 
 def check_dist(dist):
-    if dist not in DISTS:
+    if not isinstance(dist, str) or dist not in DISTS:  # an unhashable value would fail the lookup unexplained
         raise ValueError(f"dist must be one of {tuple(DISTS)}, got {dist!r}")
     return DISTS[dist]
 
@@ -208,8 +208,6 @@ def noise_add(x, scale, seed=None, offset=None, *, stream=None, dist="gaussian",
     code = check_dist(dist)
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
-    if replicas > 1 and x.dim() == 0:
-        raise ValueError("replicas > 1 needs x with a batch dimension, got a 0-dim tensor")
     segments = _check_row_segments(x, replicas, replicas if segments is None else segments)
     lo = hi = None
     if clip is not None:
@@ -222,23 +220,26 @@ def noise_add(x, scale, seed=None, offset=None, *, stream=None, dist="gaussian",
                    segments)
 
 
-def noise_add_stream(x, flat, inner, channels, stream, code, replicas, segments):
-    """noise_add's call for a layer that holds its checked scale layout (flat, inner, channels) in
-    x's compute dtype, dist code and replica counts: checks x and the stream's device, reserves
-    from `stream`, runs on x's native backend."""
+def noise_add_stream(x, scale_of, inner, channels, stream, code, replicas, segments):
+    """noise_add's call for a layer that holds its checked scale layout (scale_of(x): the flat scale
+    in x's compute dtype, asked for once x is checked and the stream drawn from; inner, channels),
+    dist code and replica counts: checks x and the stream's device, reserves from `stream`, runs on
+    x's native backend."""
     check_floating_tensor(x)
     if x.device != stream.seed.device:
         raise ValueError(f"the layer's stream is on {stream.seed.device} but x is on {x.device}; move the "
                          "model to x's device")
     if replicas != 1 or segments != 1:
         _check_row_segments(x, replicas, segments)
-    seed, offset = stream.reserve(philox.counters(x.numel() * replicas, segments))
-    return call_op("noise_add", None, x.device, x, flat, seed, offset, code, inner, channels, replicas, None, None,
-                   segments)
+    seed, offset = stream.reserve(philox.counters(x.numel() * replicas, segments))  # may refuse: DataParallel
+    return call_op("noise_add", None, x.device, x, scale_of(x), seed, offset, code, inner, channels, replicas, None,
+                   None, segments)
 
 
 def _check_row_segments(x, replicas, segments):
-    """segments must split the output's rows (replica-major) evenly."""
+    """replicas need x's rows, and segments must split the output's rows (replica-major) evenly."""
+    if replicas > 1 and x.dim() == 0:
+        raise ValueError("replicas > 1 needs x with a batch dimension, got a 0-dim tensor")
     if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
         raise ValueError(f"segments must be an int >= 1, got {segments!r}")
     if segments > 1 and (x.dim() == 0 or (x.shape[0] * replicas) % segments):
