@@ -64,7 +64,7 @@ class NoiseAdd : public torch::autograd::Function<NoiseAdd> {
     // does not tell whether the clip was active. Unclipped calls save the 16 bytes of the stream.
     if (lo.has_value()) {
       ctx->saved_data["lo"] = *lo;
-      ctx->saved_data["hi"] = *hi;
+      ctx->saved_data["hi"] = hi.value();  // the op refused lo without hi
       ctx->save_for_backward({seed, offset, x, scale});
     } else {
       ctx->save_for_backward({seed, offset});
