@@ -78,7 +78,7 @@ class AdditiveNoise(_NoiseLayer):
         # The output holds replica_count() replicas, one stream segment each (section 3). The scale
         # and dist were checked when set: a layer's call costs about as much as the kernel of a
         # small one (RSE runs 13 a step), so it skips noise_add's argument parsing.
-        return noise_add_stream(x, self._scale_tensor, 1, 1, self.stream, self._code, n, replica_count())
+        return noise_add_stream(x, self._scale_tensor, self.stream, self._code, n, replica_count())
 
     def extra_repr(self):
         return f"{self.scale_name}={self.scale}, dist={self.dist!r}, mc={self.mc}"

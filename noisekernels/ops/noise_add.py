@@ -220,11 +220,11 @@ def noise_add(x, scale, seed=None, offset=None, *, stream=None, dist="gaussian",
                    segments)
 
 
-def noise_add_stream(x, scale_of, inner, channels, stream, code, replicas, segments):
-    """noise_add's call for a layer that holds its checked scale layout (scale_of(x): the flat scale
-    in x's compute dtype, asked for once x is checked and the stream drawn from; inner, channels),
-    dist code and replica counts: checks x and the stream's device, reserves from `stream`, runs on
-    x's native backend."""
+def noise_add_stream(x, scale_of, stream, code, replicas, segments):
+    """noise_add's call for a layer that holds its checked fixed scale (scale_of(x): a one-element
+    tensor in x's compute dtype, asked for once x is checked and the stream drawn from), dist code
+    and replica counts: checks x and the stream's device, reserves from `stream`, runs on x's
+    native backend."""
     check_floating_tensor(x)
     if x.device != stream.seed.device:
         raise ValueError(f"the layer's stream is on {stream.seed.device} but x is on {x.device}; move the "
@@ -232,8 +232,8 @@ def noise_add_stream(x, scale_of, inner, channels, stream, code, replicas, segme
     if replicas != 1 or segments != 1:
         _check_row_segments(x, replicas, segments)
     seed, offset = stream.reserve(philox.counters(x.numel() * replicas, segments))  # may refuse: DataParallel
-    return call_op("noise_add", None, x.device, x, scale_of(x), seed, offset, code, inner, channels, replicas, None,
-                   None, segments)
+    return call_op("noise_add", None, x.device, x, scale_of(x), seed, offset, code, 1, 1, replicas, None, None,
+                   segments)
 
 
 def _check_row_segments(x, replicas, segments):
