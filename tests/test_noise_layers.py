@@ -98,7 +98,6 @@ def test_additive_layer_refuses_bad_input_before_drawing():
     assert not layer._scale_tensors  # nor any scale tensor made for the refused calls
 
 
-
 def test_additive_layer_data_parallel_copy_refuses_before_any_change():
     """nn.DataParallel's copies share the layer's attributes (a shallow copy of its __dict__): the
     refused copy must leave the layer as it was, its stream and its scale tensors."""
@@ -108,6 +107,7 @@ def test_additive_layer_data_parallel_copy_refuses_before_any_change():
     with pytest.raises(RuntimeError, match="DataParallel"):
         copy(torch.rand(4, 3))
     assert layer.stream.offset.item() == 0 and not layer._scale_tensors
+
 
 def test_additive_layer_run_under_a_fake_tensor_mode_stays_real():
     """A forward under FakeTensorMode (shape propagation, memory estimates) makes fake tensors; the

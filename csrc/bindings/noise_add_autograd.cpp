@@ -59,7 +59,9 @@ class NoiseAdd : public torch::autograd::Function<NoiseAdd> {
       out = noise_add_op(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments);
     }
     ctx->saved_data["args"] = std::vector<int64_t>{dist, inner, channels, replicas, segments};
-    ctx->saved_data["x_shape"] = x.sym_sizes();  // sizes() would specialize torch.compile's dynamic sizes
+    if (replicas != 1) {  // the backward sums the replicas' gradients back to x's shape
+      ctx->saved_data["x_shape"] = x.sym_sizes();  // sizes() would specialize torch.compile's dynamic sizes
+    }
     // A clipped call keeps x and the scale to recompute the unclipped values: an output at a bound
     // does not tell whether the clip was active. Unclipped calls save the 16 bytes of the stream.
     if (lo.has_value()) {
