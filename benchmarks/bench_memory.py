@@ -49,7 +49,7 @@ def measure(defense, kind, impl, n, batch, device):
             xi = x.clone().requires_grad_()
             total = sum(nn.functional.cross_entropy(model(xi), y) / n for _ in range(n))
             return torch.autograd.grad(total, xi)[0]
-    ensemble.plan(model, x)  # planning probes the model once; not part of a call's footprint
+    ensemble.plan(model, x, n, grad=kind != "mc_predict")  # tuned once; not part of a call's footprint
     fn = batched if impl == "batched" else loop
     if device == "cuda":
         torch.cuda.synchronize()

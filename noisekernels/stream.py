@@ -166,31 +166,50 @@ class _Replay:
         return seed, start
 
 
+class Sandbox:
+    """This thread's draws on private copies of the streams' offsets (the engine's trial passes):
+    each stream is first met at its current offset and never moves, so other threads' draws are
+    untouched. position() and rewind(position) replay a run from a point of its draws."""
+
+    def __init__(self):
+        self.start, self.offsets = {}, {}  # stream -> offset tensor (where first met, where it is now)
+
+    def __enter__(self):
+        _checkpoints.stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _checkpoints.stack.remove(self)
+
+    def take(self, stream, n):
+        if stream not in self.offsets:
+            self.start[stream] = stream.offset.clone()
+            self.offsets[stream] = self.start[stream].clone()
+        start = self.offsets[stream]
+        self.offsets[stream] = start + n
+        return stream.seed.clone(), start
+
+    def position(self):
+        return dict(self.offsets)
+
+    def rewind(self, position):
+        """Back to `position` (streams first met after it: back to where they were met)."""
+        self.offsets = {s: position.get(s, start) for s, start in self.start.items()}
+
+
 def _checkpoint_reserve(stream, n):
-    """A reservation inside checkpointed regions: the innermost replay's, else a fresh one; every
-    region being recorded inside that replay keeps it for its own recomputation."""
+    """A reservation inside checkpointed regions or a sandbox: the innermost replay's or sandbox's,
+    else a fresh one; every region being recorded inside it keeps it for its own recomputation."""
     stack = _checkpoints.stack
-    replays = [i for i, c in enumerate(stack) if isinstance(c, _Replay)]
-    if replays:
-        seed, start = stack[replays[-1]].take(stream, n)
+    sources = [i for i, c in enumerate(stack) if isinstance(c, (_Replay, Sandbox))]
+    if sources:
+        seed, start = stack[sources[-1]].take(stream, n)
     else:  # the seed buffer as it is now: one changed in place before the backward (reseeding) must not leak in
         seed, start = stream._advance(n)
         seed = seed.clone()
-    for context in stack[replays[-1] + 1 if replays else 0:]:
+    for context in stack[sources[-1] + 1 if sources else 0:]:
         context.reservations.append((stream, n, seed, start))
     return seed, start
-
-
-@contextlib.contextmanager
-def unrecorded():
-    """Runs draws that the caller undoes afterwards (a probe that puts the streams back) outside the
-    record of any checkpointed region: its recomputation does not make them, and replaying them there
-    would hand the real calls the probe's noise."""
-    stack, _checkpoints.stack = _checkpoints.stack, []
-    try:
-        yield
-    finally:
-        _checkpoints.stack = stack
 
 
 def _refuse_in_backward():

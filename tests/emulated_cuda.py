@@ -222,6 +222,6 @@ class Emulated:
 
     def replica_reduce(self, logits, mode):
         x = logits.contiguous()
-        out = torch.empty(x.shape[1:], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        self.check(self.lib.nk_replica_reduce(_ptr(x), _ptr(out), DTYPES[x.dtype], *x.shape, mode == 1))
-        return out
+        sums = torch.empty(x.shape[1:], dtype=torch.float64)  # the launcher accumulates in double
+        self.check(self.lib.nk_replica_reduce(_ptr(x), _ptr(sums), DTYPES[x.dtype], *x.shape, mode == 1))
+        return sums.to(torch.float64 if x.dtype == torch.float64 else torch.float32)

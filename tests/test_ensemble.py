@@ -51,7 +51,7 @@ def _loop_grad(model, x, y, n):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_mc_logits_equal_the_loop(name):
     model, x = _model(name), torch.rand(5, 1, 28, 28)
-    assert ensemble.plan(model, x).mode == EXPECTED_MODES[name]
+    assert ensemble.plan(model, x, 7, chunk=7).mode == EXPECTED_MODES[name]  # the structure, chunk fixed
     start = _snapshot(model)
     batched = ensemble.mc_predict(model, x, 7, reduce="none")
     after = _snapshot(model)
@@ -117,10 +117,11 @@ def test_replicas_are_independent_and_the_mean_tightens():
 
 def test_prefix_sharing_runs_the_backbone_once():
     model, x = _model("a2snn"), torch.rand(5, 1, 28, 28)
-    ensemble.plan(model, x)  # the probe runs two small passes once
     rows = []
-    model.backbone.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    ensemble.mc_predict(model, x, 50)
+    model.backbone.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))  # a hook is state: set first
+    ensemble.plan(model, x, 50, chunk=50)  # the tuning's passes
+    rows.clear()
+    ensemble.mc_predict(model, x, 50, chunk=50)
     assert rows == [5]
 
 
@@ -142,7 +143,7 @@ def test_deterministic_prediction_and_no_noise_models():
     d1 = ensemble.deterministic_predict(model, x)
     assert torch.equal(d1, ensemble.deterministic_predict(model, x)) and model.spike.mc
     clean = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
-    assert ensemble.plan(clean, x).mode == "deterministic"
+    assert ensemble.plan(clean, x, 4).mode == "deterministic"
     logits = ensemble.mc_predict(clean, x, 4, reduce="none")
     assert torch.equal(logits[0], logits[3])
     grad, _ = ensemble.eot_grad(clean, nn.functional.cross_entropy, x, torch.tensor([0, 1, 2]), 4)
@@ -176,18 +177,18 @@ def test_switching_weight_noise_on_after_planning_replans():
     layers = [m for m in model.modules() if isinstance(m, nk.nn.WeightNoise)]
     for m in layers:
         m.mc = False
-    assert ensemble.plan(model, x).mode == "shared"  # only the RandomSpike is on
+    assert ensemble.plan(model, x, 4, chunk=4).mode == "shared"  # only the RandomSpike is on
     for m in layers:
         m.mc = True
-    assert ensemble.plan(model, x).mode == "loop"
+    assert ensemble.plan(model, x, 4, chunk=4).mode == "loop"
     _assert_equals_the_loop(model, x, 4)
 
 
 def test_swapping_a_noise_layer_after_planning_replans():
     model, x = _model("a2snn"), torch.rand(3, 1, 28, 28)
-    assert ensemble.plan(model, x).first is model.noise
+    assert ensemble.plan(model, x, 5, chunk=5).first is model.noise
     model.noise = nk.nn.AnisotropicNoise(16, init_std=2.0, draw="batch")
-    assert ensemble.plan(model, x).first is model.noise
+    assert ensemble.plan(model, x, 5, chunk=5).first is model.noise
     _assert_equals_the_loop(model, x, 5)
 
 
@@ -227,8 +228,9 @@ class NoiseAfterPermute(nn.Module):
 def test_noise_the_engine_cannot_see_runs_as_the_loop(make):
     torch.manual_seed(0)
     model, x = make().eval(), torch.rand(5, 12)
-    p = ensemble.plan(model, x)
-    assert p.mode == "loop" and "differed from the loop" in repr(p)
+    p = ensemble.plan(model, x, 4, chunk=4)
+    if make is NoiseAfterPermute:  # per-replica min/max over the wrong rows: batching differs, so the loop
+        assert p.mode == "loop" and p.reason.startswith("the loop: chunks of 4 replicas raised ValueError")
     _assert_equals_the_loop(model, x, 4, chunk=4)
     y = torch.tensor([0, 1, 2, 3, 0])
     start = _snapshot(model)
@@ -261,22 +263,27 @@ class PixelHead(nn.Module):
 def test_outputs_keep_their_shape_on_every_plan(noisy):
     model, x = PixelHead(noisy).eval(), torch.rand(2, 1, 5, 5)
     assert ensemble.mc_predict(model, x, 3, reduce="none").shape == (3, 2, 3, 5, 5)
+    start = _snapshot(model)
     with pytest.raises(ValueError, match=r"reduce='mean' needs \(B, C\) logits"):
         ensemble.mc_predict(model, x, 3)
+    assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))  # refused before any draw
 
 
-def test_a_loss_that_does_not_average_is_a_clear_error():
+def test_a_loss_that_is_not_a_scalar_is_refused_without_moving_the_streams():
     model, x, y = _model("rs1"), torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
     loss = lambda logits, t: nn.functional.cross_entropy(logits, t, reduction="none")  # noqa: E731
-    with pytest.raises(ValueError, match=r"loss_fn must return a scalar averaged over its rows .* got \(4,\)"):
-        ensemble.eot_grad(model, loss, x, y, 2)
+    for chunk in (None, 1, 2):
+        start = _snapshot(model)
+        with pytest.raises(ValueError, match=r"loss_fn must return a scalar .* got \(2,\)"):
+            ensemble.eot_grad(model, loss, x, y, 2, chunk=chunk)
+        assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))
 
 
 def test_switching_a_dropout_to_training_after_planning_replans():
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).eval(), torch.rand(4, 8)
-    assert ensemble.plan(model, x).mode == "deterministic"
+    assert ensemble.plan(model, x, 5).mode == "deterministic"
     model.train()  # dropout from torch's RNG: noise the engine cannot batch, so the loop
-    assert ensemble.plan(model, x).mode == "loop"
+    assert ensemble.plan(model, x, 5).mode == "loop"
     logits = ensemble.mc_predict(model, x, 5, reduce="none")
     assert not torch.allclose(logits[0], logits[1])

@@ -167,11 +167,11 @@ at::Tensor replica_reduce(const at::Tensor& logits, int64_t mode) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({x.size(1), x.size(2)}, x.options().dtype(out_type));
-  C10_CUDA_CHECK(launch_replica_reduce(x.const_data_ptr(), out.data_ptr(), to_dtype(x.scalar_type()),
+  at::Tensor sums = at::empty({x.size(1), x.size(2)}, x.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(launch_replica_reduce(x.const_data_ptr(), sums.data_ptr(), to_dtype(x.scalar_type()),
                                        x.size(0), x.size(1), x.size(2), mode == 1,
                                        c10::cuda::getCurrentCUDAStream()));
-  return out;
+  return sums.to(out_type);
 }
 
 }  // namespace

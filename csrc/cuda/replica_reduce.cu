@@ -20,13 +20,13 @@ __device__ __forceinline__ bool argmax_before(A v, int64_t k, A best_v, int64_t 
 }
 
 template <typename T>
-__global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* out, int64_t n,
+__global__ void replica_reduce_kernel(const T* logits, double* out, int64_t n,
                                       int64_t b, int64_t c, bool vote) {
   using A = typename Acc<T>::type;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (i >= b) return;
-  A* acc = out + i * c;
+  double* acc = out + i * c;  // sums over replicas in double: a float sum drifts at large n
   for (int64_t k = lane; k < c; k += 32) acc[k] = 0;
   __syncwarp();
   for (int64_t r = 0; r < n; ++r) {
@@ -56,11 +56,11 @@ __global__ void replica_reduce_kernel(const T* logits, typename Acc<T>::type* ou
     A sum = 0;
     for (int64_t k = lane; k < c; k += 32) sum += exp(to_acc(x[k]) - best_v);
     for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, d);
-    for (int64_t k = lane; k < c; k += 32) acc[k] += exp(to_acc(x[k]) - best_v) / sum;
+    for (int64_t k = lane; k < c; k += 32) acc[k] += static_cast<double>(exp(to_acc(x[k]) - best_v) / sum);
     __syncwarp();
   }
   if (!vote) {
-    for (int64_t k = lane; k < c; k += 32) acc[k] /= static_cast<A>(n);
+    for (int64_t k = lane; k < c; k += 32) acc[k] /= static_cast<double>(n);
   }
 }
 
@@ -74,7 +74,7 @@ cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, in
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     NK_LAUNCH(blocks, kThreads, 0, stream, replica_reduce_kernel<T>)(
-        static_cast<const T*>(logits), static_cast<typename Acc<T>::type*>(out), n, b, c, vote);
+        static_cast<const T*>(logits), static_cast<double*>(out), n, b, c, vote);
     return cudaGetLastError();
   });
 }

@@ -46,6 +46,8 @@ class AdditiveNoise(_NoiseLayer):
     rows and the output n*B noisy replicas, made in one fused pass (the counters of repeating the
     input first)."""
 
+    _plan_ignores = ("_scale_tensors",)  # a cache: the engine's plans do not depend on it
+
     def __init__(self, scale, dist="gaussian", mc=True, seed=None, name="scale"):
         super().__init__(dist, mc, seed)
         self.scale_name = name

@@ -20,8 +20,8 @@ def replica_reduce_reference(logits, mode):
     x = logits.to(out_dtype)
     if x.numel() == 0:
         return x.new_zeros(x.shape[1:])
-    if mode == 0:
-        return torch.softmax(x, dim=-1).mean(0)
+    if mode == 0:  # per-replica softmax in the output dtype, their mean in float64 (exact at any n)
+        return torch.softmax(x, dim=-1).to(torch.float64).mean(0).to(out_dtype)
     x = torch.where(x.isnan(), -torch.inf, x)
     votes = torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1])  # argmax: first (smallest) index of a tie
     return votes.sum(0).to(out_dtype)

@@ -1,5 +1,5 @@
 """Triton kernel of replica_reduce: one program per sample, the classes in one block, a loop over
-replicas."""
+replicas, accumulated in float64 (a float32 sum drifts at large n)."""
 
 import torch
 import triton
@@ -11,21 +11,21 @@ def _replica_reduce_kernel(logits_ptr, out_ptr, n, b, c, VOTE: tl.constexpr, BLO
     i = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_C)
     mask = k < c
-    acc = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for r in range(n):
-        x = tl.load(logits_ptr + (r * b + i) * c + k, mask=mask, other=-float("inf")).to(acc.dtype)
+        x = tl.load(logits_ptr + (r * b + i) * c + k, mask=mask, other=-float("inf")).to(out_ptr.dtype.element_ty)
         if VOTE:
             x = tl.where(x != x, -float("inf"), x)  # NaN never wins
         top = tl.max(x, axis=0)
         if VOTE:
             best = tl.min(tl.where(x == top, k, BLOCK_C), axis=0)  # ties to the smaller index
-            acc += (k == best).to(acc.dtype)
+            acc += (k == best).to(tl.float64)
         else:
             e = tl.exp(x - top)
-            acc += e / tl.sum(e, axis=0)
+            acc += (e / tl.sum(e, axis=0)).to(tl.float64)
     if not VOTE:
         acc = acc / n
-    tl.store(out_ptr + i * c + k, acc, mask=mask)
+    tl.store(out_ptr + i * c + k, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def replica_reduce(logits, mode):

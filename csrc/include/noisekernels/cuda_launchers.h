@@ -85,8 +85,8 @@ cudaError_t launch_noise_add_foreach(const int64_t* meta, int64_t k, int64_t tot
 namespace noisekernels::cuda {
 
 // replica_reduce over (n, b, c) logits into out (b, c): mean softmax (vote = false) or argmax
-// vote counts with ties to the smaller index and NaN counted as -inf (vote = true). out is double for kFloat64 logits,
-// else float.
+// vote counts with ties to the smaller index and NaN counted as -inf (vote = true). out is double
+// whatever the logits' type: the sums over replicas accumulate there (a float sum drifts at large n).
 cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, int64_t n, int64_t b,
                                   int64_t c, bool vote, cudaStream_t stream);
 
