@@ -179,7 +179,8 @@ class _Watch:
                 if threading.get_ident() != me:
                     return
                 self.where.append(f"{type(module).__name__} at {name!r}" if name else type(module).__name__)
-                if isinstance(module, _NOISE_LAYERS) and not isinstance(module, WeightNoise) and _is_active(module):
+                if (isinstance(module, _NOISE_LAYERS) and not isinstance(module, WeightNoise) and _is_active(module)
+                        and not noise_is_off()):
                     if not self.noise:
                         self.first_takes_input = bool(args) and args[0] is self.input
                     self.noise.append(module)
@@ -216,11 +217,12 @@ def _trial(model, x, m, mode, first, grad):
     if not grad:
         with torch.no_grad():
             return _per_replica(_pass(model, x, m, mode, first), m, x.shape[0]), None
-    xg = x.detach().requires_grad_(True)
-    out = _per_replica(_pass(model, xg, m, mode, first), m, x.shape[0])
-    if not out.requires_grad:
-        return out.detach(), torch.zeros_like(x)
-    return out.detach(), torch.autograd.grad((out * _weights(out)).sum(), xg)[0]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = _per_replica(_pass(model, xg, m, mode, first), m, x.shape[0])
+        if not out.requires_grad:
+            return out.detach(), torch.zeros_like(x)
+        return out.detach(), torch.autograd.grad((out * _weights(out)).sum(), xg)[0]
 
 
 def _same(a, b):

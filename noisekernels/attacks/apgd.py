@@ -95,13 +95,12 @@ class APGD(Attack):
         rows = x_adv.shape[0]
         stats = {"loss": x_adv.new_zeros(rows), "probs": 0.0, "draws": 0}
 
-        def loss_fn(logits, labels):
-            m = logits.shape[0] // rows
+        def loss_fn(logits, labels):  # the engine calls it once per draw, on that draw's (B, C) logits
             indiv = self.per_input_loss(logits, labels[:, 0], labels[:, 1])
-            stats["loss"] += indiv.detach().view(m, rows).sum(0)
-            stats["probs"] = stats["probs"] + logits.detach().softmax(1).view(m, rows, -1).sum(0)
-            stats["draws"] += m
-            return indiv.sum() / m  # the engine weights chunks by m / eot: grad of the mean over draws
+            stats["loss"] += indiv.detach()
+            stats["probs"] = stats["probs"] + logits.detach().softmax(1)
+            stats["draws"] += 1
+            return indiv.sum()  # the engine averages over draws: grad of the mean over draws
 
         labels = torch.stack([y, y if target is None else target], 1)
         grad, _ = ensemble.eot_grad(self.model, loss_fn, x_adv, labels, self.eot)
