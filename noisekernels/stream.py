@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import philox, replicas
-from ._extension import REFERENCE_ONLY, batched_here, refuse_vmap, register_op, under_vmap
+from ._extension import REFERENCE_ONLY, batched_here, refuse_vmap, register_op, triton_kernel, under_vmap
 from .ops._args import stream_tensors
 
 if not REFERENCE_ONLY:
@@ -36,6 +36,30 @@ def _offset_snapshot(offset):
 register_op("offset_snapshot", "offset_snapshot(Tensor offset) -> Tensor", reference=_offset_snapshot)
 torch.library.register_fake("noisekernels::offset_snapshot", lambda offset: torch.empty_like(offset))
 _SNAPSHOT = torch.ops.noisekernels.offset_snapshot.default
+
+# In eager mode a reservation is one op instead, offset_reserve: it returns the start offset and
+# advances the offset in one atomic step on the offset's device (std::atomic_ref on CPU, atomicAdd on
+# CUDA, whatever CUDA stream a thread runs on), so two threads drawing from one stream never share a
+# counter. Its kernels are C++ (csrc/bindings/stream.cpp, csrc/cuda/stream.cu) and Triton; this is the
+# reference mode's, atomic by a lock every reservation of the process takes (on a GPU that orders the
+# copy and add of threads on one CUDA stream only).
+_reserve_lock = threading.Lock()
+
+
+def _offset_reserve(offset, n):
+    _refuse_in_backward()
+    if n < 0:
+        raise RuntimeError(f"offset_reserve: n must be non-negative, got {n}")
+    with _reserve_lock:
+        start = offset.clone()
+        offset.add_(n)
+    return start
+
+
+register_op("offset_reserve", "offset_reserve(Tensor(a!) offset, int n) -> Tensor", reference=_offset_reserve,
+            triton=triton_kernel("stream", "offset_reserve"))
+torch.library.register_fake("noisekernels::offset_reserve", lambda offset, n: torch.empty_like(offset))
+_RESERVE = torch.ops.noisekernels.offset_reserve.default
 
 
 def _random_seed():
@@ -91,10 +115,13 @@ class Stream(nn.Module):
         return self._advance(n)
 
     def _advance(self, n):
-        offset = self.offset
-        start = _SNAPSHOT(offset)
-        offset.add_(n)
-        return self.seed, start
+        # Traced code keeps the snapshot and an in-place add, both in the graph: torch.compile needs
+        # the snapshot op (above), and vmap over stacked stream states batches add_ per sample.
+        if torch.compiler.is_compiling() or under_vmap():
+            start = _SNAPSHOT(self.offset)
+            self.offset.add_(n)
+            return self.seed, start
+        return self.seed, _RESERVE(self.offset, n)
 
     def fork(self, index):
         """A new Stream for sub-stream `index` (e.g. a data-loader worker), starting at offset 0."""

@@ -122,6 +122,7 @@ class Emulated:
             "nk_noise_mul_sum": [p, p, p, i32, i64, i64, i64, i64, i32, p, p],
             "nk_noise_add_foreach": [p, i64, i64, p, i32, i32, p, p],
             "nk_replica_reduce": [p, p, i32, i64, i64, i64, i32],
+            "nk_offset_reserve": [p, p, i64],
             "nk_emu_set_schedule": [i32, ctypes.c_uint64],
             "nk_emu_last_failure": [ctypes.c_char_p, i32],
         }
@@ -219,6 +220,11 @@ class Emulated:
             self.check(self.lib.nk_noise_add_foreach(_ptr(meta), k, first[-1], _ptr(sc), DTYPES[xs[0].dtype], dist,
                                                      _ptr(seed), _ptr(offset)))
         return outputs
+
+    def offset_reserve(self, offset, n):
+        start = torch.empty_like(offset)
+        self.check(self.lib.nk_offset_reserve(_ptr(offset), _ptr(start), n))
+        return start
 
     def replica_reduce(self, logits, mode):
         x = logits.contiguous()

@@ -186,6 +186,7 @@ def _opcheck_cases():
         "philox_normal": [(seed, offset, [7], torch.float32, 1)],
         "replica_reduce": [(torch.randn(3, 4, 6), 0), (torch.randn(3, 4, 6), 1)],
         "offset_snapshot": [(torch.tensor(2**40 + 3),)],
+        "offset_reserve": [(torch.tensor(2**40 + 3), 5)],
     }
 
 

@@ -2,7 +2,7 @@
 (tests/emulated_cuda.py), run on CPU tensors against its reference op: odd sizes, sizes around
 block and grid boundaries, grid-stride loops (the small_grid build), one and many min/max groups,
 all dtypes, counters across 2**32 and 2**64, the foreach metadata, replica_reduce with ties and NaN
-rows. Each case runs in both builds with threads and blocks in order, reversed and shuffled.
+rows, a Stream reservation. Each case runs in both builds with threads and blocks in order, reversed and shuffled.
 Uniforms, masks and Laplace noise are bit-exact; normals within a few ulp."""
 
 import math
@@ -268,3 +268,15 @@ def test_replica_reduce(emu, dtype, kind):
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         for label, got in results:
             torch.testing.assert_close(got, expected, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_offset_reserve(emu, offset):
+    """The launcher returns the offset and advances it as the CPU op does (modulo 2**64 past its end)."""
+    _, start = stream(0, offset)
+    for variant, lib in emu.items():
+        for n in (0, 1, 1000, 2**40):
+            got, expected = start.clone(), start.clone()
+            result = lib.offset_reserve(got, n)
+            assert torch.equal(result, torch.ops.noisekernels.offset_reserve(expected, n)), variant
+            assert torch.equal(result, start) and torch.equal(got, expected), variant

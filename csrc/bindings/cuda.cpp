@@ -174,9 +174,21 @@ at::Tensor replica_reduce(const at::Tensor& logits, int64_t mode) {
   return sums.to(out_type);
 }
 
+at::Tensor offset_reserve(at::Tensor& offset, int64_t n) {
+  check_not_in_backward();
+  check_offset_reserve_args(offset, n);
+  const c10::cuda::CUDAGuard guard(offset.device());
+  offset.unsafeGetTensorImpl()->bump_version();  // changed in place, as an add_ would
+  at::Tensor start = at::empty_like(offset);
+  C10_CUDA_CHECK(launch_offset_reserve(offset.data_ptr<int64_t>(), start.data_ptr<int64_t>(), n,
+                                       c10::cuda::getCurrentCUDAStream()));
+  return start;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(noisekernels, CUDA, m) {
+  m.impl("offset_reserve", &offset_reserve);
   m.impl("replica_reduce", &replica_reduce);
   m.impl("noise_add_foreach", &noise_add_foreach);
   m.impl("noise_add", &noise_add);

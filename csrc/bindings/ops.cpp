@@ -137,6 +137,13 @@ void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, c
   }
 }
 
+void check_offset_reserve_args(const at::Tensor& offset, int64_t n) {
+  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
+              "offset_reserve: offset must be a one-element int64 tensor, got ", offset.scalar_type(), " of ",
+              offset.numel(), " elements");
+  TORCH_CHECK(n >= 0, "offset_reserve: n must be non-negative, got ", n);
+}
+
 void check_replica_reduce_args(const at::Tensor& logits, int64_t mode) {
   check_floating(logits.scalar_type(), "logits");
   TORCH_CHECK(logits.dim() == 3, "replica_reduce: logits must have shape (n, B, C), got ", logits.sizes());
@@ -186,6 +193,9 @@ TORCH_LIBRARY(noisekernels, m) {
   m.def("replica_reduce(Tensor logits, int mode) -> Tensor");
   // A Stream reservation's start: a copy of its offset (refused in a backward pass; stream.cpp).
   m.def("offset_snapshot(Tensor offset) -> Tensor");
+  // A Stream reservation in eager mode: returns a copy of offset and adds n to it, in one atomic step
+  // on offset's device, so concurrent reservations never overlap (stream.cpp, csrc/cuda/stream.cu).
+  m.def("offset_reserve(Tensor(a!) offset, int n) -> Tensor");
 }
 
 // The Python module: importing it loads the library above; build_info() lets the package

@@ -44,9 +44,15 @@ void check_noise_add_foreach_args(at::TensorList xs, const at::Tensor& scales, c
 // replica_reduce's arguments: (n, B, C) floating logits, mode 0 (mean softmax) or 1 (votes).
 void check_replica_reduce_args(const at::Tensor& logits, int64_t mode);
 
-// Lets this thread's offset_snapshot calls run during a backward pass (noisekernels.fresh_noise_in_backward);
-// returns the previous setting.
+// Lets this thread's offset_snapshot and offset_reserve calls run during a backward pass
+// (noisekernels.fresh_noise_in_backward); returns the previous setting.
 bool set_fresh_noise_in_backward(bool on);
+
+// Refuses a Stream reservation during a backward pass, unless this thread allowed it (above).
+void check_not_in_backward();
+
+// offset_reserve's arguments: a one-element int64 offset and a count n >= 0.
+void check_offset_reserve_args(const at::Tensor& offset, int64_t n);
 
 // Seed and offset values of CPU stream tensors, as the 64-bit words the kernels use.
 std::pair<uint64_t, uint64_t> read_cpu_stream(const at::Tensor& seed, const at::Tensor& offset);

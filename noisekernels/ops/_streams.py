@@ -7,6 +7,7 @@ default generator, once, at the first use of any of them; the stream of each dev
 seed from the root, so devices never share noise.
 """
 
+import threading
 import zlib
 
 import torch
@@ -16,6 +17,7 @@ from ._args import stream_tensors
 
 _root_seed = None
 _default_streams = {}
+_creation_lock = threading.Lock()
 
 
 def default_stream(device=None):
@@ -24,14 +26,19 @@ def default_stream(device=None):
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _default_streams:
-        if _root_seed is None:
-            _root_seed = Stream().seed  # the one draw from torch's default generator
-        stream = Stream(0).to(device)
-        with torch.no_grad():
-            stream.seed.copy_(derive_seed(_root_seed, zlib.crc32(str(device).encode())))
-        _default_streams[device] = stream
-    return _default_streams[device]
+    stream = _default_streams.get(device)
+    if stream is None:
+        # Created once under a lock: threads each making their own would draw the same counters.
+        with _creation_lock:
+            if device not in _default_streams:
+                if _root_seed is None:
+                    _root_seed = Stream().seed  # the one draw from torch's default generator
+                stream = Stream(0).to(device)
+                with torch.no_grad():
+                    stream.seed.copy_(derive_seed(_root_seed, zlib.crc32(str(device).encode())))
+                _default_streams[device] = stream
+            stream = _default_streams[device]
+    return stream
 
 
 def _same_device(a, b):

@@ -72,4 +72,8 @@ int nk_replica_reduce(const void* logits, void* out, int dtype, int64_t n, int64
   return nk::launch_replica_reduce(logits, out, dtype_of(dtype), n, b, c, vote != 0, nullptr);
 }
 
+int nk_offset_reserve(int64_t* offset, int64_t* start, int64_t n) {
+  return nk::launch_offset_reserve(offset, start, n, nullptr);
+}
+
 }  // extern "C"

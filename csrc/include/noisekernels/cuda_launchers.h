@@ -91,3 +91,11 @@ cudaError_t launch_replica_reduce(const void* logits, void* out, DType dtype, in
                                   int64_t c, bool vote, cudaStream_t stream);
 
 }  // namespace noisekernels::cuda
+
+namespace noisekernels::cuda {
+
+// A Stream reservation (offset_reserve): *start = *offset, then *offset += n (modulo 2**64), as one
+// atomic step on the device.
+cudaError_t launch_offset_reserve(int64_t* offset, int64_t* start, int64_t n, cudaStream_t stream);
+
+}  // namespace noisekernels::cuda
