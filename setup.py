@@ -40,7 +40,8 @@ if not os.path.exists(info_path) or open(info_path).read() != info:
     with open(info_path, "w") as f:
         f.write(info)
 
-sources = sorted(["csrc/bindings/ops.cpp", "csrc/bindings/noise_add_autograd.cpp", "csrc/bindings/stream.cpp"]
+sources = sorted(["csrc/bindings/ops.cpp", "csrc/bindings/noise_add_autograd.cpp", "csrc/bindings/noise_layer.cpp",
+                  "csrc/bindings/stream.cpp"]
                  + glob.glob("csrc/cpu/*.cpp"))
 # -fopenmp: at::parallel_for is an inline `omp parallel` with torch's OpenMP backend; the runtime
 # is torch's own libgomp.so.1 (same soname, already loaded). -Wno-maybe-uninitialized: GCC 12 false

@@ -42,6 +42,13 @@ def expanding(layer, n):
         _state.expand_layer, _state.expand_n = before
 
 
+def layer_settings(layer):
+    """(expansion(layer), current(), noise_is_off()) in one call: an additive noise layer's call is
+    a few microseconds, and each of the three calls costs a tenth of one."""
+    n = getattr(_state, "expand_n", 1) if getattr(_state, "expand_layer", None) is layer else 1
+    return n, getattr(_state, "count", 1), getattr(_state, "noise_off", False)
+
+
 def noise_is_off():
     """True inside this thread's noise_off() block: every noise layer is the identity."""
     return getattr(_state, "noise_off", False)

@@ -114,6 +114,13 @@ class Stream(nn.Module):
             return _checkpoint_reserve(self, n)
         return self._advance(n)
 
+    def plain_eager(self):
+        """Whether a reservation now is a plain atomic one (the extension is loaded; no torch.compile,
+        vmap, checkpointed region or engine sandbox; not a DataParallel copy), which a layer may make
+        inside its own C++ call (csrc/bindings/noise_layer.cpp)."""
+        return not (REFERENCE_ONLY or _checkpoints.stack or torch.compiler.is_compiling() or under_vmap()
+                    or self.__dict__.get("_is_replica", False))
+
     def _advance(self, n):
         # Traced code keeps the snapshot and an in-place add, both in the graph: torch.compile needs
         # the snapshot op (above), and vmap over stacked stream states batches add_ per sample.

@@ -198,6 +198,12 @@ TORCH_LIBRARY(noisekernels, m) {
   m.def("offset_reserve(Tensor(a!) offset, int n) -> Tensor");
 }
 
+namespace noisekernels {
+// The eager call of an additive noise layer: noise_layer_add(x, scale, seed, offset, dist, replicas,
+// segments) reserves from the stream's offset and returns noise_add's output (noise_layer.cpp).
+PyObject* noise_layer_add(PyObject*, PyObject* args);
+}  // namespace noisekernels
+
 // The Python module: importing it loads the library above; build_info() lets the package
 // detect an extension built from other sources or against another torch.
 namespace {
@@ -215,6 +221,8 @@ PyObject* set_fresh_noise_in_backward(PyObject*, PyObject* on) {
 
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {"noise_layer_add", noisekernels::noise_layer_add, METH_VARARGS,
+     "An additive noise layer's eager call: checks, reserves and adds the noise in one C++ step."},
     {"set_fresh_noise_in_backward", set_fresh_noise_in_backward, METH_O,
      "Lets this thread draw noise during a backward pass; returns the previous setting."},
     {nullptr, nullptr, 0, nullptr},
