@@ -2,18 +2,20 @@
 at batches 32 and 200 (full mode; 32 in quick): mc_predict(n=50) against the loop of 50 softmax
 passes and eot_grad(n=10) against the loop of 10 forward/backward passes, on the same model, in
 paired rounds. Goals (CPU): >= 0.95x the loop on every model; on a model whose noise is only at
-the penultimate layer (A2SNN), where prefix sharing bounds the ratio by n, >= 0.8 n. The plan the
-engine chose is recorded (extra_info "plan"), and how far the engine's result is from the loop's.
+the penultimate layer (A2SNN), where prefix sharing bounds the ratio by n, >= 0.8 n. Recorded
+beside each ratio: the engine's plan (extra_info "plan") and how far its result is from the
+loop's (different draws: a sanity check, max |p - p_loop| small, the gradients' cosine well above 0
+where the model's input gradient is more signal than noise).
 
-Attacks on three of the models (residual-rse, rs1-cnn, a2snn; rs1-cnn only in quick mode; 32
-inputs; trained briefly on bench_attacks' synthetic task), against torchattacks on the same model object (its noise layers
-included): PGD 20 steps EOT 10 vs EOTPGD, APGD 20 steps EOT 10 vs APGD(eot_iter=10), AutoAttack
-"rand" vs torchattacks' AutoAttack(version="rand"), whose APGDs run torchattacks' default 10 steps
-with EOT 20 and one restart, so ours runs steps=10, eot=20. Goals: >= 1.0x, RS-1 >= 1.5x. The
-timed calls are whole attacks, ours judged by an MC prediction of judge_n = 1 (AutoAttack "rand":
-2, its minimum), like torchattacks' single-pass check, in paired rounds (2 in full mode, 1 in
-quick). The honest MC-100 judging pass is timed apart (the benchmark's own timing) and reported
-with both sides' robust accuracies under it."""
+Attacks on three of the models (residual-rse, rs1-cnn, a2snn; rs1-cnn only in quick mode), 32
+inputs, the models trained briefly on bench_attacks' synthetic task, against torchattacks on the
+same model object (its noise layers included): PGD 20 steps EOT 10 vs EOTPGD, APGD 20 steps EOT
+10 vs APGD(eot_iter=10), AutoAttack "rand" vs torchattacks' AutoAttack(version="rand"), whose
+APGDs run torchattacks' default 10 steps with EOT 20 and one restart, so ours runs steps=10,
+eot=20. Goals: >= 1.0x, RS-1 >= 1.5x. The timed calls are whole attacks, ours judged by an MC
+prediction of judge_n = 1 (AutoAttack "rand": 2, its minimum), like torchattacks' single-pass
+check, in paired rounds (2 in full mode, 1 in quick). The honest MC-100 judging pass is timed
+apart (the benchmark's own timing) and reported with both sides' robust accuracies under it."""
 
 import functools
 import statistics
