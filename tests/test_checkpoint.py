@@ -130,7 +130,7 @@ def test_a_recomputation_with_other_noise_calls_is_refused():
 
     def changing(x):  # draws for 4 rows the first time, 2 rows when recomputed
         calls.append(1)
-        return layer(x if len(calls) == 1 else x[:2]).sum()
+        return layer(x if len(calls) == 1 else x[:2]).square().sum()  # square saves its input: a recomputation
 
     y = nk.checkpoint(changing, torch.randn(4, 3, requires_grad=True))
     with pytest.raises(RuntimeError, match="recomputation's noise calls differ from the forward's"):
@@ -207,6 +207,7 @@ def test_noise_meant_for_the_backward_is_drawn_inside_fresh_noise_in_backward():
     linear.weight.grad = None
     linear(x).sum().backward()
     assert torch.equal(linear.weight.grad, want)
-    y = torch.utils.checkpoint.checkpoint(nk.nn.GaussianNoise(0.1, seed=1), x.requires_grad_(), use_reentrant=False)
+    layer = nk.nn.GaussianNoise(0.1, seed=1)
+    y = torch.utils.checkpoint.checkpoint(lambda t: layer(t).square(), x.requires_grad_(), use_reentrant=False)
     with pytest.raises(RuntimeError, match="drew new noise during a backward pass"):  # only inside the block
         y.sum().backward()

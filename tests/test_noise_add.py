@@ -151,12 +151,13 @@ def test_empty_and_odd_sizes(backend, device):
         assert torch.equal(got.cpu(), noise_add(x.cpu(), 0.3, 1, 0, dist="uniform", backend="reference"))
 
 
-def test_fixed_scale_gradient_is_identity_and_saves_only_the_stream():
+def test_fixed_scale_gradient_is_identity_and_saves_nothing():
     x = _x(torch.float32).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = noise_add(x, 0.5, 1, 0)
-    assert sum(t.numel() * t.element_size() for t in saved) == 16
+    # Nothing (the C++ node); the Python backward of reference mode keeps the 16 bytes of the stream
+    assert sum(t.numel() * t.element_size() for t in saved) == (16 if nk.build_info()["reference_only"] else 0)
     g = torch.randn_like(y)
     y.backward(g)
     assert torch.equal(x.grad, g)
