@@ -26,6 +26,7 @@ The cache key holds every module's identity, train/eval mode and plain Python at
 hooks, parameter identities), so a model changed under a plan is tuned again.
 """
 
+import contextlib
 import os
 import threading
 import time
@@ -40,13 +41,14 @@ from .nn.noise import WeightNoise, _NoiseLayer
 from .nn.random_spike import RandomSpike
 from .ops.replica_reduce import MODES, replica_reduce
 from .replicas import expanding, noise_is_off, noise_off, repeat_rows, replicas as replica_pass
-from .stream import Sandbox
+from .ops._streams import default_stream
+from .stream import Sandbox, Stream
 
 # A candidate's activations (estimated from the watched pass) may take this share of the device's
 # free memory (CPU: of physical memory).
 MEMORY_FRACTION = 0.25
 # The search stops at a candidate this much slower per replica than the best so far.
-_PAST_OPTIMUM = 1.3
+_PAST_OPTIMUM = 1.15
 _NOISE_LAYERS = (RandomSpike, _NoiseLayer, AnisotropicNoise)
 _plans = weakref.WeakKeyDictionary()
 _plans_lock = threading.Lock()
@@ -95,28 +97,41 @@ def _check_batch_statistics(model):
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
 
 
-def _fingerprint(value):
+def _fingerprint(value, depth=0):
     """A hashable summary of a module attribute, cheap (every call computes the key): plain values
-    as they are; containers by their keys and their items' identities (a flag flipped inside a list
-    or dict is a new object); anything else by identity."""
+    as they are; containers and plain objects (a config namespace) by their contents, two levels
+    down; tensors by identity and version (a flag buffer that load_state_dict overwrote); modules,
+    functions and other objects by identity."""
     kind = type(value)
     if kind in _ATOMS:
         return value
-    if isinstance(value, dict):  # parameters, buffers, submodules, hooks, user dicts
-        return (*value, *map(id, value.values()))
-    if isinstance(value, (tuple, list)):
-        return (kind, id(value), *map(id, value))
-    return id(value)
+    if isinstance(value, torch.Tensor):
+        return id(value), value._version
+    if depth < 3:
+        if isinstance(value, dict):  # buffers, submodules, hooks, user dicts
+            return (kind, *value, *(_fingerprint(v, depth + 1) for v in value.values()))
+        if isinstance(value, (tuple, list, set, frozenset)):
+            return (kind, *(_fingerprint(v, depth + 1) for v in value))
+        if hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type)) and not callable(value):
+            return (kind, id(value), _fingerprint(vars(value), depth + 1))
+    return kind, id(value)
+
+
+def _parameters_by_identity(params):
+    # An optimizer step changes every parameter in place: a plan does not depend on their values.
+    return tuple((name, id(p)) for name, p in params.items())
 
 
 def _state(model):
-    """Every module's identity and attributes: train/eval mode, noise switches, flags, hooks,
-    parameters and buffers by identity. A layer's caches (its class's _plan_ignores) are left out."""
+    """Every module's class, identity and attributes: train/eval mode, noise switches, flags (also
+    inside containers and config objects), hooks, buffers by identity and version, parameters by
+    identity. A layer's caches and counters (its class's _plan_ignores) are left out."""
     key = []
     for m in model.modules():
         ignores = getattr(type(m), "_plan_ignores", ())
-        key.append(id(m))
-        key += [(k, _fingerprint(v)) for k, v in vars(m).items() if k not in ignores]
+        key.append((type(m), id(m)))
+        key += [(k, _parameters_by_identity(v) if k == "_parameters" else _fingerprint(v))
+                for k, v in vars(m).items() if k not in ignores]
     return tuple(key)
 
 
@@ -161,6 +176,14 @@ class _RandomOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _generator_states(device):
+    """The states of torch's generators that a forward on `device` may draw from."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
 class _Watch:
     """One loop pass watched by hooks on every module (this thread's calls only): torch's random
     ops and where they ran, the active noise layers in call order, whether the first one took the
@@ -196,24 +219,59 @@ class _Watch:
         for name, module in self.model.named_modules():
             hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
         self.input = x
+        states = _generator_states(x.device)  # a draw the dispatcher does not see still moves them
         try:
-            with self.random:
+            with self.random, replica_pass(1):
                 return self.model(x)
         finally:
             for h in hooks:
                 h.remove()
+            if not self.random.seen and any(not torch.equal(a, b) for a, b in zip(states, _generator_states(x.device))):
+                self.random.seen.append(("torch's generator", "the model's forward"))
 
 
-def _weights(out):
-    """A fixed direction for the trial gradients: cos(0.7 i) over one replica's outputs."""
+class _ModelState:
+    """What a forward may change in its own model: buffers (restored from copies), parameters
+    and plain attributes. The watched pass must leave them as they were: the engine runs a model
+    more often than the loop would, so a model that changes itself runs as the loop."""
+
+    def __init__(self, model):
+        self.tensors = [(m, name, t, t._version) for m in model.modules() if not isinstance(m, Stream)
+                        for name, t in (*m._buffers.items(), *m._parameters.items()) if t is not None]
+        self.copies = {id(t): t.detach().clone() for m, name, t, _ in self.tensors if name in m._buffers}
+        self.attrs = [(m, dict(vars(m)), _state(m)) for m in model.modules()]
+
+    def changed(self):
+        """Where the model changed itself (a description), or None; puts back what it can."""
+        where = None
+        for m, name, t, version in self.tensors:
+            if t._version != version:
+                where = where or f"{type(m).__name__}.{name}"
+                if id(t) in self.copies:
+                    with torch.no_grad():
+                        t.copy_(self.copies[id(t)])
+        for m, attrs, key in self.attrs:
+            if _state(m) != key:
+                where = where or next((f"{type(m).__name__}.{k}" for k in vars(m) if vars(m)[k] is not attrs.get(k)),
+                                      type(m).__name__)
+                vars(m).clear()
+                vars(m).update(attrs)
+        return where
+
+
+def _weights(out, replicas):
+    """A fixed direction for the trial gradients, cos(0.7 i) over one replica's outputs, on the
+    replicas compared only (the gradient is then theirs)."""
     flat = torch.cos(torch.arange(out[0].numel(), device=out.device, dtype=torch.float64) * 0.7)
-    return flat.to(out.dtype).reshape(out.shape[1:])
+    mask = torch.zeros(out.shape[0], dtype=torch.float64, device=out.device)
+    mask[list(replicas)] = 1
+    return (mask[:, None] * flat).to(out.dtype).reshape(out.shape)
 
 
-def _trial(model, x, m, mode, first, grad):
-    """One chunk of m replicas: outputs (m, B, ...) and, with grad, the input gradient of
-    sum(outputs * _weights) (a fixed linear function: the backward of every candidate is compared,
-    without calling the user's loss, whose side effects must happen once per real call)."""
+def _trial(model, x, m, mode, first, grad, compared):
+    """One chunk of m replicas: outputs (m, B, ...) and, with grad, the input gradient of a fixed
+    linear function of the compared replicas' outputs (every candidate's backward is checked without
+    calling the user's loss, whose side effects must happen once per real call)."""
     if not grad:
         with torch.no_grad():
             return _per_replica(_pass(model, x, m, mode, first), m, x.shape[0]), None
@@ -222,12 +280,18 @@ def _trial(model, x, m, mode, first, grad):
         out = _per_replica(_pass(model, xg, m, mode, first), m, x.shape[0])
         if not out.requires_grad:
             return out.detach(), torch.zeros_like(x)
-        return out.detach(), torch.autograd.grad((out * _weights(out)).sum(), xg)[0]
+        return out.detach(), torch.autograd.grad((out * _weights(out, compared)).sum(), xg)[0]
 
 
 def _same(a, b):
-    scale = max(1.0, float(b.abs().nan_to_num(0, 0, 0).max())) if b.numel() else 1.0
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+    """Equal up to float32 rounding of a reordered computation, element by element."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def _same_grad(a, b):
+    """Gradients: their scale may be anything, so the absolute tolerance follows their mean size."""
+    atol = 1e-5 * float(b.abs().nan_to_num(0, 0, 0).mean()) if b.numel() else 0.0
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=atol, equal_nan=True)
 
 
 def _sync(device):
@@ -251,36 +315,76 @@ def _sizes(n, chunk):
     return sizes + [n] if n > 1 else sizes
 
 
+class _Unbatchable(Exception):
+    """A candidate that is not the loop's: why."""
+
+
 class _Tuner:
-    """The trial runs of one tuning, each from the sandbox position of its first replica."""
+    """Trial runs from any replica's position: every replica draws the same counters (checked), so
+    replica r starts at start + r * (counters of one replica) on every stream."""
 
-    def __init__(self, model, x, n, grad, box):
-        self.model, self.x, self.n, self.grad, self.box = model, x, n, grad, box
-        self.positions = {0: box.position()}
+    def __init__(self, model, x, grad, box, per_replica):
+        self.model, self.x, self.grad, self.box, self.per_replica = model, x, grad, box, per_replica
+        self.loop_runs = {}  # replica -> (outputs, gradient): the loop's, the reference
 
-    def run(self, start, m, mode, first):
-        self.box.rewind(self.positions[start])
+    def position(self, r):
+        return {s: start + r * self.per_replica[s] for s, start in self.box.start.items()}
+
+    def run(self, start, m, mode, first, compared):
+        """Outputs, gradient and seconds of one chunk of m replicas from replica `start`."""
+        self.box.rewind(self.position(start))
         _sync(self.x.device)
         t0 = time.perf_counter()
-        out, g = _trial(self.model, self.x, m, mode, first, self.grad)
+        out, g = _trial(self.model, self.x, m, mode, first, self.grad, compared)
         _sync(self.x.device)
         seconds = time.perf_counter() - t0
-        self.positions.setdefault(start + m, self.box.position())
+        met, end = set(self.box.start), self.position(start + m)
+        if met != set(self.per_replica) or any(not torch.equal(self.box.offsets[s], end[s]) for s in met):
+            raise _Unbatchable(f"drew other counters than {m} loop passes (noise the engine cannot see, or noise "
+                               "that depends on the replica)")
         return out, g, seconds
+
+    def loop(self, r):
+        """Replica r run alone: the loop's outputs and gradient (cached) and the seconds it took."""
+        out, g, seconds = self.run(r, 1, "loop", None, [0])
+        self.loop_runs[r] = (out[0], g)
+        return seconds
+
+    def verify(self, m, mode, first):
+        """Seconds per replica of a chunk of m replicas, after checking it against the loop on its
+        first two and last replicas (outputs, and their summed input gradients)."""
+        compared = sorted({0, 1, m - 1} & set(range(m)))
+        for r in compared:
+            if r not in self.loop_runs:
+                self.loop(r)
+        out, g, seconds = self.run(0, m, mode, first, compared)
+        if not all(_same(out[r], self.loop_runs[r][0]) for r in compared):
+            raise _Unbatchable("differ from the loop's")
+        if self.grad and not _same_grad(g, sum(self.loop_runs[r][1] for r in compared)):
+            raise _Unbatchable("differ from the loop's in the input gradient")
+        return seconds / m
 
 
 def _tune(model, x, n, grad, chunk):
     batch, device = x.shape[0], x.device
-    # Trial passes keep their saved tensors to themselves: inside a checkpointed region the region's
-    # hooks would count them, and its recomputation (plan cached) would not make them.
-    with Sandbox() as box, torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        tuner = _Tuner(model, x, n, grad, box)
-        watch = _Watch(model)
+    # Trials keep torch's generators as they were (the real call draws what the loop would) and their
+    # saved tensors to themselves: inside a checkpointed region the region's hooks would count them,
+    # and its recomputation (plan cached) would not make them.
+    with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Sandbox() as box,
+          torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        default_stream(device)  # made before the watch if new: its seed's draw is not the model's randomness
+        watch, state = _Watch(model), _ModelState(model)
+        xw = x.detach().clone()  # an in-place op on the input changes this copy, never the caller's x
         with torch.enable_grad() if grad else torch.no_grad():
-            first_out = _per_replica(watch.run(x.detach().requires_grad_(grad) if grad else x), 1, batch)
-        tuner.positions[1] = box.position()
-        draws = [(s, int(tuner.positions[1][s] - box.start[s])) for s in box.start]
+            first_out = _per_replica(watch.run(xw.requires_grad_(grad)), 1, batch)
         out_shape = (batch, *first_out.shape[2:])
+        per_replica = {s: int(box.offsets[s] - box.start[s]) for s in box.start}
+        draws = list(per_replica.items())
+        changed = state.changed() or ("its input" if xw._version else None)
+        if changed:
+            return Plan("loop", reason=f"the model changes {changed} in its forward, which the engine would run more "
+                        "often than the loop: the loop", verified="the watched pass changed the model (undone)",
+                        out_shape=out_shape, draws=draws)
         if watch.random.seen:
             func, where = watch.random.seen[0]
             return Plan("loop", reason=(
@@ -289,75 +393,56 @@ def _tune(model, x, n, grad, chunk):
                 "(noisekernels.nn.RandomSpike(mc=True), GaussianNoise), or call model.eval() if it should be "
                 "off at test time"), verified="torch random ops looked for in one watched pass",
                 out_shape=out_shape, draws=draws)
-        if any(isinstance(m, WeightNoise) and _is_active(m) for m in model.modules()):
+        if any(isinstance(m, WeightNoise) and _is_active(m) and not noise_is_off() for m in model.modules()):
             return Plan("loop", reason="weight noise draws one weight per pass, which replicas cannot share",
                         out_shape=out_shape, draws=draws)
-        # Replica 0 again (warm, timed: it must repeat the watched pass) and replica 1: the loop's
-        # time and the reference.
-        out0, g0, t0 = tuner.run(0, 1, "loop", None)
-        if not _same(out0, first_out.detach()):
-            return Plan("loop", reason="a pass repeated from the same stream state gave other outputs: noise the "
-                        "engine cannot see or replay (not from the library's streams)", out_shape=out_shape,
-                        draws=draws)
-        out1, g1, t1 = tuner.run(1, 1, "loop", None) if n > 1 else (out0, g0, t0)
-        if not watch.noise and n > 1 and _same(out1, out0) and (g0 is None or _same(g1, g0)):
-            return Plan("deterministic", reason="no noise: two passes agree and no noise layer or random op is "
-                        "active, so one pass stands for all n", verified=f"two loop passes on the real batch "
+        tuner = _Tuner(model, x, grad, box, per_replica)
+        try:
+            times = {1: tuner.loop(0)}  # the watched pass again, warm and timed: it must repeat
+            if not _same(tuner.loop_runs[0][0], first_out[0].detach()):
+                raise _Unbatchable("repeat differently from the same stream state")
+            if n > 1:
+                times[1] = min(times[1], tuner.loop(1))
+        except _Unbatchable as e:
+            return Plan("loop", reason=f"the loop: passes {e}", out_shape=out_shape, draws=draws)
+        if (n > 1 and not watch.noise and not any(per_replica.values())
+                and _same(tuner.loop_runs[1][0], tuner.loop_runs[0][0])
+                and (not grad or _same_grad(tuner.loop_runs[1][1], tuner.loop_runs[0][1]))):
+            return Plan("deterministic", reason="no noise: two passes agree, no stream is drawn from and no random op "
+                        "runs, so one pass stands for all n", verified=f"two loop passes on the real batch "
                         f"({batch} rows)", out_shape=out_shape, draws=draws)
-        samples = {1: [t0, t1]}
-        outs, gsum, covered = [out0] + ([out1] if n > 1 else []), {0: 0, 1: g0}, min(n, 2)
-        if n > 1 and grad:
-            gsum[2] = g0 + g1
         first = watch.noise[0] if watch.noise else None
-        mode, prev, budget = None, 1, _budget(device)
+        mode, budget, stop = None, _budget(device), None
         per_replica_bytes = max(1, sum(watch.sizes) if grad else 3 * max(watch.sizes, default=0))
-        stop = None
         for k in _sizes(n, chunk)[1:]:
             if k * per_replica_bytes > budget:
                 stop = f"chunks of {k} replicas would pass the memory budget ({MEMORY_FRACTION:.0%} of free memory)"
                 break
-            # The previous candidate's chunks extend the reference to k replicas.
-            while covered < k:
-                m = min(prev, n - covered)
-                o, g, t = tuner.run(covered, m, mode or "loop", first)
-                if m == prev:
-                    samples[prev].append(t / m)
-                outs.append(o)
-                if grad:
-                    gsum[covered + m] = gsum[covered] + g
-                covered += m
-            reference = torch.cat(outs)[:k]
-            options = [mode] if mode else (["shared", "replicate"] if first is not None else ["replicate"])
-            accepted, failure = None, None
-            for option in options:
+            failure = None
+            for option in [mode] if mode else (["shared", "replicate"] if first is not None else ["replicate"]):
                 try:
-                    o, g, t = tuner.run(0, k, option, first)
+                    # The real call's last chunk is n % k replicas: checked too.
+                    seconds = [tuner.verify(m, option, first) for m in dict.fromkeys((k, n % k or k))][0]
+                except _Unbatchable as e:
+                    failure = str(e)
+                    continue
                 except Exception as e:  # noqa: BLE001 - a batched pass the loop does not make: the loop is kept
                     failure = f"raised {type(e).__name__}: {e}"
                     continue
-                if _same(o, reference) and (not grad or _same(g, gsum[k])):
-                    accepted = option
-                    break
-                failure = "differ from the loop's"
-            if accepted is None:
+                mode, times[k] = option, seconds
+                break
+            else:
                 stop = (f"chunks of {k} replicas {failure} on this batch (code that depends on the batch size, "
                         "noise on a tensor that is not the batch, or noise the engine cannot see)")
                 break
-            mode, prev, samples[k] = accepted, k, [t / k]
-            outs, covered = [o], k
-            if grad:
-                gsum = {0: 0, k: g}
-            if k == n:
-                samples[k].append(tuner.run(0, k, mode, first)[2] / k)
-            best = min(min(s) for s in samples.values())
-            if min(samples[k]) > _PAST_OPTIMUM * best and k >= 4:
+            if times[k] > _PAST_OPTIMUM * min(times.values()) and k >= 4:
                 stop = f"past the optimum at chunks of {k}"
                 break
-    times = {k: min(s) for k, s in samples.items()}
     # A chunk the caller fixed is used once verified (reproducible timing); else the fastest.
     chunk_k = min(chunk, n) if chunk is not None and mode else min(times, key=times.get)
     verified = (f"on the real batch ({batch} rows): chunks of {', '.join(str(k) for k in times)} replicas "
-                f"{'(and their input gradients) ' if grad else ''}equal the loop's; no torch random op")
+                f"{'(and their input gradients) ' if grad else ''}equal the loop's on their first two and last "
+                "replicas and draw its counters; no torch random op; the model does not change itself")
     if mode is None or chunk_k == 1:
         why = "the loop measured fastest" if mode else "the loop: " + (stop or "n = 1")
         return Plan("loop", 1, None, times, why + (f"; {stop}" if stop and mode else ""), verified, out_shape, draws)
@@ -381,17 +466,22 @@ def plan(model, x, n, *, grad=False, chunk=None):
         cache = _plans.setdefault(model, {})
         found = cache.get(key)
     if found is None:
-        found = _empty_batch_plan(model, x) if x.shape[0] == 0 else _tune(model, x, n, grad, chunk)
+        if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
+            found = Plan("loop", reason="a torch.compile'd model runs as the loop: the engine's checks and trials cannot "
+                         "look inside compiled code (pass the model as it was before torch.compile to batch it)")
+        else:
+            found = _empty_batch_plan(model, x) if x.shape[0] == 0 else _tune(model, x, n, grad, chunk)
         with _plans_lock:
             cache[key] = found
     return found
 
 
 def _empty_batch_plan(model, x):
-    with Sandbox(), torch.no_grad():
+    """An empty batch runs as the loop (cheap, and weight noise still draws per pass)."""
+    with Sandbox(), torch.no_grad(), replica_pass(1):
         out = model(x)
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-    return Plan("deterministic", reason="empty batch", out_shape=shape)
+    return Plan("loop", reason="empty batch: the loop", out_shape=shape)
 
 
 def _check(model, x, n, chunk=None):
@@ -407,9 +497,15 @@ def _check(model, x, n, chunk=None):
 def _run(model, x, n, p):
     """(n, B, ...) outputs under plan p."""
     if p.mode == "deterministic":
-        out = _per_replica(model(x), 1, x.shape[0])
+        with replica_pass(1):
+            out = _per_replica(model(x), 1, x.shape[0])
         return out.expand(n, *out.shape[1:])
-    return torch.cat([_per_replica(_pass(model, x, m, p.mode, p.first), m, x.shape[0]) for m in _chunks(n, p.chunk)])
+    outs = []
+    with _given_back_on_error(p) as drawn:
+        for m in _chunks(n, p.chunk):
+            outs.append(_per_replica(_pass(model, x, m, p.mode, p.first), m, x.shape[0]))
+            drawn[0] += m
+    return torch.cat(outs)
 
 
 def replica_logits(model, x, n, *, chunk=None):
@@ -432,12 +528,19 @@ def mc_predict(model, x, n, reduce="mean", *, chunk=None):
     if reduce not in (*MODES, "none"):
         raise ValueError(f"reduce must be one of {(*MODES, 'none')}, got {reduce!r}")
     p = plan(model, x, n, chunk=chunk)
-    if reduce != "none" and (p.out_shape is None or len(p.out_shape) != 2):  # known from the plan: refused before any draw
-        shape = "not a tensor" if p.out_shape is None else f"of shape {p.out_shape[1:]}"
-        raise ValueError(f"reduce={reduce!r} needs (B, C) logits from the model, got outputs {shape}; "
-                         "use reduce='none' for other outputs")
+    if reduce != "none" and p.out_shape is not None:  # known from the plan: refused before any draw
+        _check_logits(reduce, p.out_shape)
     logits = _run(model, x, n, p)
-    return logits if reduce == "none" else replica_reduce(logits, reduce)
+    if reduce == "none":
+        return logits
+    _check_logits(reduce, logits.shape[1:])  # a compiled model's plan does not know its outputs
+    return replica_reduce(logits, reduce)
+
+
+def _check_logits(reduce, shape):
+    if len(shape) != 2:
+        raise ValueError(f"reduce={reduce!r} needs (B, C) logits from the model, got outputs of shape "
+                         f"{tuple(shape[1:])}; use reduce='none' for other outputs")
 
 
 @torch.no_grad()
@@ -452,8 +555,8 @@ def eot_grad(model, loss_fn, x, y, n, *, chunk=None):
 
     loss_fn(logits, labels) is called once per draw, on that draw's (B, ...) outputs, and must
     return a scalar (any reduction over the rows: the result is the loop's whatever it is). One
-    forward and one backward per chunk of replicas; model parameters get no gradient. A loss that
-    is refused (not a scalar) leaves the streams where they were.
+    forward and one backward per chunk of replicas; model parameters get no gradient. A call that
+    fails (a loss refused for not being a scalar, an error in the loss) gives its draws back.
     """
     _check(model, x, n, chunk)
     if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
@@ -461,29 +564,32 @@ def eot_grad(model, loss_fn, x, y, n, *, chunk=None):
     x = x.detach().requires_grad_(True)
     p = plan(model, x, n, grad=True, chunk=chunk)
     if p.mode == "deterministic":
-        loss = _scalar_loss(loss_fn, model(x), y)
+        with replica_pass(1):
+            loss = _scalar_loss(loss_fn, model(x), y)
         return torch.autograd.grad(loss, x)[0], loss.detach()
     grad, total = torch.zeros_like(x), x.new_zeros(())
-    for i, m in enumerate(_chunks(n, p.chunk)):
-        before = [(s, s.offset.clone(), count * m) for s, count in p.draws] if i == 0 else None
-        out = _per_replica(_pass(model, x, m, p.mode, p.first), m, x.shape[0])
-        try:
+    with _given_back_on_error(p) as drawn:
+        for m in _chunks(n, p.chunk):
+            out = _per_replica(_pass(model, x, m, p.mode, p.first), m, x.shape[0])
+            drawn[0] += m
             loss = sum(_scalar_loss(loss_fn, out[r], y) for r in range(m)) / n
-        except ValueError:
-            if before is not None:
-                _undo(before)
-            raise
-        grad += torch.autograd.grad(loss, x)[0]
-        total = total + loss.detach()
+            grad += torch.autograd.grad(loss, x)[0]
+            total = total + loss.detach()
     return grad, total
 
 
-def _undo(before):
-    """Puts streams back before a refused call's draws, where no other thread drew since."""
-    with torch.no_grad():
-        for s, offset, count in before:
-            if int(s.offset) == int(offset) + count:
-                s.offset.copy_(offset)
+@contextlib.contextmanager
+def _given_back_on_error(p):
+    """A call that fails (a refused loss, an error of the loss or the model) gives its draws back:
+    each stream returns to where the call found it, unless another reservation came since (then it
+    stays: a counter is never handed out twice). Yields the count of replicas drawn so far."""
+    starts, drawn = [(s, s.offset.clone(), count) for s, count in p.draws if count], [0]
+    try:
+        yield drawn
+    except BaseException:
+        for s, start, count in starts:
+            s.release(start, count * drawn[0])
+        raise
 
 
 def _scalar_loss(loss_fn, logits, y):

@@ -86,6 +86,8 @@ class Stream(nn.Module):
     seed: an int in [0, 2**64), or None to draw one from torch's default generator.
     """
 
+    _plan_ignores = ("_buffers",)  # the offset moves at every draw: the engine's plans do not depend on it
+
     def __init__(self, seed=None):
         super().__init__()
         if seed is None:
@@ -120,6 +122,20 @@ class Stream(nn.Module):
         inside its own C++ call (csrc/bindings/noise_layer.cpp)."""
         return not (REFERENCE_ONLY or _checkpoints.stack or torch.compiler.is_compiling() or under_vmap()
                     or self.__dict__.get("_is_replica", False))
+
+    def release(self, start, n):
+        """Gives back the reservation [start, start + n) (a refused call's draws) if no reservation
+        came after it; returns whether it did. Atomic against other reservations on CPU; on other
+        devices a reservation racing with it is not seen (it then may be handed out again)."""
+        offset = self.offset
+        if offset.device.type == "cpu" and not REFERENCE_ONLY:
+            return _C.offset_release(offset, int(start), n)
+        with _reserve_lock:  # reference mode reserves under this lock
+            if int(offset) != (int(start) + n + 2**63) % 2**64 - 2**63:
+                return False
+            with torch.no_grad():
+                offset.copy_(start)
+            return True
 
     def _advance(self, n):
         # Traced code keeps the snapshot and an in-place add, both in the graph: torch.compile needs

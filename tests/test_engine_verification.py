@@ -218,3 +218,206 @@ def test_the_mc_mean_is_exact_at_large_n():
         got = replica_reduce(logits, "mean", backend=backend)
         assert (got.double() - exact).abs().max() < 1e-6
         assert (got.double().sum(-1) - 1).abs().max() < 1e-6
+
+
+# ---- the classes a review found (each against the loop: values and final stream offsets) ----------
+
+class RareFunctionalNoise(nn.Module):
+    """Noise through a functional op whose effect two passes rarely show."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.s = nn.Linear(8, 4), nk.Stream(1)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + (nk.functional.noise_add(torch.zeros_like(h), 1.0, stream=self.s) > 3.5).float() * 10
+
+
+class PrefixFunctionalNoise(nn.Module):
+    """A tiny functional draw before the first noise layer: prefix sharing would share it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.noise, self.fc2 = nn.Linear(8, 16), nk.nn.GaussianNoise(0.3, seed=2), nn.Linear(16, 4)
+        self.s = nk.Stream(3)
+
+    def forward(self, x):
+        h = nk.functional.noise_add(self.fc1(x), 1e-7, stream=self.s)
+        return self.fc2(self.noise(torch.relu(h)))
+
+
+class ConfigSwitch(nn.Module):
+    """Noise switched on through a config object and a buffer, not a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.noise, self.fc2 = nn.Linear(8, 16), nk.nn.GaussianNoise(0.5, seed=4), nn.Linear(16, 4)
+        self.cfg = type("Config", (), {})()
+        self.cfg.noisy = False
+        self.register_buffer("centre", torch.tensor(False))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.cfg.noisy:
+            h = self.noise(h)
+        if self.centre:
+            h = h - h.mean(0, keepdim=True)
+        return self.fc2(h)
+
+
+def _assert_both_equal_the_loop(model, x, n, **kwargs):
+    _assert_mc_equals_the_loop(model, x, n, **kwargs)
+    _assert_eot_equals_the_loop(model, x, torch.arange(x.shape[0]) % 4, n, **kwargs)
+
+
+@pytest.mark.parametrize("make", [RareFunctionalNoise, PrefixFunctionalNoise], ids=["rare", "prefix"])
+def test_draws_the_model_makes_outside_the_layers_are_counted(make):
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.rand(4, 8)
+    _assert_both_equal_the_loop(model, x, 40)
+    assert ensemble.plan(model, x, 40).mode != "deterministic"
+
+
+def test_switches_inside_config_objects_and_buffers_are_part_of_the_key():
+    torch.manual_seed(0)
+    model, x = ConfigSwitch().eval(), torch.rand(4, 8)
+    _assert_mc_equals_the_loop(model, x, 6)
+    model.cfg.noisy = True
+    got = _assert_mc_equals_the_loop(model, x, 6)
+    assert not torch.allclose(got[0], got[1])
+    model.load_state_dict({**model.state_dict(), "centre": torch.tensor(True)})  # in place: same buffer object
+    _assert_mc_equals_the_loop(model, x, 6)
+    model.fc2.__class__ = type("Centring", (nn.Linear,), {"forward": lambda self, h: nn.Linear.forward(
+        self, h - h.mean(0, keepdim=True))})
+    _assert_mc_equals_the_loop(model, x, 6)
+
+
+class RunningNorm(nn.Module):
+    """Updates its own statistics in every forward, even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise, self.fc = nk.nn.GaussianNoise(0.3, seed=5), nn.Linear(8, 4)
+        self.register_buffer("mean", torch.zeros(8))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.mean.mul_(0.5).add_(0.5 * x.mean(0))
+        return self.fc(self.noise(x - self.mean))
+
+
+def test_a_model_that_changes_itself_runs_as_the_loop_and_changes_as_often():
+    torch.manual_seed(0)
+    model, x = RunningNorm().eval(), torch.rand(3, 8)
+    state = (model.mean.clone(), model.calls)
+    got = ensemble.mc_predict(model, x, 4, reduce="none")
+    after = (model.mean.clone(), model.calls)
+    model.mean.copy_(state[0])
+    model.calls = state[1]
+    model.noise.stream.offset.zero_()
+    torch.testing.assert_close(got, _loop(model, x, 4))
+    assert torch.equal(after[0], model.mean) and after[1] == model.calls == 4
+    assert "changes RunningNorm.mean in its forward" in ensemble.plan(model, x, 4).reason
+
+
+def test_tuning_leaves_torchs_generator_as_it_was():
+    model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.3), nn.Linear(32, 3)).train()
+    x = torch.rand(4, 8)
+    torch.manual_seed(1)
+    got = ensemble.mc_predict(model, x, 5, reduce="none")  # first call: tuned, then the loop
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, _loop(model, x, 5))
+
+
+class OddBatchBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.noise, self.fc2 = nn.Linear(8, 16), nk.nn.GaussianNoise(0.5, seed=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.noise(torch.relu(self.fc1(x)))
+        return self.fc2(h * 2 if h.shape[0] % 3 == 0 and h.shape[0] > 2 else h)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_the_last_smaller_chunk_is_verified_too(chunk):
+    torch.manual_seed(0)
+    _assert_both_equal_the_loop(OddBatchBranch().eval(), torch.rand(2, 8), 7, chunk=chunk)
+
+
+class MixingWithALargeColumn(nn.Module):
+    """Rows mixed, and one output column of 1e5: a tolerance scaled to the largest output hid the mix."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.noise = nn.Linear(8, 4), nk.nn.GaussianNoise(0.2, seed=6)
+
+    def forward(self, x):
+        h = self.fc(self.noise(x))
+        h = h + 0.1 * h.mean(0, keepdim=True)
+        return torch.cat([h, torch.full_like(h[:, :1], 1e5)], 1)
+
+
+def test_the_verification_tolerance_is_per_element():
+    torch.manual_seed(0)
+    model, x = MixingWithALargeColumn().eval(), torch.rand(3, 8)
+    _assert_mc_equals_the_loop(model, x, 6)
+    assert ensemble.plan(model, x, 6).mode == "loop"
+
+
+def test_an_empty_batch_with_weight_noise_draws_as_the_loop():
+    model = MODELS["weight-noise"]().eval()
+    _assert_mc_equals_the_loop(model, torch.rand(0, 1, 28, 28), 3)
+
+
+def test_a_failing_call_gives_its_draws_back():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nk.nn.GaussianNoise(0.5, seed=1), nn.Linear(16, 4)).eval(), torch.rand(3, 8)
+    calls = []
+
+    def refused_on_the_sixth_draw(out, t):
+        calls.append(1)
+        loss = F.cross_entropy(out, t, reduction="none")
+        return loss if len(calls) == 6 else loss.mean()
+
+    for loss_fn, y, error in [(F.cross_entropy, torch.tensor([[0, 1], [1, 2], [2, 3]]), RuntimeError),
+                              (F.cross_entropy, torch.tensor([0, 1, 7]), IndexError),
+                              (refused_on_the_sixth_draw, torch.tensor([0, 1, 2]), ValueError)]:
+        start = _snapshot(model)
+        with pytest.raises(error):
+            ensemble.eot_grad(model, loss_fn, x, y, 8, chunk=4)
+        assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))
+
+
+def test_a_given_back_draw_never_takes_another_threads_counters():
+    stream, starts, stop = nk.Stream(0), [], threading.Event()
+
+    def reserve():
+        while not stop.is_set():
+            starts.append(int(stream.reserve(3)[1]))
+
+    worker = threading.Thread(target=reserve)
+    worker.start()
+    try:
+        for _ in range(3000):
+            start = stream.reserve(5)[1]
+            stream.release(start, 5)
+    finally:
+        stop.set()
+        worker.join()
+    assert len(starts) == len(set(starts))  # a release that raced a reservation would hand its counters out again
+
+
+def test_a_compiled_model_runs_as_the_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nk.nn.GaussianNoise(0.5, seed=1), nn.Linear(16, 4)).eval()
+    compiled, x = torch.compile(model, fullgraph=True, backend="eager"), torch.rand(3, 8)
+    start = _snapshot(model)
+    got = ensemble.mc_predict(compiled, x, 4, reduce="none")
+    after = _snapshot(model)
+    _restore(model, start)
+    torch.testing.assert_close(got, _loop(model, x, 4), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(after, _snapshot(model)))
+    assert "torch.compile'd model runs as the loop" in ensemble.plan(compiled, x, 4).reason

@@ -2,6 +2,8 @@
 // Device kernels register in TORCH_LIBRARY_IMPL blocks beside them; fake kernels and autograd are
 // registered from Python (noisekernels/ops/), except noise_add's autograd (noise_add_autograd.cpp).
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -219,7 +221,19 @@ PyObject* set_fresh_noise_in_backward(PyObject*, PyObject* on) {
   return PyBool_FromLong(noisekernels::set_fresh_noise_in_backward(PyObject_IsTrue(on)));
 }
 
+PyObject* offset_release(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* offset;
+  long long start, n;
+  if (!PyArg_ParseTuple(args, "OLL", &offset, &start, &n)) return nullptr;
+  at::Tensor tensor = THPVariable_Unpack(offset);
+  return PyBool_FromLong(noisekernels::offset_release_cpu(tensor, start, n));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kMethods[] = {
+    {"offset_release", offset_release, METH_VARARGS,
+     "Gives back a CPU stream's last reservation (compare-and-swap); returns whether it did."},
     {"build_info", build_info, METH_NOARGS, "How this extension was built."},
     {"noise_layer_add", noisekernels::noise_layer_add, METH_VARARGS,
      "An additive noise layer's eager call: checks, reserves and adds the noise in one C++ step."},

@@ -51,6 +51,10 @@ bool set_fresh_noise_in_backward(bool on);
 // Refuses a Stream reservation during a backward pass, unless this thread allowed it (above).
 void check_not_in_backward();
 
+// Gives back the reservation [start, start + n) of a CPU offset if it is the last one made (a
+// compare-and-swap, so a reservation made after it is never handed out twice); returns whether it did.
+bool offset_release_cpu(at::Tensor& offset, int64_t start, int64_t n);
+
 // offset_reserve's arguments: a one-element int64 offset and a count n >= 0.
 void check_offset_reserve_args(const at::Tensor& offset, int64_t n);
 

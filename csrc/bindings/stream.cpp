@@ -52,6 +52,16 @@ at::Tensor offset_reserve_cpu(at::Tensor& offset, int64_t n) {
 
 }  // namespace
 
+bool offset_release_cpu(at::Tensor& offset, int64_t start, int64_t n) {
+  TORCH_CHECK_VALUE(offset.device().is_cpu() && offset.scalar_type() == at::kLong && offset.numel() == 1,
+                    "offset_release needs a one-element int64 CPU offset");
+  std::atomic_ref<uint64_t> counter(*reinterpret_cast<uint64_t*>(offset.data_ptr<int64_t>()));
+  uint64_t expected = static_cast<uint64_t>(start) + static_cast<uint64_t>(n);  // wraps as reservations do
+  const bool released = counter.compare_exchange_strong(expected, static_cast<uint64_t>(start));
+  if (released) offset.unsafeGetTensorImpl()->bump_version();
+  return released;
+}
+
 bool set_fresh_noise_in_backward(bool on) {
   const bool before = fresh_in_backward;
   fresh_in_backward = on;
