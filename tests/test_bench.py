@@ -58,7 +58,10 @@ def test_smoke_run_writes_report_and_plots(smoke):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"docs/benchmarks/{png}" in text
     peaks = [b["extra_info"]["peak_memory_mb"] for b in run["benchmarks"] if b["extra_info"].get("section") == "memory"]
-    assert len(peaks) == 2 and all(p >= 0 for p in peaks)  # rs1's MC prediction: batched and loop
+    # rs1's MC prediction, batched and loop: a peak of a few MiB at the smoke sizes, read from counters
+    # that lag by up to 64 pages a thread (Linux's split RSS accounting), so a loaded machine reads
+    # a little below 0
+    assert len(peaks) == 2 and all(p > -1 for p in peaks)
 
 
 def test_check_fails_on_a_wrong_provider(monkeypatch):
