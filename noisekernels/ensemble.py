@@ -39,9 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .nn.anisotropic import AnisotropicNoise
 from .nn.noise import WeightNoise, _NoiseLayer
 from .nn.random_spike import RandomSpike
+from .ops._streams import default_stream
 from .ops.replica_reduce import MODES, replica_reduce
 from .replicas import expanding, noise_is_off, noise_off, repeat_rows, replicas as replica_pass
-from .ops._streams import default_stream
 from .stream import Sandbox, Stream
 
 # A candidate's activations (estimated from the watched pass) may take this share of the device's

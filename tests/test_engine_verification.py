@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import noisekernels as nk
+from loop_reference import loop_eot, loop_logits, restore, snapshot
 from models import MODELS, SkipNet
 from noisekernels import ensemble
 from noisekernels.ops.replica_reduce import replica_reduce
@@ -16,49 +17,23 @@ from noisekernels.ops.replica_reduce import replica_reduce
 F = nn.functional
 
 
-def _streams(model):
-    return [s for s in model.modules() if isinstance(s, nk.Stream)]
-
-
-def _snapshot(model):
-    return [s.offset.clone() for s in _streams(model)]
-
-
-def _restore(model, offsets):
-    for s, o in zip(_streams(model), offsets):
-        s.offset.copy_(o)
-
-
-def _loop(model, x, n):
-    with torch.no_grad():
-        return torch.stack([model(x) for _ in range(n)])
-
-
-def _loop_eot(model, loss_fn, x, y, n):
-    grads, losses = [], []
-    for _ in range(n):
-        xi = x.detach().requires_grad_()
-        loss = loss_fn(model(xi), y)
-        grads.append(torch.autograd.grad(loss, xi)[0])
-        losses.append(loss.detach())
-    return torch.stack(grads).mean(0), torch.stack(losses).mean()
 
 
 def _assert_mc_equals_the_loop(model, x, n, **kwargs):
-    start = _snapshot(model)
+    start = snapshot(model)
     got = ensemble.mc_predict(model, x, n, reduce="none", **kwargs)
-    after = _snapshot(model)
-    _restore(model, start)
-    torch.testing.assert_close(got, _loop(model, x, n), rtol=1e-4, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(after, _snapshot(model)))  # the streams moved as the loop's
+    after = snapshot(model)
+    restore(model, start)
+    torch.testing.assert_close(got, loop_logits(model, x, n), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(after, snapshot(model)))  # the streams moved as the loop's
     return got
 
 
 def _assert_eot_equals_the_loop(model, x, y, n, loss_fn=F.cross_entropy, **kwargs):
-    start = _snapshot(model)
+    start = snapshot(model)
     grad, loss = ensemble.eot_grad(model, loss_fn, x, y, n, **kwargs)
-    _restore(model, start)
-    ref_grad, ref_loss = _loop_eot(model, loss_fn, x, y, n)
+    restore(model, start)
+    ref_grad, ref_loss = loop_eot(model, x, y, n, loss_fn)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
 
@@ -168,19 +143,19 @@ def test_every_execution_equals_the_loop(name, chunk):
 
 def test_the_measured_choice_changes_speed_never_values():
     model, x = MODELS["rse"]().eval(), torch.rand(4, 1, 28, 28)
-    start = _snapshot(model)
+    start = snapshot(model)
     measured = ensemble.mc_predict(model, x, 12, reduce="none")
     for chunk in (1, 5, 12):
-        _restore(model, start)
+        restore(model, start)
         torch.testing.assert_close(ensemble.mc_predict(model, x, 12, reduce="none", chunk=chunk), measured,
                                    rtol=1e-5, atol=1e-6)
 
 
 def test_tuning_moves_no_stream_and_the_plan_says_what_it_measured():
     model, x = MODELS["rs1"]().eval(), torch.rand(4, 1, 28, 28)
-    start = _snapshot(model)
+    start = snapshot(model)
     plan = ensemble.plan(model, x, 8, grad=True)
-    assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))
+    assert all(torch.equal(a, b) for a, b in zip(start, snapshot(model)))
     assert 1 in plan.times and len(plan.times) >= 2 and all(t > 0 for t in plan.times.values())
     assert plan.chunk in plan.times and "input gradients" in plan.verified and "4 rows" in plan.verified
     assert ensemble.plan(model, x, 8, grad=True) is plan  # cached per key
@@ -317,7 +292,7 @@ def test_a_model_that_changes_itself_runs_as_the_loop_and_changes_as_often():
     model.mean.copy_(state[0])
     model.calls = state[1]
     model.noise.stream.offset.zero_()
-    torch.testing.assert_close(got, _loop(model, x, 4))
+    torch.testing.assert_close(got, loop_logits(model, x, 4))
     assert torch.equal(after[0], model.mean) and after[1] == model.calls == 4
     assert "changes RunningNorm.mean in its forward" in ensemble.plan(model, x, 4).reason
 
@@ -328,7 +303,7 @@ def test_tuning_leaves_torchs_generator_as_it_was():
     torch.manual_seed(1)
     got = ensemble.mc_predict(model, x, 5, reduce="none")  # first call: tuned, then the loop
     torch.manual_seed(1)
-    torch.testing.assert_close(got, _loop(model, x, 5))
+    torch.testing.assert_close(got, loop_logits(model, x, 5))
 
 
 class OddBatchBranch(nn.Module):
@@ -385,10 +360,10 @@ def test_a_failing_call_gives_its_draws_back():
     for loss_fn, y, error in [(F.cross_entropy, torch.tensor([[0, 1], [1, 2], [2, 3]]), RuntimeError),
                               (F.cross_entropy, torch.tensor([0, 1, 7]), IndexError),
                               (refused_on_the_sixth_draw, torch.tensor([0, 1, 2]), ValueError)]:
-        start = _snapshot(model)
+        start = snapshot(model)
         with pytest.raises(error):
             ensemble.eot_grad(model, loss_fn, x, y, 8, chunk=4)
-        assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))
+        assert all(torch.equal(a, b) for a, b in zip(start, snapshot(model)))
 
 
 def test_a_given_back_draw_never_takes_another_threads_counters():
@@ -414,10 +389,10 @@ def test_a_compiled_model_runs_as_the_loop():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nk.nn.GaussianNoise(0.5, seed=1), nn.Linear(16, 4)).eval()
     compiled, x = torch.compile(model, fullgraph=True, backend="eager"), torch.rand(3, 8)
-    start = _snapshot(model)
+    start = snapshot(model)
     got = ensemble.mc_predict(compiled, x, 4, reduce="none")
-    after = _snapshot(model)
-    _restore(model, start)
-    torch.testing.assert_close(got, _loop(model, x, 4), rtol=1e-4, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(after, _snapshot(model)))
+    after = snapshot(model)
+    restore(model, start)
+    torch.testing.assert_close(got, loop_logits(model, x, 4), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(after, snapshot(model)))
     assert "torch.compile'd model runs as the loop" in ensemble.plan(compiled, x, 4).reason

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import noisekernels as nk
+from loop_reference import loop_eot, loop_logits, restore, snapshot
 from models import MODELS, A2SNN, RS1, SkipNet, weight_noise_net
 from noisekernels import ensemble
 
@@ -20,56 +21,30 @@ def _model(name):
     return MODELS[name]().eval()
 
 
-def _streams(model):
-    return [s for s in model.modules() if isinstance(s, nk.Stream)]
-
-
-def _snapshot(model):
-    return [s.offset.clone() for s in _streams(model)]
-
-
-def _restore(model, offsets):
-    for s, o in zip(_streams(model), offsets):
-        s.offset.copy_(o)
-
-
-def _loop_logits(model, x, n):
-    with torch.no_grad():
-        return torch.stack([model(x) for _ in range(n)])
-
-
-def _loop_grad(model, x, y, n):
-    grads, losses = [], []
-    for _ in range(n):
-        xi = x.detach().requires_grad_()
-        loss = nn.functional.cross_entropy(model(xi), y)
-        grads.append(torch.autograd.grad(loss, xi)[0])
-        losses.append(loss.detach())
-    return torch.stack(grads).mean(0), torch.stack(losses).mean()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_mc_logits_equal_the_loop(name):
     model, x = _model(name), torch.rand(5, 1, 28, 28)
     assert ensemble.plan(model, x, 7, chunk=7).mode == EXPECTED_MODES[name]  # the structure, chunk fixed
-    start = _snapshot(model)
+    start = snapshot(model)
     batched = ensemble.mc_predict(model, x, 7, reduce="none")
-    after = _snapshot(model)
-    _restore(model, start)
-    loop = _loop_logits(model, x, 7)
+    after = snapshot(model)
+    restore(model, start)
+    loop = loop_logits(model, x, 7)
     assert batched.shape == (7, 5, 10)
     torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(after, _snapshot(model)))  # streams advance as the loop's
+    assert all(torch.equal(a, b) for a, b in zip(after, snapshot(model)))  # streams advance as the loop's
     assert not torch.allclose(batched[0], batched[1])  # replicas differ
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_eot_grad_equals_the_loop(name):
     model, x, y = _model(name), torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
-    start = _snapshot(model)
+    start = snapshot(model)
     grad, loss = ensemble.eot_grad(model, nn.functional.cross_entropy, x, y, 6)
-    _restore(model, start)
-    ref_grad, ref_loss = _loop_grad(model, x, y, 6)
+    restore(model, start)
+    ref_grad, ref_loss = loop_eot(model, x, y, 6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
@@ -78,18 +53,18 @@ def test_eot_grad_equals_the_loop(name):
 @pytest.mark.parametrize("chunk", [1, 3, 7])
 def test_chunks_give_the_same_result(chunk):
     model, x = _model("rs1"), torch.rand(5, 1, 28, 28)
-    start = _snapshot(model)
+    start = snapshot(model)
     whole = ensemble.mc_predict(model, x, 7, reduce="none", chunk=7)
-    _restore(model, start)
+    restore(model, start)
     torch.testing.assert_close(ensemble.mc_predict(model, x, 7, reduce="none", chunk=chunk), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_reductions_follow_the_logits():
     model, x = _model("rse"), torch.rand(6, 1, 28, 28)
-    start = _snapshot(model)
+    start = snapshot(model)
     logits = ensemble.mc_predict(model, x, 9, reduce="none")
     for reduce in ("mean", "vote"):
-        _restore(model, start)
+        restore(model, start)
         got = ensemble.mc_predict(model, x, 9, reduce=reduce)
         expected = torch.softmax(logits, -1).mean(0) if reduce == "mean" else \
             nn.functional.one_hot(logits.argmax(-1), 10).sum(0).float()
@@ -164,10 +139,10 @@ def test_bad_arguments():
 
 
 def _assert_equals_the_loop(model, x, n, **kwargs):
-    start = _snapshot(model)
+    start = snapshot(model)
     batched = ensemble.mc_predict(model, x, n, reduce="none", **kwargs)
-    _restore(model, start)
-    torch.testing.assert_close(batched, _loop_logits(model, x, n), rtol=1e-4, atol=1e-5)
+    restore(model, start)
+    torch.testing.assert_close(batched, loop_logits(model, x, n), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(batched[0], batched[1])  # independent draws, never one draw repeated
     return batched
 
@@ -233,10 +208,10 @@ def test_noise_the_engine_cannot_see_runs_as_the_loop(make):
         assert p.mode == "loop" and p.reason.startswith("the loop: chunks of 4 replicas raised ValueError")
     _assert_equals_the_loop(model, x, 4, chunk=4)
     y = torch.tensor([0, 1, 2, 3, 0])
-    start = _snapshot(model)
+    start = snapshot(model)
     grad, _ = ensemble.eot_grad(model, nn.functional.cross_entropy, x, y, 4)
-    _restore(model, start)
-    torch.testing.assert_close(grad, _loop_grad(model, x, y, 4)[0], rtol=1e-4, atol=1e-6)
+    restore(model, start)
+    torch.testing.assert_close(grad, loop_eot(model, x, y, 4)[0], rtol=1e-4, atol=1e-6)
 
 
 def test_empty_batches_give_empty_results():
@@ -263,20 +238,20 @@ class PixelHead(nn.Module):
 def test_outputs_keep_their_shape_on_every_plan(noisy):
     model, x = PixelHead(noisy).eval(), torch.rand(2, 1, 5, 5)
     assert ensemble.mc_predict(model, x, 3, reduce="none").shape == (3, 2, 3, 5, 5)
-    start = _snapshot(model)
+    start = snapshot(model)
     with pytest.raises(ValueError, match=r"reduce='mean' needs \(B, C\) logits"):
         ensemble.mc_predict(model, x, 3)
-    assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))  # refused before any draw
+    assert all(torch.equal(a, b) for a, b in zip(start, snapshot(model)))  # refused before any draw
 
 
 def test_a_loss_that_is_not_a_scalar_is_refused_without_moving_the_streams():
     model, x, y = _model("rs1"), torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
     loss = lambda logits, t: nn.functional.cross_entropy(logits, t, reduction="none")  # noqa: E731
     for chunk in (None, 1, 2):
-        start = _snapshot(model)
+        start = snapshot(model)
         with pytest.raises(ValueError, match=r"loss_fn must return a scalar .* got \(2,\)"):
             ensemble.eot_grad(model, loss, x, y, 2, chunk=chunk)
-        assert all(torch.equal(a, b) for a, b in zip(start, _snapshot(model)))
+        assert all(torch.equal(a, b) for a, b in zip(start, snapshot(model)))
 
 
 def test_switching_a_dropout_to_training_after_planning_replans():
