@@ -7,34 +7,38 @@ would: one batched pass, chunks of k replicas and the loop of n passes see the s
 
 How a call runs is decided on its first occurrence, per (model state, input shape, n, device, with
 or without gradient), on the real batch and inside a stream Sandbox (trial draws never move a
-stream, whatever other threads do; the real call then draws exactly what a loop would):
-1. One loop pass is watched: an op that draws from torch's own generators (nn.Dropout in training
-   mode and the like: noise that cannot be reproduced per replica) means the loop, naming the
-   module. Active weight noise (one weight per pass) means the loop.
-2. If two passes agree and no noise layer or random op is active: "deterministic", one pass.
-3. Candidates run chunks of k replicas, k = 1 (the loop), 2, 4, ... and n, within a memory budget:
-   each is timed, and verified on the same replicas against the candidate before it (hence, step
-   by step, against the loop): its outputs and, with gradient, the input gradient of a fixed
-   linear function of them. At k = 2 the structure is picked: prefix sharing ("shared": layers
-   before the first noise layer run once on B rows and that layer writes the replicas) if it
-   verifies, else the input replicated ("replicate"). A candidate that differs or raises (code
-   that depends on the batch size, noise on a parameter) ends the search; past the optimum the
-   search stops.
+stream, whatever other threads do) with torch's generators forked (the real call then draws exactly
+what a loop would):
+1. One loop pass is watched: if torch's own generators move (nn.Dropout in training mode and the
+   like: noise that cannot be reproduced per replica), the loop, naming the innermost module; if
+   the model changes itself (buffers, attributes, its input), the loop, its state put back; active
+   weight noise (one weight per pass), the loop. A torch.compile'd model runs as the loop.
+2. If two passes agree, no stream is drawn from and no noise layer is active: "deterministic".
+3. Candidates run chunks of k replicas, k = 1 (the loop), 2, 4, ... and n, within a memory budget.
+   Every replica draws the same counters, so replica r starts at a known stream position: each
+   candidate is checked against loop passes of its first two and last replicas (outputs and, with
+   gradient, the input gradient of a fixed linear function of them) and must draw the loop's
+   counters; the real call's last, smaller chunk is checked too. At k = 2 the structure is picked:
+   prefix sharing ("shared": layers before the first noise layer run once on B rows and that layer
+   writes the replicas) if it verifies, else the input replicated ("replicate"). A candidate that
+   differs or raises (code that depends on the batch size, noise on a parameter) ends the search,
+   and so does one past the optimum (measured twice).
 4. The fastest verified candidate is kept (Plan.chunk), with every candidate's time (Plan.times),
    as cuDNN's benchmark mode and Triton's autotuner keep theirs.
-The cache key holds every module's identity, train/eval mode and plain Python attributes (flags,
-hooks, parameter identities), so a model changed under a plan is tuned again.
+The cache key holds every module's class, identity and attributes (flags, also in containers and
+config objects; hooks; buffers by version; parameters by identity), so a model changed under a plan
+is tuned again.
 """
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import weakref
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .nn.anisotropic import AnisotropicNoise
 from .nn.noise import WeightNoise, _NoiseLayer
@@ -162,20 +166,6 @@ def _chunks(n, k):
 
 # ---- tuning: the watched pass, the candidates, the measurement ----------------------------------
 
-class _RandomOps(TorchDispatchMode):
-    """Records the ops that draw from torch's generators (tagged nondeterministic_seeded) and the
-    module running each."""
-
-    def __init__(self, where):
-        super().__init__()
-        self.where, self.seen = where, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags:
-            self.seen.append((func, self.where[-1] if self.where else "the model's forward"))
-        return func(*args, **(kwargs or {}))
-
-
 def _generator_states(device):
     """The states of torch's generators that a forward on `device` may draw from."""
     states = [torch.random.get_rng_state()]
@@ -184,24 +174,29 @@ def _generator_states(device):
     return states
 
 
+def _moved(states, device):
+    return any(not torch.equal(a, b) for a, b in zip(states, _generator_states(device)))
+
+
 class _Watch:
-    """One loop pass watched by hooks on every module (this thread's calls only): torch's random
-    ops and where they ran, the active noise layers in call order, whether the first one took the
-    model's input itself, and the activation bytes of one replica (sum and largest)."""
+    """One loop pass watched by hooks on every module (this thread's calls only): the innermost
+    module during which torch's generators moved (noise the library does not draw: nn.Dropout,
+    torch.randn in a forward), the active noise layers in call order, whether the first one took
+    the model's input itself, and the activation bytes of one replica (sum and largest)."""
 
     def __init__(self, model):
-        self.model, self.where, self.noise, self.sizes = model, [], [], []
-        self.input, self.first_takes_input = None, False
-        self.random = _RandomOps(self.where)
+        self.model, self.noise, self.sizes = model, [], []
+        self.input, self.first_takes_input, self.random = None, False, None
 
     def run(self, x):
-        me, hooks = threading.get_ident(), []
+        me, hooks, entered = threading.get_ident(), [], []
 
         def enter(name):
             def hook(module, args):
                 if threading.get_ident() != me:
                     return
-                self.where.append(f"{type(module).__name__} at {name!r}" if name else type(module).__name__)
+                entered.append((f"{type(module).__name__} at {name!r}" if name else type(module).__name__,
+                                _generator_states(x.device)))
                 if (isinstance(module, _NOISE_LAYERS) and not isinstance(module, WeightNoise) and _is_active(module)
                         and not noise_is_off()):
                     if not self.noise:
@@ -212,22 +207,24 @@ class _Watch:
         def leave(module, args, out):
             if threading.get_ident() != me:
                 return
-            self.where.pop()
+            where, states = entered.pop()
+            if self.random is None and _moved(states, x.device):  # modules end inside out: the first is innermost
+                self.random = where
             if isinstance(out, torch.Tensor) and not list(module.children()):
                 self.sizes.append(out.numel() * out.element_size())
 
         for name, module in self.model.named_modules():
             hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
         self.input = x
-        states = _generator_states(x.device)  # a draw the dispatcher does not see still moves them
+        states = _generator_states(x.device)
         try:
-            with self.random, replica_pass(1):
+            with replica_pass(1):
                 return self.model(x)
         finally:
             for h in hooks:
                 h.remove()
-            if not self.random.seen and any(not torch.equal(a, b) for a, b in zip(states, _generator_states(x.device))):
-                self.random.seen.append(("torch's generator", "the model's forward"))
+            if self.random is None and _moved(states, x.device):
+                self.random = "the model's forward"
 
 
 class _ModelState:
@@ -389,13 +386,12 @@ def _tune(model, x, n, grad, chunk):
             return Plan("loop", reason=f"the model changes {changed} in its forward, which the engine would run more "
                         "often than the loop: the loop", verified="the watched pass changed the model (undone)",
                         out_shape=out_shape, draws=draws)
-        if watch.random.seen:
-            func, where = watch.random.seen[0]
+        if watch.random:
             return Plan("loop", reason=(
-                f"{where} draws from torch's own generator ({func}), noise the engine cannot reproduce per "
+                f"{watch.random} draws from torch's own generator, noise the engine cannot reproduce per "
                 "replica: the loop of n passes. Use the library's layers for noise that stays on "
                 "(noisekernels.nn.RandomSpike(mc=True), GaussianNoise), or call model.eval() if it should be "
-                "off at test time"), verified="torch random ops looked for in one watched pass",
+                "off at test time"), verified="torch's generators compared around every module of one watched pass",
                 out_shape=out_shape, draws=draws)
         if any(isinstance(m, WeightNoise) and _is_active(m) and not noise_is_off() for m in model.modules()):
             return Plan("loop", reason="weight noise draws one weight per pass, which replicas cannot share",
@@ -412,8 +408,8 @@ def _tune(model, x, n, grad, chunk):
         if (n > 1 and not watch.noise and not any(per_replica.values())
                 and _same(tuner.loop_runs[1][0], tuner.loop_runs[0][0])
                 and (not grad or _same_grad(tuner.loop_runs[1][1], tuner.loop_runs[0][1]))):
-            return Plan("deterministic", reason="no noise: two passes agree, no stream is drawn from and no random op "
-                        "runs, so one pass stands for all n", verified=f"two loop passes on the real batch "
+            return Plan("deterministic", reason="no noise: two passes agree, no stream is drawn from and torch's "
+                        "generators do not move, so one pass stands for all n", verified=f"two loop passes on the real batch "
                         f"({batch} rows)", out_shape=out_shape, draws=draws)
         first = watch.noise[0] if watch.noise else None
         mode, budget, stop = None, _budget(device), None
@@ -453,7 +449,7 @@ def _tune(model, x, n, grad, chunk):
     chunk_k = min(chunk, n) if chunk is not None and mode else min(times, key=times.get)
     verified = (f"on the real batch ({batch} rows): chunks of {', '.join(str(k) for k in times)} replicas "
                 f"{'(and their input gradients) ' if grad else ''}equal the loop's on their first two and last "
-                "replicas and draw its counters; no torch random op; the model does not change itself")
+                "replicas and draw its counters; torch's generators untouched; the model does not change itself")
     if mode is None or chunk_k == 1:
         why = "the loop measured fastest" if mode else "the loop: " + (stop or "n = 1")
         return Plan("loop", 1, None, times, why + (f"; {stop}" if stop and mode else ""), verified, out_shape, draws)
@@ -468,6 +464,13 @@ def _tune(model, x, n, grad, chunk):
     return Plan(mode, chunk_k, first, times, why, verified, out_shape, draws)
 
 
+def _compiled(model):
+    """Whether model holds a torch.compile'd module. Without torch._dynamo imported none can be, and
+    importing it here would start machinery (worker threads) a plain eager process never had."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and any(isinstance(m, dynamo.eval_frame.OptimizedModule) for m in model.modules())
+
+
 def plan(model, x, n, *, grad=False, chunk=None):
     """The Plan for n replicas of x (with grad: forward and backward to x), tuned on the first call
     for this model state, input shape, n, device and grad, and cached. Moves no stream."""
@@ -477,7 +480,7 @@ def plan(model, x, n, *, grad=False, chunk=None):
         cache = _plans.setdefault(model, {})
         found = cache.get(key)
     if found is None:
-        if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
+        if _compiled(model):
             found = Plan("loop", reason="a torch.compile'd model runs as the loop: the engine's checks and trials cannot "
                          "look inside compiled code (pass the model as it was before torch.compile to batch it)")
         else:
