@@ -412,7 +412,7 @@ def _tune(model, x, n, grad, chunk):
                         "generators do not move, so one pass stands for all n", verified=f"two loop passes on the real batch "
                         f"({batch} rows)", out_shape=out_shape, draws=draws)
         first = watch.noise[0] if watch.noise else None
-        mode, budget, stop = None, _budget(device), None
+        mode, budget, stop, checked = None, _budget(device), None, set()  # checked: (chunk, structure) verified
         per_replica_bytes = max(1, sum(watch.sizes) if grad else 3 * max(watch.sizes, default=0))
         for k in _sizes(n, chunk)[1:]:
             if k * per_replica_bytes > budget:
@@ -421,8 +421,10 @@ def _tune(model, x, n, grad, chunk):
             failure = None
             for option in [mode] if mode else (["shared", "replicate"] if first is not None else ["replicate"]):
                 try:
-                    # The real call's last chunk is n % k replicas: checked too.
-                    seconds = [tuner.verify(m, option, first) for m in dict.fromkeys((k, n % k or k))][0]
+                    seconds = tuner.verify(k, option, first)
+                    if n % k and (n % k, option) not in checked:  # the real call's last chunk
+                        tuner.verify(n % k, option, first)
+                        checked.add((n % k, option))
                 except _Unbatchable as e:
                     failure = str(e)
                     continue
@@ -430,6 +432,7 @@ def _tune(model, x, n, grad, chunk):
                     failure = f"raised {type(e).__name__}: {e}"
                     continue
                 mode, times[k] = option, seconds
+                checked.add((k, option))
                 break
             else:
                 stop = (f"chunks of {k} replicas {failure} on this batch (code that depends on the batch size, "
