@@ -70,7 +70,7 @@ class Plan:
         self.mode, self.chunk, self.first = mode, chunk, first
         self.times, self.reason, self.verified = dict(times or {}), reason, verified
         self.out_shape = out_shape  # one replica's output shape, (B, ...)
-        self.draws = tuple(draws)  # (stream, counters one replica reserves): to undo a refused call
+        self.draws = tuple(draws)  # (stream, counters one replica reserves): a failing call gives them back
 
     def __repr__(self):
         first = type(self.first).__name__ if self.first is not None else None
