@@ -103,7 +103,7 @@ _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dty
 
 def _fingerprint(value, depth=0):
     """A hashable summary of a module attribute, cheap (every call computes the key): plain values
-    as they are; containers and plain objects (a config namespace) by their contents, two levels
+    as they are; containers and plain objects (a config namespace) by their contents, three levels
     down; tensors by identity and version (a flag buffer that load_state_dict overwrote); modules,
     functions and other objects by identity."""
     kind = type(value)
@@ -126,17 +126,18 @@ def _parameters_by_identity(params):
     return tuple((name, id(p)) for name, p in params.items())
 
 
-def _state(model):
-    """Every module's class, identity and attributes: train/eval mode, noise switches, flags (also
+def _module_key(m):
+    """One module's class, identity and attributes: train/eval mode, noise switches, flags (also
     inside containers and config objects), hooks, buffers by identity and version, parameters by
     identity. A layer's caches and counters (its class's _plan_ignores) are left out."""
-    key = []
-    for m in model.modules():
-        ignores = getattr(type(m), "_plan_ignores", ())
-        key.append((type(m), id(m)))
-        key += [(k, _parameters_by_identity(v) if k == "_parameters" else _fingerprint(v))
-                for k, v in vars(m).items() if k not in ignores]
-    return tuple(key)
+    ignores = getattr(type(m), "_plan_ignores", ())
+    return (type(m), id(m), *((k, _parameters_by_identity(v) if k == "_parameters" else _fingerprint(v))
+                              for k, v in vars(m).items() if k not in ignores))
+
+
+def _state(model):
+    """What a plan depends on: every module's key."""
+    return tuple(map(_module_key, model.modules()))
 
 
 # ---- running replicas ---------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class _ModelState:
         self.tensors = [(m, name, t, t._version) for m in model.modules() if not isinstance(m, Stream)
                         for name, t in (*m._buffers.items(), *m._parameters.items()) if t is not None]
         self.copies = {id(t): t.detach().clone() for m, name, t, _ in self.tensors if name in m._buffers}
-        self.attrs = [(m, dict(vars(m)), _state(m)) for m in model.modules()]
+        self.attrs = [(m, dict(vars(m)), _module_key(m)) for m in model.modules()]
 
     def changed(self):
         """Where the model changed itself (a description), or None; puts back what it can."""
@@ -248,7 +249,7 @@ class _ModelState:
                     with torch.no_grad():
                         t.copy_(self.copies[id(t)])
         for m, attrs, key in self.attrs:
-            if _state(m) != key:
+            if _module_key(m) != key:
                 where = where or next((f"{type(m).__name__}.{k}" for k in vars(m) if vars(m)[k] is not attrs.get(k)),
                                       type(m).__name__)
                 vars(m).clear()

@@ -18,10 +18,6 @@
 #include <vector>
 
 namespace noisekernels {
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 at::Tensor noise_add_op(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
                         const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
@@ -32,6 +28,11 @@ at::Tensor noise_add_op(const at::Tensor& x, const at::Tensor& scale, const at::
                              .typed<decltype(noise_add_op)>();
   return op.call(x, scale, seed, offset, dist, inner, channels, replicas, lo, hi, segments);
 }
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 at::Tensor noise_mul_op(const at::Tensor& grad, const at::Tensor& seed, const at::Tensor& offset,
                         int64_t dist, int64_t segments) {

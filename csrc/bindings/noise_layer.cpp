@@ -21,16 +21,6 @@ at::Tensor offset_reserve_op(at::Tensor& offset, int64_t n) {
   return op.call(offset, n);
 }
 
-at::Tensor noise_add_op(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
-                        const at::Tensor& offset, int64_t dist, int64_t replicas, int64_t segments) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("noisekernels::noise_add", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                            int64_t, int64_t, int64_t, std::optional<double>, std::optional<double>, int64_t)>();
-  return op.call(x, scale, seed, offset, dist, 1, 1, replicas, std::nullopt, std::nullopt, segments);
-}
-
 // The checks of noise_add_stream (noisekernels/ops/noise_add.py), with its messages, all before the
 // stream moves.
 at::Tensor noise_layer_add(const at::Tensor& x, double scale, const at::Tensor& seed, at::Tensor& offset,
@@ -47,7 +37,7 @@ at::Tensor noise_layer_add(const at::Tensor& x, double scale, const at::Tensor& 
   const int64_t size = x.numel() * replicas / segments;  // philox.counters: a fresh counter per segment
   at::Tensor start = offset_reserve_op(offset, segments * ((size + 3) / 4));
   const at::Tensor flat = at::full({1}, scale, x.options().dtype(type == at::kDouble ? at::kDouble : at::kFloat));
-  return noise_add_op(x, flat, seed, start, dist, replicas, segments);
+  return noise_add_op(x, flat, seed, start, dist, 1, 1, replicas, std::nullopt, std::nullopt, segments);
 }
 
 }  // namespace

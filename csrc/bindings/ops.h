@@ -55,6 +55,12 @@ void check_not_in_backward();
 // compare-and-swap, so a reservation made after it is never handed out twice); returns whether it did.
 bool offset_release_cpu(at::Tensor& offset, int64_t start, int64_t n);
 
+// noisekernels::noise_add through the dispatcher (its Autograd kernel included; noise_add_autograd.cpp).
+at::Tensor noise_add_op(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& seed,
+                        const at::Tensor& offset, int64_t dist, int64_t inner, int64_t channels,
+                        int64_t replicas, std::optional<double> lo, std::optional<double> hi,
+                        int64_t segments);
+
 // offset_reserve's arguments: a one-element int64 offset and a count n >= 0.
 void check_offset_reserve_args(const at::Tensor& offset, int64_t n);
 

@@ -34,6 +34,12 @@ void check_not_in_backward() {
 
 namespace {
 
+// A one-element int64 offset as the 64-bit counter it holds; offsets wrap modulo 2**64 (the counter
+// space), as the int64 add of the traced path does.
+std::atomic_ref<uint64_t> counter_of(at::Tensor& offset) {
+  return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(offset.data_ptr<int64_t>()));
+}
+
 at::Tensor offset_snapshot(const at::Tensor& offset) {
   check_not_in_backward();
   return offset.clone();
@@ -44,9 +50,7 @@ at::Tensor offset_reserve_cpu(at::Tensor& offset, int64_t n) {
   check_offset_reserve_args(offset, n);
   offset.unsafeGetTensorImpl()->bump_version();  // changed in place, as an add_ would
   at::Tensor start = at::empty_like(offset);
-  // Offsets wrap modulo 2**64 (the counter space), as the int64 add of the traced path does.
-  std::atomic_ref<uint64_t> counter(*reinterpret_cast<uint64_t*>(offset.data_ptr<int64_t>()));
-  *start.data_ptr<int64_t>() = static_cast<int64_t>(counter.fetch_add(static_cast<uint64_t>(n)));
+  *start.data_ptr<int64_t>() = static_cast<int64_t>(counter_of(offset).fetch_add(static_cast<uint64_t>(n)));
   return start;
 }
 
@@ -55,9 +59,8 @@ at::Tensor offset_reserve_cpu(at::Tensor& offset, int64_t n) {
 bool offset_release_cpu(at::Tensor& offset, int64_t start, int64_t n) {
   TORCH_CHECK_VALUE(offset.device().is_cpu() && offset.scalar_type() == at::kLong && offset.numel() == 1,
                     "offset_release needs a one-element int64 CPU offset");
-  std::atomic_ref<uint64_t> counter(*reinterpret_cast<uint64_t*>(offset.data_ptr<int64_t>()));
   uint64_t expected = static_cast<uint64_t>(start) + static_cast<uint64_t>(n);  // wraps as reservations do
-  const bool released = counter.compare_exchange_strong(expected, static_cast<uint64_t>(start));
+  const bool released = counter_of(offset).compare_exchange_strong(expected, static_cast<uint64_t>(start));
   if (released) offset.unsafeGetTensorImpl()->bump_version();
   return released;
 }
