@@ -14,7 +14,8 @@ what a loop would):
    the model changes itself (buffers, attributes, its input), the loop, its state put back; active
    weight noise (one weight per pass), the loop. A torch.compile'd model runs as the loop.
 2. If two passes agree, no stream is drawn from and no noise layer is active: "deterministic".
-3. Candidates run chunks of k replicas, k = 1 (the loop), 2, 4, ... and n, within a memory budget.
+3. Candidates run chunks of k replicas, k = 1 (the loop), then each about twice the last (divisors
+   of n where they fit) up to n, within a memory budget.
    Every replica draws the same counters, so replica r starts at a known stream position: each
    candidate is checked against loop passes of its first two and last replicas (outputs and, with
    gradient, the input gradient of a fixed linear function of them) and must draw the loop's
@@ -22,9 +23,11 @@ what a loop would):
    prefix sharing ("shared": layers before the first noise layer run once on B rows and that layer
    writes the replicas) if it verifies, else the input replicated ("replicate"). A candidate that
    differs or raises (code that depends on the batch size, noise on a parameter) ends the search,
-   and so does one past the optimum (measured twice).
+   and so does one of 4 or more replicas 25% slower per replica than the best so far.
 4. The fastest verified candidate is kept (Plan.chunk), with every candidate's time (Plan.times),
-   as cuDNN's benchmark mode and Triton's autotuner keep theirs.
+   as cuDNN's benchmark mode and Triton's autotuner keep theirs. Where the two fastest are within
+   30%, the next two real calls run one each and their times decide (Plan.call_times): every
+   candidate gives the same values, so a real call is a sample that costs no extra pass.
 The cache key holds every module's class, identity and attributes (flags, also in containers and
 config objects; hooks; buffers by version; parameters by identity), so a model changed under a plan
 is tuned again.
@@ -52,7 +55,9 @@ from .stream import Sandbox, Stream
 # free memory (CPU: of physical memory).
 MEMORY_FRACTION = 0.25
 # The search stops at a candidate this much slower per replica than the best so far.
-_PAST_OPTIMUM = 1.15
+_PAST_OPTIMUM = 1.25
+# Trial times this close to the fastest are settled by timing real calls.
+_CLOSE = 1.3
 _NOISE_LAYERS = (RandomSpike, _NoiseLayer, AnisotropicNoise)
 _plans = weakref.WeakKeyDictionary()
 _plans_lock = threading.Lock()
@@ -63,20 +68,46 @@ class Plan:
 
     mode: "deterministic" (one pass stands for all), "shared" (prefix sharing), "replicate" (the
     input replicated) or "loop" (one replica per pass); chunk: replicas per pass; times: seconds per
-    replica of every measured chunk size (1 is the loop); reason: why; verified: what was checked.
+    replica of every chunk size tried while tuning (1 is the loop); call_times: seconds per replica
+    of real calls, where the two fastest trials were close and real calls settled the choice;
+    reason: why; verified: what was checked.
     """
 
-    def __init__(self, mode, chunk=1, first=None, times=None, reason="", verified="", out_shape=None, draws=()):
-        self.mode, self.chunk, self.first = mode, chunk, first
+    def __init__(self, mode, chunk=1, first=None, times=None, reason="", verified="", out_shape=None, draws=(),
+                 contenders=(), describe=None):
+        self.structure, self.chunk, self.first = mode, chunk, first  # structure: how chunks of k > 1 run
         self.times, self.reason, self.verified = dict(times or {}), reason, verified
         self.out_shape = out_shape  # one replica's output shape, (B, ...)
         self.draws = tuple(draws)  # (stream, counters one replica reserves): a failing call gives them back
+        self.call_times = {}
+        # Chunk sizes still to be timed on real calls (every candidate gives the same values, so a real
+        # call is a free sample), and how the reason reads for a chosen chunk.
+        self._contenders, self._describe = list(contenders), describe
+        self._lock = threading.Lock()
+
+    @property
+    def mode(self):
+        return "loop" if self.chunk == 1 and self.structure in ("shared", "replicate") else self.structure
+
+    def _take_chunk(self):
+        """(chunk for this call, whether the call is a timing sample)."""
+        with self._lock:
+            return (self._contenders.pop(), True) if self._contenders else (self.chunk, False)
+
+    def _record(self, k, seconds):
+        with self._lock:
+            self.call_times[k] = min(seconds, self.call_times.get(k, seconds))
+            if not self._contenders:
+                self.chunk = min(self.call_times, key=self.call_times.get)
+                self.reason = self._describe(self.chunk)
 
     def __repr__(self):
         first = type(self.first).__name__ if self.first is not None else None
         times = ", ".join(f"{k}: {t * 1e3:.3g} ms" for k, t in self.times.items())
+        calls = ", ".join(f"{k}: {t * 1e3:.3g} ms" for k, t in self.call_times.items())
         return (f"Plan(mode={self.mode!r}, chunk={self.chunk}, first={first}, seconds per replica by chunk "
-                f"{{{times}}}, reason={self.reason!r}, verified={self.verified!r})")
+                f"{{{times}}}" + (f", in real calls {{{calls}}}" if calls else "") +
+                f", reason={self.reason!r}, verified={self.verified!r})")
 
 
 def _is_active(m):
@@ -304,13 +335,17 @@ def _budget(device):
 
 
 def _sizes(n, chunk):
-    """Candidate chunk sizes: 1, 2, 4, ... below n, then n; or 1 and the chunk a caller fixed."""
+    """Candidate chunk sizes from 1 to n, each about twice the last: a divisor of n where one lies
+    within 2-4x (equal chunks, no remainder chunk to verify), else twice the last; or 1 and the
+    chunk a caller fixed."""
     if chunk is not None:
         return sorted({1, min(chunk, n)})
     sizes = [1]
-    while sizes[-1] * 2 < n:
-        sizes.append(sizes[-1] * 2)
-    return sizes + [n] if n > 1 else sizes
+    while sizes[-1] < n:
+        last = sizes[-1]
+        divisor = next((d for d in range(2 * last, min(4 * last, n) + 1) if n % d == 0), None)
+        sizes.append(divisor or min(2 * last, n))
+    return sizes
 
 
 class _Unbatchable(Exception):
@@ -347,10 +382,6 @@ class _Tuner:
         out, g, seconds = self.run(r, 1, "loop", None, [0])
         self.loop_runs[r] = (out[0], g)
         return seconds
-
-    def measure(self, m, mode, first):
-        """Seconds per replica of one more chunk of m replicas (m = 1: a loop pass)."""
-        return self.loop(1) if m == 1 else self.run(0, m, mode, first, [0])[2] / m
 
     def verify(self, m, mode, first):
         """Seconds per replica of a chunk of m replicas, after checking it against the loop on its
@@ -439,33 +470,35 @@ def _tune(model, x, n, grad, chunk):
                 stop = (f"chunks of {k} replicas {failure} on this batch (code that depends on the batch size, "
                         "noise on a tensor that is not the batch, or noise the engine cannot see)")
                 break
-            # On a shared machine one sample can be several times too slow: a candidate that looks past
-            # the optimum is measured again before the search stops (the minimum of samples counts).
-            if times[k] > _PAST_OPTIMUM * min(times.values()):
-                times[k] = min(times[k], tuner.measure(k, mode, first))
-                if times[k] > _PAST_OPTIMUM * min(times.values()) and k >= 4:
-                    stop = f"past the optimum at chunks of {k}"
-                    break
-        # The two fastest measured again: the choice rests on two samples of each.
-        for k in sorted(times, key=times.get)[:2] if len(times) > 1 and chunk is None else ():
-            times[k] = min(times[k], tuner.measure(k, mode, first))
+            # Larger chunks only grow slower once past the cache's optimum; small ones are too quick to
+            # judge by one sample on a shared machine.
+            if k >= 4 and times[k] > _PAST_OPTIMUM * min(times.values()):
+                stop = f"past the optimum at chunks of {k}"
+                break
     # A chunk the caller fixed is used once verified (reproducible timing); else the fastest.
     chunk_k = min(chunk, n) if chunk is not None and mode else min(times, key=times.get)
     verified = (f"on the real batch ({batch} rows): chunks of {', '.join(str(k) for k in times)} replicas "
                 f"{'(and their input gradients) ' if grad else ''}equal the loop's on their first two and last "
                 "replicas and draw its counters; torch's generators untouched; the model does not change itself")
-    if mode is None or chunk_k == 1:
-        why = "the loop measured fastest" if mode else "the loop: " + (stop or "n = 1")
-        return Plan("loop", 1, None, times, why + (f"; {stop}" if stop and mode else ""), verified, out_shape, draws)
+    if mode is None:
+        return Plan("loop", 1, None, times, "the loop: " + (stop or "n = 1"), verified, out_shape, draws)
     if mode == "shared":
         where = ("the first noise layer takes the input itself: nothing before it to share, it writes the "
                  "replicas in one fused pass" if watch.first_takes_input else
                  f"layers before the first noise layer ({type(first).__name__}) run once on {batch} rows")
     else:
         where = "the input is replicated (prefix sharing differs from the loop: e.g. a skip around noise)"
-    how = "fixed by the caller" if chunk is not None else "measured fastest"
-    why = f"{where}; chunks of {chunk_k} replicas {how}" + (f"; {stop}" if stop else "")
-    return Plan(mode, chunk_k, first, times, why, verified, out_shape, draws)
+
+    def describe(k):
+        how = "fixed by the caller" if chunk is not None else "measured fastest"
+        why = "the loop measured fastest" if k == 1 else f"{where}; chunks of {k} replicas {how}"
+        return why + (f"; {stop}" if stop else "")
+
+    # One sample per candidate is noisy on a shared machine: where the two fastest are close, the next
+    # two real calls run one each and their times decide (a real call is a sample that costs nothing).
+    best = sorted(times, key=times.get)[:2] if chunk is None else [chunk_k]
+    contenders = best[::-1] if len(best) == 2 and times[best[1]] < _CLOSE * times[best[0]] else ()
+    return Plan(mode, chunk_k, first, times, describe(chunk_k), verified, out_shape, draws, contenders, describe)
 
 
 def _compiled(model):
@@ -519,11 +552,26 @@ def _run(model, x, n, p):
             out = _per_replica(model(x), 1, x.shape[0])
         return out.expand(n, *out.shape[1:])
     outs = []
-    with _given_back_on_error(p) as drawn:
-        for m in _chunks(n, p.chunk):
-            outs.append(_per_replica(_pass(model, x, m, p.mode, p.first), m, x.shape[0]))
+    with _given_back_on_error(p) as drawn, _call(p, x.device, n) as k:
+        for m in _chunks(n, k):
+            outs.append(_per_replica(_pass(model, x, m, p.structure, p.first), m, x.shape[0]))
             drawn[0] += m
     return torch.cat(outs)
+
+
+@contextlib.contextmanager
+def _call(p, device, n):
+    """Yields the chunk size of this call; a call that samples a contender is timed (synchronised on
+    a GPU: only these few calls are) and recorded if it completes."""
+    k, sample = p._take_chunk()
+    if not sample:
+        yield k
+        return
+    _sync(device)
+    start = time.perf_counter()
+    yield k
+    _sync(device)
+    p._record(k, (time.perf_counter() - start) / n)
 
 
 def replica_logits(model, x, n, *, chunk=None):
@@ -586,9 +634,9 @@ def eot_grad(model, loss_fn, x, y, n, *, chunk=None):
             loss = _scalar_loss(loss_fn, model(x), y)
         return torch.autograd.grad(loss, x)[0], loss.detach()
     grad, total = torch.zeros_like(x), x.new_zeros(())
-    with _given_back_on_error(p) as drawn:
-        for m in _chunks(n, p.chunk):
-            out = _per_replica(_pass(model, x, m, p.mode, p.first), m, x.shape[0])
+    with _given_back_on_error(p) as drawn, _call(p, x.device, n) as k:
+        for m in _chunks(n, k):
+            out = _per_replica(_pass(model, x, m, p.structure, p.first), m, x.shape[0])
             drawn[0] += m
             loss = sum(_scalar_loss(loss_fn, out[r], y) for r in range(m)) / n
             grad += torch.autograd.grad(loss, x)[0]

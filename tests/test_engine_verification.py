@@ -151,6 +151,31 @@ def test_the_measured_choice_changes_speed_never_values():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_close_candidates_are_settled_by_real_calls_that_equal_the_loop(monkeypatch):
+    monkeypatch.setattr(ensemble, "_CLOSE", float("inf"))  # the two fastest trials always go to real calls
+    model, x = MODELS["rse"]().eval(), torch.rand(4, 1, 28, 28)
+    plan = ensemble.plan(model, x, 10)
+    contenders = sorted(plan.times, key=plan.times.get)[:2]
+    for _ in range(3):  # two sampling calls (one per contender), then the chosen chunk
+        _assert_mc_equals_the_loop(model, x, 10)
+    assert sorted(plan.call_times) == sorted(contenders)
+    assert plan.chunk == min(plan.call_times, key=plan.call_times.get)
+    assert plan.mode == ("loop" if plan.chunk == 1 else plan.structure)
+    assert (f"chunks of {plan.chunk} replicas" in plan.reason) or (plan.chunk == 1 and "loop" in plan.reason)
+
+
+def test_candidate_chunks_about_double_from_1_to_n_and_divide_n_where_they_can():
+    for n in range(1, 300):
+        sizes = ensemble._sizes(n, None)
+        assert sizes[0] == 1 and sizes[-1] == n and sizes == sorted(set(sizes)), n
+        assert len(sizes) <= 2 + n.bit_length(), n  # few candidates: tuning stays cheap
+        for last, k in zip(sizes, sizes[1:]):
+            assert 2 * last <= k <= 4 * last or k == n, (n, sizes)
+            assert n % k == 0 or not any(n % d == 0 for d in range(2 * last, min(4 * last, n) + 1)), (n, sizes)
+    assert ensemble._sizes(10, None) == [1, 2, 5, 10] and ensemble._sizes(50, None) == [1, 2, 5, 10, 25, 50]
+    assert ensemble._sizes(12, 3) == [1, 3] and ensemble._sizes(2, 5) == [1, 2]  # a fixed chunk: it and the loop
+
+
 def test_tuning_moves_no_stream_and_the_plan_says_what_it_measured():
     model, x = MODELS["rs1"]().eval(), torch.rand(4, 1, 28, 28)
     start = snapshot(model)
