@@ -103,7 +103,8 @@ def _recorded_data(loaded, root):
     from . import data
     sources = {(saved["dataset"], saved["data_root"]) for _, _, _, saved in loaded}
     if len(sources) > 1:
-        raise UsageError(f"the runs use different datasets: {sorted(sources, key=str)}; pass --dataset to test all on one")
+        raise UsageError(f"the runs use different datasets: {sorted(sources, key=str)}; pass --dataset to test all "
+                         "on one")
     (name, recorded_root), (run, _, _, saved) = sources.pop(), loaded[0]
     if name is None:
         raise UsageError(f"{run} was trained on data given in memory ({saved['dataset_name']!r}, sha256 "
@@ -125,8 +126,9 @@ def _test_data(args, loaded):
     found = ds.sha256()
     for run, _, _, saved in loaded:
         if list(ds.shape) != saved["input_shape"] or ds.num_classes > saved["num_classes"]:
-            raise UsageError(f"the data read from {ds.source} has inputs {list(ds.shape)} and {ds.num_classes} classes; "
-                             f"{run} takes inputs {saved['input_shape']} and predicts {saved['num_classes']} classes")
+            raise UsageError(f"the data read from {ds.source} has inputs {list(ds.shape)} and {ds.num_classes} "
+                             f"classes; {run} takes inputs {saved['input_shape']} and predicts "
+                             f"{saved['num_classes']} classes")
         recorded = saved.get("dataset_sha256")  # absent in runs saved before provenance was recorded
         if recorded is None or recorded == found:
             continue
@@ -176,9 +178,10 @@ def train(p):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a defense option, e.g. --set keep=0.7 "
                    "(see noisekernels.defenses.PRESETS); repeatable")
     p.add_argument("--model", help=f"architecture: one of {', '.join(models.ARCHITECTURES)} (default: the preset's), "
-                   "or your own class as path/to/file.py:ClassName or package.module:ClassName (importable), given "
-                   "[0, 1] inputs normalised for it and returning logits; its constructor gets the --model-option "
-                   f"values and, where its signature names them, {', '.join(models.user.FROM_DATA)} from the data")
+                   "or your own class as path/to/file.py:ClassName or package.module:ClassName (importable), taking "
+                   "inputs normalised by the training set's mean and std and returning logits; its constructor gets "
+                   f"the --model-option values and, where its signature names them, {', '.join(models.user.FROM_DATA)} "
+                   "from the data (defenses dropout, rsd1 and a2snn need a library architecture)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="architecture size or constructor "
                    "argument, e.g. --model-option widths=[16,32] or width=16; repeatable")
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.NAMES)} (default digits, bundled), "

@@ -238,8 +238,10 @@ def test_python_api_in_memory_data(runs, tmp_path, monkeypatch, capsys):
     other = arrays("float", seed=2)  # other data, named: tested on with a warning
     np.savez(tmp_path / "other.npz", **other)
     cli.main(["eval", run, "--n", "1", "--ns", "1", "--limit", "4", "--dataset", "other.npz"])
-    assert f"warning: the data read from {tmp_path / 'other.npz'} (sha256 {sha256_of(other)})" in capsys.readouterr().err
-    err = usage_error(["eval", run, "--n", "1", "--ns", "1", "--dataset", "digits"], capsys)  # data the model cannot take
+    warning = capsys.readouterr().err
+    assert f"warning: the data read from {tmp_path / 'other.npz'} (sha256 {sha256_of(other)})" in warning
+    # data the model cannot take: refused even when named
+    err = usage_error(["eval", run, "--n", "1", "--ns", "1", "--dataset", "digits"], capsys)
     assert f"has inputs [1, 8, 8] and 10 classes; {run} takes inputs [3, 8, 8] and predicts 3 classes" in err
 
 

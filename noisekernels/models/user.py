@@ -77,7 +77,8 @@ def _constructor(spec):
     if not callable(factory):
         found = sorted(k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)
                        and v.__module__ == module.__name__)
-        raise ValueError(f"model {spec!r}: {where} has no class or function {attr!r} (nn.Module classes there: {found})")
+        raise ValueError(f"model {spec!r}: {where} has no class or function {attr!r} (nn.Module classes there: "
+                         f"{found})")
     return factory
 
 
