@@ -83,15 +83,65 @@ def _setup(args):
         raise UsageError(f"--device {args.device}: no CUDA device is available")
 
 
+def _dataset_args(parser):
+    parser.add_argument("--dataset", help="test on this dataset instead of the one the runs recorded: a bundled name "
+                                          "or a .npz file (for data that moved, or runs trained on data in memory)")
+    parser.add_argument("--data-root", help="the directory of the dataset's files (mnist, fashion-mnist, cifar10), "
+                                            "instead of the recorded one")
+
+
 def _models_args(parser):
     parser.add_argument("runs", nargs="+", help="run directories of trained models (noisekernels train --run-dir)")
     parser.add_argument("--limit", type=_positive_int, help="evaluate on the first LIMIT test inputs (default: all)")
     parser.add_argument("--out", help="where results and plots go (default: the run directory, or the runs' "
                                       "common parent for several)")
+    _dataset_args(parser)
+
+
+def _recorded_data(loaded, root):
+    """The dataset the runs recorded (one for all), read from `root` where given."""
+    from . import data
+    sources = {(saved["dataset"], saved["data_root"]) for _, _, _, saved in loaded}
+    if len(sources) > 1:
+        raise UsageError(f"the runs use different datasets: {sorted(sources, key=str)}; pass --dataset to test all "
+                         "on one")
+    (name, recorded_root), (run, _, _, saved) = sources.pop(), loaded[0]
+    if name is None:
+        raise UsageError(f"{run} was trained on data given in memory ({saved['dataset_name']!r}, sha256 "
+                         f"{saved['dataset_sha256']}): pass the same data with --dataset PATH.npz, or a bundled name "
+                         "(with --data-root DIR for mnist, fashion-mnist, cifar10)")
+    try:
+        return data.load(name, recorded_root if root is None else root)
+    except data.DatasetError as e:
+        raise UsageError(f"{e}\n  (the data {run} was trained on; if it moved, pass --dataset PATH or --data-root DIR)")
+
+
+def _test_data(args, loaded):
+    """The runs' test data: the dataset they recorded, or the one --dataset / --data-root name,
+    checked against the SHA-256 each run recorded: a mismatch is refused, unless it is data the
+    user named explicitly (then a warning says so)."""
+    from . import data
+    explicit = args.dataset is not None or args.data_root is not None
+    ds = data.load(args.dataset, args.data_root) if args.dataset is not None else _recorded_data(loaded, args.data_root)
+    found = ds.sha256()
+    for run, _, _, saved in loaded:
+        if list(ds.shape) != saved["input_shape"] or ds.num_classes > saved["num_classes"]:
+            raise UsageError(f"the data read from {ds.source} has inputs {list(ds.shape)} and {ds.num_classes} "
+                             f"classes; {run} takes inputs {saved['input_shape']} and predicts "
+                             f"{saved['num_classes']} classes")
+        recorded = saved.get("dataset_sha256")  # absent in runs saved before provenance was recorded
+        if recorded is None or recorded == found:
+            continue
+        message = (f"the data read from {ds.source}{' in ' + ds.root if ds.root else ''} (sha256 {found}) is not "
+                   f"the data {run} was trained on ({saved['dataset_name']!r}, sha256 {recorded})")
+        if not explicit:
+            raise UsageError(f"{message}: the file changed or the run was trained on other data; pass --dataset / "
+                             "--data-root to test on it anyway")
+        print(f"warning: {message}; testing on it as --dataset / --data-root asked", file=sys.stderr)
+    return ds
 
 
 def _load_runs(args):
-    from . import data
     from .train import load_model
     loaded = []
     for run in args.runs:
@@ -100,11 +150,7 @@ def _load_runs(args):
         except FileNotFoundError as e:
             raise UsageError(str(e))
         loaded.append((run, model, preset, saved))
-    sets = {(s["dataset"], s["data_root"]) for _, _, _, s in loaded}
-    if len(sets) > 1:
-        raise UsageError(f"the runs use different datasets: {sorted(sets)}")
-    name, root = sets.pop()
-    ds = data.load(name, root)
+    ds = _test_data(args, loaded)
     x, y = ds.x_test, ds.y_test
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
@@ -131,10 +177,16 @@ def train(p):
     p.add_argument("--defense", default="standard", choices=defenses.NAMES, help="defense preset (default standard)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a defense option, e.g. --set keep=0.7 "
                    "(see noisekernels.defenses.PRESETS); repeatable")
-    p.add_argument("--model", choices=tuple(models.ARCHITECTURES), help="architecture (default: the preset's)")
-    p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="architecture size, e.g. "
-                   "--model-option widths=[16,32] or width=16; repeatable")
-    p.add_argument("--dataset", default="digits", choices=data.NAMES, help="default digits (bundled)")
+    p.add_argument("--model", help=f"architecture: one of {', '.join(models.ARCHITECTURES)} (default: the preset's), "
+                   "or your own class as path/to/file.py:ClassName or package.module:ClassName (importable), taking "
+                   "inputs normalised by the training set's mean and std and returning logits; its constructor gets "
+                   f"the --model-option values and, where its signature names them, {', '.join(models.user.FROM_DATA)} "
+                   "from the data (defenses dropout, rsd1 and a2snn need a library architecture)")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="architecture size or constructor "
+                   "argument, e.g. --model-option widths=[16,32] or width=16; repeatable")
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.NAMES)} (default digits, bundled), "
+                   "or a .npz file of arrays x_train, y_train, x_test, y_test (images (N, C, H, W) or (N, H, W), "
+                   "uint8 or float in [0, 1]; integer labels 0..K-1)")
     p.add_argument("--data-root", help="directory of the dataset's files (mnist, fashion-mnist, cifar10)")
     p.add_argument("--schedule", default="adam", choices=tuple(SCHEDULES), help="optimiser schedule (default adam)")
     p.add_argument("--epochs", type=int, help="default: the schedule's")
@@ -308,6 +360,7 @@ def bench(p):
                                  "(default: the repository root); runs: where bench.json goes")
     p.add_argument("--n", type=_positive_int, default=20, help="runs: draws (default 20)")
     p.add_argument("--batch", type=_positive_int, default=100, help="runs: inputs per batch (default 100)")
+    _dataset_args(p)
     _common(p, run_dir=False)
 
     def run(args):

@@ -5,13 +5,17 @@ mnist / fashion-mnist: IDX files (gzipped or not) in a directory the user names.
 cifar10: the python pickle batches (data_batch_1..5, test_batch) in a directory the user names,
 read by an unpickler that accepts only numpy arrays, lists, dicts, strings and numbers, so a
 file never executes code.
+A .npz file of your own (load("path/to/file.npz")): arrays x_train, y_train, x_test, y_test.
+Arrays in memory: from_arrays(x_train, y_train, x_test, y_test, name=...).
 """
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import os
 import pickle
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,11 +35,24 @@ class Dataset:
     num_classes: int
     mean: tuple  # per channel, of the training inputs (for the model's Normalize layer)
     std: tuple
+    source: Optional[str] = None  # what load() reads it from again: a bundled name or a .npz path (None: in memory)
+    root: Optional[str] = None  # load()'s root (mnist, fashion-mnist, cifar10), absolute
 
     @property
     def shape(self):
         """(C, H, W) of one input."""
         return tuple(self.x_train.shape[1:])
+
+    def sha256(self):
+        """Hex SHA-256 of the four tensors as the model sees them (dtype, shape and bytes of
+        x_train, y_train, x_test, y_test): the same data gives the same hash whatever file or
+        format it was read from."""
+        digest = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            array = np.ascontiguousarray(t.detach().cpu().numpy())
+            digest.update(f"{array.dtype} {array.shape};".encode())
+            digest.update(array)
+        return digest.hexdigest()
 
 
 class DatasetError(ValueError):
@@ -46,9 +63,89 @@ def _stats(x):
     return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp(min=1e-3).tolist())
 
 
-def _make(name, x_train, y_train, x_test, y_test, num_classes):
+_ACCEPTED_IMAGES = "images (N, C, H, W) or (N, H, W), uint8 0..255 or float in [0, 1]"
+
+
+def _images(x, what):
+    """x as float32 (N, C, H, W) in [0, 1]; anything else is a DatasetError naming `what`."""
+    x = torch.as_tensor(x)
+    if x.dim() not in (3, 4) or x.shape[0] == 0:
+        raise DatasetError(f"{what} has shape {tuple(x.shape)}; expected {_ACCEPTED_IMAGES}, at least one image")
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32).div_(255)
+    elif x.is_floating_point():
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            raise DatasetError(f"{what} holds {int(bad.sum())} NaN or infinite value(s); expected {_ACCEPTED_IMAGES}")
+        low, high = float(x.min()), float(x.max())
+        if low < 0 or high > 1:
+            raise DatasetError(f"{what} holds float values in [{low:g}, {high:g}], outside [0, 1]; expected "
+                               f"{_ACCEPTED_IMAGES} (scale them, e.g. x / 255)")
+        x = x.to(torch.float32)
+    else:
+        raise DatasetError(f"{what} has dtype {str(x.dtype).replace('torch.', '')}; expected {_ACCEPTED_IMAGES}")
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def _labels(y, n, what):
+    """y as int64 (N,) of n labels >= 0; anything else is a DatasetError naming `what`."""
+    y = torch.as_tensor(y)
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise DatasetError(f"{what} has dtype {str(y.dtype).replace('torch.', '')}; expected integer labels 0..K-1 "
+                           "(e.g. y.astype(np.int64))")
+    if y.dim() != 1 or len(y) != n:
+        raise DatasetError(f"{what} has shape {tuple(y.shape)}; expected ({n},): one integer label per image")
+    if len(y) and int(y.min()) < 0:
+        raise DatasetError(f"{what} holds the negative label {int(y.min())}; expected integer labels 0..K-1")
+    return y.to(torch.int64)
+
+
+def from_arrays(x_train, y_train, x_test, y_test, *, name="custom", num_classes=None):
+    """A Dataset from arrays or tensors (numpy or torch): images (N, C, H, W) or (N, H, W), uint8
+    0..255 or float in [0, 1]; labels integers 0..K-1. num_classes defaults to the largest label
+    + 1. mean and std (per channel, for the model's Normalize layer) come from x_train. Bad arrays
+    raise DatasetError naming the array; nothing is clamped or cast silently.
+
+        ds = data.from_arrays(x_train, y_train, x_test, y_test, name="my-digits")
+        model = Trainer(TrainConfig(defense="rs1"), "runs/mine", dataset=ds).fit()
+    """
+    x_train, x_test = _images(x_train, "x_train"), _images(x_test, "x_test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DatasetError(f"x_train images are {tuple(x_train.shape[1:])} (C, H, W) but x_test images are "
+                           f"{tuple(x_test.shape[1:])}: both splits need one shape")
+    y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
+    largest = int(max(y_train.max(), y_test.max())) if len(y_test) else int(y_train.max())
+    if num_classes is None:
+        num_classes = largest + 1
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= largest:
+        raise DatasetError(f"num_classes must be an int > the largest label {largest}, got {num_classes!r}")
     mean, std = _stats(x_train)
     return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std)
+
+
+_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def from_npz(path):
+    """A Dataset from a .npz file of arrays x_train, y_train, x_test, y_test (as from_arrays takes
+    them; np.savez(path, x_train=..., ...)); named after the file. Pickled arrays are refused."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"missing dataset file {path} (expected a .npz file with arrays {', '.join(_NPZ_ARRAYS)})")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in _NPZ_ARRAYS if k not in npz.files]
+            if missing:
+                raise DatasetError(f"{path}: missing array(s) {missing} (found {sorted(npz.files)}); expected "
+                                   f"arrays {', '.join(_NPZ_ARRAYS)}")
+            arrays = [npz[k] for k in _NPZ_ARRAYS]
+    except DatasetError:
+        raise
+    except Exception as e:  # not a zip, a pickled (object) array, a truncated member...
+        raise DatasetError(f"{path}: cannot be read as a .npz file of arrays {', '.join(_NPZ_ARRAYS)}: {e}")
+    try:
+        return from_arrays(*arrays, name=os.path.splitext(os.path.basename(path))[0])
+    except DatasetError as e:
+        raise DatasetError(f"{path}: {e}") from None
 
 
 def digits(test_fraction=0.25, seed=0):
@@ -64,7 +161,7 @@ def digits(test_fraction=0.25, seed=0):
     y = torch.tensor(bunch.target, dtype=torch.int64)
     i_train, i_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
                                        stratify=bunch.target)
-    return _make("digits", x[i_train], y[i_train], x[i_test], y[i_test], 10)
+    return from_arrays(x[i_train], y[i_train], x[i_test], y[i_test], name="digits", num_classes=10)
 
 
 # ----------------------------------------------------------------------------- IDX (MNIST family)
@@ -120,7 +217,7 @@ def mnist(root, name="mnist"):
     """MNIST (or Fashion-MNIST: the same IDX files) from directory `root`."""
     if not os.path.isdir(root):
         raise DatasetError(f"dataset directory {root!r} does not exist (expected the four IDX files of {name})")
-    return _make(name, *_idx_split(root, "train"), *_idx_split(root, "test"), 10)
+    return from_arrays(*_idx_split(root, "train"), *_idx_split(root, "test"), name=name, num_classes=10)
 
 
 def fashion_mnist(root):
@@ -177,20 +274,35 @@ def cifar10(root):
         x = torch.tensor(np.concatenate([p[0] for p in parts]), dtype=torch.float32).div_(255)
         return x, torch.tensor(np.concatenate([p[1] for p in parts]), dtype=torch.int64)
 
-    return _make("cifar10", *load(_CIFAR_TRAIN), *load(_CIFAR_TEST), 10)
+    return from_arrays(*load(_CIFAR_TRAIN), *load(_CIFAR_TEST), name="cifar10", num_classes=10)
+
+
+def is_file(name):
+    """Whether the dataset `name` is a .npz file rather than one of NAMES."""
+    return isinstance(name, str) and name.endswith(".npz")
 
 
 def load(name="digits", root=None):
-    """The dataset `name` (one of NAMES); mnist, fashion-mnist and cifar10 read from `root`."""
+    """The dataset `name`: one of NAMES (mnist, fashion-mnist and cifar10 read from directory
+    `root`) or the path of a .npz file (from_npz). The result's source and root say where it
+    came from (absolute paths), so a run can record them and read the same data again."""
+    if is_file(name):
+        if root is not None:
+            raise ValueError(f"dataset {name!r} is a .npz file: --data-root applies to {NAMES[1:]} only")
+        path = os.path.abspath(name)
+        return dataclasses.replace(from_npz(path), source=path)
     if name not in NAMES:
-        raise ValueError(f"dataset must be one of {NAMES}, got {name!r}")
+        raise ValueError(f"dataset must be one of {NAMES} or the path of a .npz file, got {name!r}")
     if name == "digits":
         if root is not None:
             raise ValueError("the digits dataset is bundled with scikit-learn: do not pass a data root")
-        return digits()
+        return dataclasses.replace(digits(), source=name)
     if root is None:
         raise ValueError(f"dataset {name!r} is read from local files: pass their directory (--data-root)")
-    return {"mnist": mnist, "fashion-mnist": fashion_mnist, "cifar10": cifar10}[name](root)
+    root = os.path.abspath(root)
+    ds = {"mnist": mnist, "fashion-mnist": fashion_mnist, "cifar10": cifar10}[name](root)
+    return dataclasses.replace(ds, source=name, root=root)
 
 
-__all__ = ["Dataset", "DatasetError", "NAMES", "cifar10", "digits", "fashion_mnist", "load", "mnist", "read_idx"]
+__all__ = ["Dataset", "DatasetError", "NAMES", "cifar10", "digits", "fashion_mnist", "from_arrays", "from_npz",
+           "is_file", "load", "mnist", "read_idx"]

@@ -49,6 +49,7 @@ class Preset:
     after_step: Optional[Callable] = None
     adversarial: bool = False
     distill: bool = False  # train a teacher at temperature T first, then the student on its soft labels
+    needs_net: str = ""  # what of the library's Net its placement uses, if any: a user's model is refused
 
 
 def _convs(model):
@@ -126,6 +127,9 @@ def _a2snn_after_step(model, opts):
 
 def _apply_gda(model, opts):
     if opts["brelu"]:
+        if not any(type(m) is nn.ReLU for m in model.modules()):
+            raise ValueError("option brelu replaces the model's nn.ReLU modules by BReLU, and the model has none "
+                             "(functional relu calls cannot be replaced)")
         to_brelu(model, opts["brelu"])
 
 
@@ -146,15 +150,17 @@ def _distill_loss(model, logits, y, opts, teacher_logits):
     return -(soft * torch.log_softmax(logits / t, dim=1)).sum(1).mean()
 
 
+_DENSE = ("puts dropout after the hidden dense layers, which it tells from the classifier by the library's "
+          "models' separate final nn.Linear (model.classifier)")
 PRESETS = {p.name: p for p in [
     Preset("standard", "no defense", "-", "mnist-cnn", {}, False),
     Preset("dropout", "dropout on the dense layers", "random-spiking.txt", "mnist-cnn", {"p": 0.5}, False,
-           apply=lambda model, opts: _add_dropout(model, opts["p"])),
+           apply=lambda model, opts: _add_dropout(model, opts["p"]), needs_net=_DENSE),
     # keep, not p: the probability a unit is kept (dropout's p is the probability it is dropped).
     Preset("rs1", "Random Spiking after conv1 (keep a unit with probability keep), MC at test",
            "random-spiking.txt 4.2", "mnist-cnn", {"keep": 0.8, "range": "batch"}, True, apply=_apply_rs),
     Preset("rsd1", "RS-1 + dropout on the dense layers", "random-spiking.txt 5", "mnist-cnn",
-           {"keep": 0.8, "range": "batch", "dropout": 0.5}, True, apply=_apply_rsd),
+           {"keep": 0.8, "range": "batch", "dropout": 0.5}, True, apply=_apply_rsd, needs_net=_DENSE),
     Preset("rse", "Gaussian noise on the input (init) and before every inner conv, on at test time",
            "random-self-ensemble.txt", "vgg", {"init_sigma": 0.2, "inner_sigma": 0.1}, True, apply=_apply_rse),
     Preset("pni", "learnable noise scale on weights (or activations), trained adversarially", "He et al. 2019 (PNI)",
@@ -163,7 +169,9 @@ PRESETS = {p.name: p for p in [
     Preset("a2snn", "anisotropic learned noise at the penultimate layer, CE - l1*ME - l2*WCA, unit rows",
            "a2snn-anisotropic-noise.txt (Table 7, F-MNIST)", "lenet++",
            {"lambda_me": 0.1, "lambda_wca": 0.5, "init_std": 1.0, "draw": "sample"}, True,
-           apply=_apply_a2snn, loss=_a2snn_loss, after_step=_a2snn_after_step),
+           apply=_apply_a2snn, loss=_a2snn_loss, after_step=_a2snn_after_step,
+           needs_net="puts its noise on the penultimate features and projects the classifier's rows, so it needs "
+                     "the separate penultimate slot and final nn.Linear (model.classifier) of the library's models"),
     Preset("gda", "Gaussian data augmentation (N noisy copies), optional BReLU(t)", "efficient-defenses-brelu-gda.txt",
            "mnist-cnn", {"copies": 10, "sigma": 0.3, "brelu": 0.0}, False, apply=_apply_gda, augment=_gda_augment),
     Preset("distill", "defensive distillation at temperature T", "Papernot et al. (T=100 random-spiking, 40 RSE)",
@@ -247,6 +255,10 @@ def build(name, dataset, *, model=None, model_options=None, options=None, seed=0
     come from `seed` (torch's global generator is left as it was)."""
     preset = get(name)
     opts = resolve_options(preset, options)
+    if preset.needs_net and zoo.is_user_spec(model):
+        raise ValueError(f"defense {name!r} cannot apply to your model {model}: it {preset.needs_net}. Use one of the "
+                         f"library's architectures {tuple(zoo.ARCHITECTURES)}, or a defense that acts on the input, "
+                         f"convs or weights ({', '.join(n for n, p in PRESETS.items() if not p.needs_net)})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = zoo.build(model or preset.model, dataset.shape, dataset.num_classes, dataset.mean, dataset.std,

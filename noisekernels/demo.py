@@ -47,7 +47,7 @@ QUICK = Settings(epochs=1, test_inputs=48, n=4, pgd_steps=2, eot=2, timing_n=4, 
 
 def run_demo(run_dir, *, quick=False, epochs=None, seed=0, device="cpu", progress=True):
     s = dataclasses.replace(QUICK if quick else Settings(), **({"epochs": epochs} if epochs else {}))
-    ds = data.digits()
+    ds = data.load("digits")  # recorded as the bundled digits, so eval finds them again
     x, y = ds.x_test[:s.test_inputs].to(device), ds.y_test[:s.test_inputs].to(device)
     print(f"noisekernels demo: {len(ds.y_train)} training and {len(x)} test digits (8x8), {s.epochs} epochs per model, "
           f"{torch.get_num_threads()} threads; runs in {run_dir}")

@@ -30,6 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import data as datasets
 from . import defenses, distributed
+from . import models as zoo
 from .attacks import PGD
 from .stream import Stream, for_rank
 
@@ -56,10 +57,14 @@ _RESUME_FREE = ("epochs", "progress", "compile")  # may change when a run is res
 @dataclasses.dataclass
 class TrainConfig:
     """What a run trains. None takes the preset's (model) or the schedule's (epochs, batch_size, lr,
-    weight_decay) value. options: the defense's options (defenses.PRESETS[...].options)."""
+    weight_decay) value. options: the defense's options (defenses.PRESETS[...].options).
+    dataset: a data.NAMES name (data_root its directory) or a .npz file; a Trainer given a
+    Dataset records that one's source instead (None: data in memory). model: a zoo architecture
+    or a class of your own ("path/to/file.py:ClassName", "package.module:ClassName"; models/user.py),
+    model_options its constructor's arguments. Paths are made absolute by resolved()."""
 
     defense: str = "standard"
-    dataset: str = "digits"
+    dataset: Optional[str] = "digits"
     data_root: Optional[str] = None
     model: Optional[str] = None
     model_options: dict = dataclasses.field(default_factory=dict)
@@ -82,8 +87,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
         preset = defenses.get(self.defense)
         sched = SCHEDULES[self.schedule]
+        model = self.model or preset.model
         cfg = dataclasses.replace(
-            self, model=self.model or preset.model,
+            self, model=zoo.user.absolute(model) if zoo.is_user_spec(model) else model,
+            dataset=os.path.abspath(self.dataset) if datasets.is_file(self.dataset) else self.dataset,
+            data_root=os.path.abspath(self.data_root) if self.data_root is not None else None,
             options=defenses.resolve_options(preset, self.options),
             epochs=sched["epochs"] if self.epochs is None else self.epochs,
             batch_size=sched["batch_size"] if self.batch_size is None else self.batch_size,
@@ -167,6 +175,9 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
         self.device = torch.device(cfg.device)
         self.data = dataset if dataset is not None else datasets.load(cfg.dataset, cfg.data_root)
+        if dataset is not None:  # record where the data given came from, not the config's default
+            self.config = cfg = dataclasses.replace(cfg, dataset=dataset.source, data_root=dataset.root)
+        self.data_sha256 = self.data.sha256()
         self.model, self.preset, self.options = defenses.build(
             cfg.defense, model_info(self.data), model=cfg.model, model_options=cfg.model_options,
             options=cfg.options, seed=cfg.seed)
@@ -209,7 +220,8 @@ class Trainer:
 
     def _config_json(self):
         return {**dataclasses.asdict(self.config), "input_shape": list(self.data.shape),
-                "num_classes": self.data.num_classes}
+                "num_classes": self.data.num_classes, "dataset_name": self.data.name,
+                "dataset_sha256": self.data_sha256}
 
     def _prepare_run_dir(self, resume):
         saved = os.path.join(self.run_dir, "config.json")
@@ -361,8 +373,23 @@ class Trainer:
 
 
 def load_model(run_dir, device="cpu"):
-    """(model, preset, config dict) of a finished or checkpointed run, in eval mode. Weights come
-    from safetensors; nothing is unpickled."""
+    """The trained model of a run directory, rebuilt from its config.json and loaded with the
+    weights of its last checkpoint, from any working directory.
+
+    Returns (model, preset, config): the model in eval mode on `device`, with the preset's noise in
+    place and on or off at test time as the paper evaluates it (its noise streams restored, so
+    the noise it draws is the run's own); the defenses.Preset; config.json as a dict (the
+    TrainConfig fields, input_shape, num_classes, and the data's provenance: dataset and
+    data_root (absolute; dataset None for data given in memory), dataset_name, dataset_sha256 as
+    data.Dataset.sha256() gives it). A model of your own (model "file.py:ClassName" or
+    "package.module:ClassName") is rebuilt from its file or module with the run's model_options,
+    so that file must still be there (or the module importable). Weights come from safetensors;
+    nothing is unpickled. Raises FileNotFoundError for a directory without config.json and
+    checkpoint/weights.safetensors, ValueError for a model that cannot be rebuilt.
+
+        model, preset, config = load_model("runs/rs1")
+        probs = noisekernels.ensemble.mc_predict(model, x, 100)  # MC mean over 100 noise draws
+    """
     path = os.path.join(run_dir, "config.json")
     weights = os.path.join(run_dir, "checkpoint", "weights.safetensors")
     if not os.path.isfile(path) or not os.path.isfile(weights):
