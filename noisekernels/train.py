@@ -176,11 +176,12 @@ def load_weights(model, path, device="cpu", expected="this model"):
     try:
         weights = load_file(path, device=str(device))
     except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({e})") from None
     own = model.state_dict()
     problems = [f"{what} keys {_few(keys)}" for what, keys in (
         ("missing", [k for k in own if k not in weights]), ("unexpected", [k for k in weights if k not in own]),
-        ("other shapes for", [k for k in own if k in weights and weights[k].shape != own[k].shape])) if keys]
+        ("other shapes for", [f"{k} ({list(weights[k].shape)}, the model's {list(own[k].shape)})" for k in own
+                              if k in weights and weights[k].shape != own[k].shape])) if keys]
     if problems:
         raise CheckpointError(f"{path} does not hold the weights of {expected}: {'; '.join(problems)}")
     model.load_state_dict(weights)
@@ -305,9 +306,9 @@ class Trainer:
 
     def _remove_uncommitted(self):
         """Removes the checkpoint directories other than the committed one (a kill's leftovers)."""
-        committed = os.readlink(self.checkpoint_dir) if has_checkpoint(self.run_dir) else None
+        committed = self._committed_dir() if has_checkpoint(self.run_dir) else None
         for name in os.listdir(self.run_dir):
-            if _CHECKPOINT_VERSION.fullmatch(name) and name != committed:
+            if _CHECKPOINT_VERSION.fullmatch(name) and os.path.join(self.run_dir, name) != committed:
                 shutil.rmtree(os.path.join(self.run_dir, name))
 
     def save_checkpoint(self):
@@ -335,23 +336,30 @@ class Trainer:
         _atomic(self.checkpoint_dir, lambda p: os.symlink(name, p))
         self._remove_uncommitted()
 
+    def _committed_dir(self):
+        """The directory the link `checkpoint` points to (read once: a commit meanwhile cannot mix epochs)."""
+        if not os.path.islink(self.checkpoint_dir):
+            raise CheckpointError(f"cannot resume {self.run_dir}: {self.checkpoint_dir} is not a link to a committed "
+                                  "checkpoint (a run of an older noisekernels?)")
+        return os.path.join(self.run_dir, os.readlink(self.checkpoint_dir))
+
     def load_checkpoint(self):
-        """Restores the committed checkpoint; its files are read from the directory the link points to
-        now, so a commit meanwhile cannot mix two epochs."""
-        directory = os.path.realpath(self.checkpoint_dir)
+        """Restores model, optimiser, scheduler, shuffling, streams, epoch and metrics from the committed
+        checkpoint."""
+        directory = self._committed_dir()
         paths = {file: os.path.join(directory, file) for file in CHECKPOINT_FILES}
-        for file, path in paths.items():
+        for path in paths.values():
             if not os.path.isfile(path):
-                raise CheckpointError(f"cannot resume {self.run_dir}: {os.path.join(self.checkpoint_dir, file)} "
-                                      f"is missing")
+                raise CheckpointError(f"cannot resume {self.run_dir}: {path} is missing")
         cfg = self.config
         load_weights(self.model, paths["weights.safetensors"], self.device,
                      f"{self.run_dir} ({cfg.defense} preset, model {cfg.model})")
         path = paths["state.pt"]
         try:
             state = torch.load(path, weights_only=True, map_location=self.device)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{path} is not a readable torch.save file ({e})") from None
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # their own messages mislead
+            raise CheckpointError(f"{path} is truncated or not a torch.save file (torch.load raised "
+                                  f"{type(e).__name__})") from None
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -363,7 +371,8 @@ class Trainer:
         with open(paths["metrics.jsonl"]) as f:
             self.metrics = f.readlines()
         if len(self.metrics) != self.epoch:
-            raise CheckpointError(f"{paths['metrics.jsonl']} holds {len(self.metrics)} lines for {self.epoch} epochs")
+            raise CheckpointError(f"{paths['metrics.jsonl']} holds {len(self.metrics)} lines, its checkpoint is of "
+                                  f"epoch {self.epoch}")
 
     # ------------------------------------------------------------------ training
 
@@ -485,7 +494,8 @@ def load_model(run_dir, device="cpu"):
     model, preset, _ = defenses.build(saved["defense"], info, model=saved["model"],
                                       model_options=saved["model_options"], options=saved["options"],
                                       seed=saved["seed"])
-    load_weights(model, weights, device, f"{run_dir} ({saved['defense']} preset, model {saved['model']} in its config.json)")
+    load_weights(model, weights, device,
+                 f"{run_dir} ({saved['defense']} preset, model {saved['model']} in its config.json)")
     return model.to(device).eval(), preset, saved
 
 
