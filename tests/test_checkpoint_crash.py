@@ -48,7 +48,7 @@ CONFIG = TrainConfig(defense="rs1", model="mnist-cnn", model_options=TINY, epoch
 
 
 def inject(monkeypatch, kill_before=None):
-    """Logs the file operations train.py calls as (name, the file name of the first path argument);
+    """Logs the file operations train.py calls as (name, basename of the first string argument);
     the kill_before-th (from 0) raises Killed instead."""
     log = []
     for module, name in FILE_OPS:
