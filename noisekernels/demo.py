@@ -14,7 +14,7 @@ import time
 import torch
 
 from . import data, evaluate
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, has_checkpoint
 
 SMALL_CNN = {"widths": (16, 32), "dense": 128}
 # (label, defense, architecture, its sizes, defense options). Architectures are the papers' (the
@@ -56,7 +56,8 @@ def run_demo(run_dir, *, quick=False, epochs=None, seed=0, device="cpu", progres
         config = TrainConfig(defense=defense, model=arch, model_options=sizes, options=options, epochs=s.epochs,
                              seed=seed, device=device, progress=progress and not quick)
         t0 = time.perf_counter()
-        trainer = Trainer(config, os.path.join(run_dir, label), dataset=ds, resume=True)
+        run = os.path.join(run_dir, label)
+        trainer = Trainer(config, run, dataset=ds, resume=has_checkpoint(run))
         reused = trainer.epoch >= s.epochs
         trained[label] = (trainer.fit(), trainer.preset)
         print(f"  {label}: {'reused the trained model' if reused else f'trained in {time.perf_counter() - t0:.1f} s'}")

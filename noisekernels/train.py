@@ -7,7 +7,14 @@ a JSON-lines metrics log, and a checkpoint every epoch that resumes bit for bit.
 A run directory holds config.json, metrics.jsonl and checkpoint/ (weights.safetensors: the model's
 state_dict, noise streams included; state.pt: optimiser, scheduler, epoch, the shuffling
 generator and the driver's own streams, loaded with torch.load(weights_only=True), so loading
-never executes code). Shuffling uses a torch.Generator the trainer owns, never the global RNG.
+never executes code; metrics.jsonl: one line per epoch so far). Shuffling uses a torch.Generator
+the trainer owns, never the global RNG.
+
+A checkpoint is one commit: each epoch's files go into a new directory checkpoint-<epoch>, flushed
+to disk, and one atomic replace of the symlink `checkpoint` switches to it (run_dir/metrics.jsonl
+is a fixed link into it). A kill at any instant leaves the previous epoch's checkpoint or the new
+one, never a mix, and resuming removes what the kill left behind. Missing, truncated or foreign
+files raise CheckpointError naming the file.
 
 Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
 GPU) over a DistributedSampler; each rank's noise streams are its own (for_rank, applied after
@@ -19,11 +26,15 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
+import re
+import shutil
 import time
 import types
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
@@ -52,6 +63,13 @@ SCHEDULES = {
                         milestones=(), gamma=1.0),
 }
 _RESUME_FREE = ("epochs", "progress", "compile")  # may change when a run is resumed
+CHECKPOINT_FILES = ("weights.safetensors", "state.pt", "metrics.jsonl")
+_CHECKPOINT_VERSION = re.compile(r"checkpoint-\d+")  # committed, or left behind by a kill
+
+
+class CheckpointError(ValueError):
+    """A run's checkpoint is missing, incomplete, unreadable or of another run (the CLI prints it as
+    a usage error)."""
 
 
 @dataclasses.dataclass
@@ -156,10 +174,57 @@ def save_weights(model, path, base_seeds=None):
     save_file(state, path)
 
 
+def _few(keys):
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def load_weights(model, path, device="cpu", expected="this model"):
+    """Loads the safetensors state_dict at path into model; a file that is unreadable or holds
+    another model's weights raises CheckpointError naming it (expected: what it should match)."""
+    try:
+        weights = load_file(path, device=str(device))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({e})") from None
+    own = model.state_dict()
+    problems = [f"{what} keys {_few(keys)}" for what, keys in (
+        ("missing", [k for k in own if k not in weights]), ("unexpected", [k for k in weights if k not in own]),
+        ("other shapes for", [f"{k} ({list(weights[k].shape)}, the model's {list(own[k].shape)})" for k in own
+                              if k in weights and weights[k].shape != own[k].shape])) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not hold the weights of {expected}: {'; '.join(problems)}")
+    model.load_state_dict(weights)
+
+
+def _fsync(path):
+    """Flushes a file's or directory's contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path, write):
+    """Replaces path by what write(tmp) creates (a file or a symlink) with one rename, flushed to
+    disk: a kill leaves the old path or the new one, never a half-written one."""
     tmp = path + ".tmp"
+    if os.path.lexists(tmp):  # a killed replace's
+        os.remove(tmp)
     write(tmp)
+    if not os.path.islink(tmp):  # a link is all in its directory entry, flushed below
+        _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def has_checkpoint(run_dir):
+    """Whether run_dir holds a committed checkpoint (a run to resume)."""
+    return os.path.lexists(os.path.join(run_dir, "checkpoint"))
 
 
 class Trainer:
@@ -194,6 +259,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(sched["milestones"]), sched["gamma"])
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
+        self.metrics = []  # metrics.jsonl's lines, committed with each checkpoint
         self.teacher = None
         self._prepare_run_dir(resume)
         # Base seeds (what checkpoints hold); each rank then draws from its own streams.
@@ -225,27 +291,47 @@ class Trainer:
 
     def _prepare_run_dir(self, resume):
         saved = os.path.join(self.run_dir, "config.json")
-        has_checkpoint = os.path.exists(os.path.join(self.checkpoint_dir, "state.pt"))
-        if has_checkpoint and not resume:
+        if has_checkpoint(self.run_dir) and not resume:
             raise FileExistsError(f"{self.run_dir} already holds a run: resume it or choose another run directory")
-        if has_checkpoint:
-            with open(saved) as f:
-                old = json.load(f)
+        if resume:
+            if not has_checkpoint(self.run_dir):
+                raise CheckpointError(f"cannot resume {self.run_dir}: nothing to resume ({self.checkpoint_dir} is "
+                                      "missing: no epoch was committed)")
+            if not os.path.isfile(saved):
+                raise CheckpointError(f"cannot resume {self.run_dir}: {saved} is missing")
+            try:
+                with open(saved) as f:
+                    old = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{saved} is not a JSON file ({e})") from None
             new = json.loads(json.dumps(self._config_json()))
             diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
             if diff:
                 raise ValueError(f"cannot resume {self.run_dir}: its run differs in {diff}")
             self.load_checkpoint()
         if self.rank == 0:
-            os.makedirs(self.checkpoint_dir, exist_ok=True)
-            with open(saved, "w") as f:
-                json.dump(self._config_json(), f, indent=1)
+            os.makedirs(self.run_dir, exist_ok=True)
+            self._remove_uncommitted()
+            _atomic(saved, lambda p: _write_json(p, self._config_json()))
+            _atomic(os.path.join(self.run_dir, "metrics.jsonl"),
+                    lambda p: os.symlink(os.path.join("checkpoint", "metrics.jsonl"), p))
+
+    def _remove_uncommitted(self):
+        """Removes the checkpoint directories other than the committed one (a kill's leftovers)."""
+        committed = self._committed_dir() if has_checkpoint(self.run_dir) else None
+        for name in os.listdir(self.run_dir):
+            if _CHECKPOINT_VERSION.fullmatch(name) and os.path.join(self.run_dir, name) != committed:
+                shutil.rmtree(os.path.join(self.run_dir, name))
 
     def save_checkpoint(self):
+        """Commits this epoch: weights, state and the metrics so far go into a new directory,
+        flushed to disk, then one atomic replace of the link `checkpoint` switches to it."""
         if self.rank != 0:
             return
-        _atomic(os.path.join(self.checkpoint_dir, "weights.safetensors"),
-                lambda p: save_weights(self.model, p, self.base_seeds))
+        name = f"checkpoint-{self.epoch}"
+        directory = os.path.join(self.run_dir, name)
+        os.makedirs(directory)
+        save_weights(self.model, os.path.join(directory, "weights.safetensors"), self.base_seeds)
         base_streams = {k: v.clone() for k, v in self.streams.state_dict().items()}
         if self.world > 1:  # the driver streams' base seeds, as for the model
             base = _DriverStreams(self.config.seed).state_dict()
@@ -253,17 +339,52 @@ class Trainer:
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
                  "streams": base_streams}
-        _atomic(os.path.join(self.checkpoint_dir, "state.pt"), lambda p: torch.save(state, p))
+        torch.save(state, os.path.join(directory, "state.pt"))
+        with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
+            f.writelines(self.metrics)
+        for file in CHECKPOINT_FILES:
+            _fsync(os.path.join(directory, file))
+        _fsync(directory)
+        _atomic(self.checkpoint_dir, lambda p: os.symlink(name, p))
+        self._remove_uncommitted()
+
+    def _committed_dir(self):
+        """The directory the link `checkpoint` points to (read once: a commit meanwhile cannot mix epochs)."""
+        if not os.path.islink(self.checkpoint_dir):
+            raise CheckpointError(f"cannot resume {self.run_dir}: {self.checkpoint_dir} is not a link to a committed "
+                                  "checkpoint (a run of an older noisekernels?)")
+        return os.path.join(self.run_dir, os.readlink(self.checkpoint_dir))
 
     def load_checkpoint(self):
-        weights = load_file(os.path.join(self.checkpoint_dir, "weights.safetensors"), device=str(self.device))
-        self.model.load_state_dict(weights)
-        state = torch.load(os.path.join(self.checkpoint_dir, "state.pt"), weights_only=True, map_location=self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"].cpu())
-        self.streams.load_state_dict(state["streams"])
-        self.epoch = state["epoch"]
+        """Restores model, optimiser, scheduler, shuffling, streams, epoch and metrics from the committed
+        checkpoint."""
+        directory = self._committed_dir()
+        paths = {file: os.path.join(directory, file) for file in CHECKPOINT_FILES}
+        for path in paths.values():
+            if not os.path.isfile(path):
+                raise CheckpointError(f"cannot resume {self.run_dir}: {path} is missing")
+        cfg = self.config
+        load_weights(self.model, paths["weights.safetensors"], self.device,
+                     f"{self.run_dir} ({cfg.defense} preset, model {cfg.model})")
+        path = paths["state.pt"]
+        try:
+            state = torch.load(path, weights_only=True, map_location=self.device)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # their own messages mislead
+            raise CheckpointError(f"{path} is truncated or not a torch.save file (torch.load raised "
+                                  f"{type(e).__name__})") from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["generator"].cpu())
+            self.streams.load_state_dict(state["streams"])
+            self.epoch = state["epoch"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} does not hold this run's training state ({type(e).__name__}: {e})") from None
+        with open(paths["metrics.jsonl"]) as f:
+            self.metrics = f.readlines()
+        if len(self.metrics) != self.epoch:
+            raise CheckpointError(f"{paths['metrics.jsonl']} holds {len(self.metrics)} lines, its checkpoint is of "
+                                  f"epoch {self.epoch}")
 
     # ------------------------------------------------------------------ training
 
@@ -354,10 +475,8 @@ class Trainer:
             record = {"epoch": self.epoch, "loss": float(loss_sum) / rows, "train_acc": int(correct) / rows,
                       "test_acc": self.test_accuracy(), "samples_per_s": rows * self.world / elapsed,
                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": elapsed}
+            self.metrics.append(json.dumps(record) + "\n")
             self.save_checkpoint()
-            if self.rank == 0:
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
         self.model.eval()
         return self.model
 
@@ -365,7 +484,7 @@ class Trainer:
         """Defensive distillation's teacher: the same architecture trained at temperature T on the
         labels, in run_dir/teacher (resumable like any run)."""
         teacher = Trainer(self.config, os.path.join(self.run_dir, "teacher"), dataset=self.data, _teacher_of=self,
-                          resume=os.path.exists(os.path.join(self.run_dir, "teacher", "checkpoint", "state.pt")))
+                          resume=has_checkpoint(os.path.join(self.run_dir, "teacher")))
         model = teacher.fit()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -402,7 +521,8 @@ def load_model(run_dir, device="cpu"):
     model, preset, _ = defenses.build(saved["defense"], info, model=saved["model"],
                                       model_options=saved["model_options"], options=saved["options"],
                                       seed=saved["seed"])
-    model.load_state_dict(load_file(weights, device=device))
+    load_weights(model, weights, device,
+                 f"{run_dir} ({saved['defense']} preset, model {saved['model']} in its config.json)")
     return model.to(device).eval(), preset, saved
 
 
@@ -417,4 +537,5 @@ def train_replicas(config, run_dir, k, **kwargs):
                     **kwargs).fit() for i in range(k)]
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "Trainer", "load_model", "save_weights", "train_replicas", "world"]
+__all__ = ["CheckpointError", "SCHEDULES", "TrainConfig", "Trainer", "has_checkpoint", "load_model", "load_weights",
+           "save_weights", "train_replicas", "world"]

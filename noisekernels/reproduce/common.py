@@ -88,7 +88,7 @@ class Context:
                 run_dir += f"-{variant[0]}-{os.getpid()}-{time.time_ns()}"
             start = time.perf_counter()
             trainer = train.Trainer(config, run_dir, dataset=self.half(seed) if half else self.data,
-                                    resume=os.path.exists(os.path.join(run_dir, "checkpoint", "state.pt")))
+                                    resume=train.has_checkpoint(run_dir))
             if variant is not None:
                 variant[1](trainer.model)
             model_ = trainer.fit().eval()
