@@ -538,4 +538,4 @@ def train_replicas(config, run_dir, k, **kwargs):
 
 
 __all__ = ["CheckpointError", "SCHEDULES", "TrainConfig", "Trainer", "has_checkpoint", "load_model", "load_weights",
-           "save_weights", "train_replicas", "world"]
+           "save_weights", "train_replicas"]
