@@ -19,7 +19,7 @@ import scipy
 import torch
 
 from . import attacks as attack_module
-from . import ensemble, metrics
+from . import distributed, ensemble, metrics
 from .attacks.base import JUDGE_N
 
 # Attacks built from a model and options alone (MultiSurrogate needs surrogate models).
@@ -229,7 +229,6 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=JUDGE_N, se
     result is the same for any number of processes. options may give alpha as a fraction of eps
     (alpha_ratio). keep_adversarial: keep the adversarial examples (examples[eps]["x_adv"]).
     progress: a progress bar (on a terminal only)."""
-    from . import distributed
     options, ratio = _attack_options(name, options, judge_n)
     eps_list = list(eps_list)
     if not eps_list:
@@ -248,7 +247,9 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=JUDGE_N, se
                 row = {"index": torch.arange(start, stop), "label": yb, "clean_prediction": clean,
                        "adversarial_prediction": predicted[eps], "success": predicted[eps] != yb,
                        "linf": distance.abs().amax(1), "l2": distance.norm(dim=1)}
-                rows[eps].append({k: v.cpu() for k, v in {**row, **({"x_adv": x_adv} if keep_adversarial else {})}.items()})
+                if keep_adversarial:
+                    row["x_adv"] = x_adv
+                rows[eps].append({k: v.cpu() for k, v in row.items()})
             bar.update(1)
     empty = _empty_table(x, y, keep_adversarial)
     examples = {eps: distributed.gather({k: torch.cat([r[k] for r in parts]) for k in empty} if parts else empty)

@@ -17,7 +17,7 @@ from scipy import stats
 
 from attack_models import make_data, trained
 from noisekernels import certify as smoothing
-from noisekernels import cli, data, evaluate, metrics
+from noisekernels import cli, data, distributed, evaluate, metrics
 from noisekernels.attacks import PGD
 from noisekernels.attacks.base import JUDGE_N
 from noisekernels.demo import Settings
@@ -101,7 +101,6 @@ def test_robust_accuracy_records_every_example():
     assert result.clean.count == int(clean_ok.sum()) and result.robust[0.1] >= result.robust[0.3]
     assert set(result.seconds) == {"attack", "judging"} and all(s > 0 for s in result.seconds.values())
     # the records are the attack's: batch 1 redone by hand gives the same adversarial examples
-    from noisekernels import distributed
     with distributed.reseeded(model, 4, 1):
         attack = PGD(model, eps=0.1, alpha=0.025, steps=3, eot=2, judge_n=8, seed=distributed.batch_seed(4, 1))
         attack.predict(x[8:16])  # the clean judgement comes first
