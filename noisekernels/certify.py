@@ -5,14 +5,14 @@ predict: counts of n noisy samples; the top class unless a two-sided binomial te
 against the runner-up's (p = 0.5) has a p-value above alpha, in which case it abstains.
 certify: the top class of n0 samples is the guess cA; n new samples give pA's one-sided
 (1 - alpha) Clopper-Pearson lower bound; below 0.5 it abstains, else the certified L2 radius is
-sigma * Phi^-1(pA). Noise is never clipped (smoothing does not clip).
+sigma * Phi^-1(pA). Noise is never clipped (smoothing does not clip). A sample whose logits are all
+NaN votes for no class (metrics.vote_counts): it counts against pA, never for a class, so a model
+that only returns NaN abstains everywhere.
 
 Each chunk of samples is one fused pass: noise_add writes m noisy replicas of the B inputs
 (replica-major) from the stream, the base classifier runs once on the m*B rows, and replica_reduce
 counts the votes on the device; only the final (B, C) counts reach the host for the tests.
 """
-
-import math
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from scipy import stats
 
 from . import distributed, ensemble
 from .functional import noise_add
+from .metrics import Proportion, vote_counts
 from .ops.noise_add import check_scale_value
-from .ops.replica_reduce import replica_reduce
 from .replicas import replicas
 from .stream import Stream
 
@@ -51,31 +51,33 @@ def _stream(stream, device):
 @torch.no_grad()
 def sample_counts(model, x, sigma, n, stream, *, batch_size=1000):
     """(B, C) int64 counts of the base classifier's predictions on n samples x + N(0, sigma^2 I)
-    per input. batch_size: noisy rows per pass (m = batch_size // B replicas, at least 1)."""
+    per input (a sample with all-NaN logits counts for no class, so a row may sum to less than n).
+    batch_size: noisy rows per pass (m = batch_size // B replicas, at least 1)."""
     sigma = check_scale_value(sigma, "sigma")
     _check_int(n, "n")
     _check_int(batch_size, "batch_size")
     ensemble._check_batch_statistics(model)
-    per_pass = max(1, batch_size // x.shape[0])
+    per_pass = max(1, batch_size // x.shape[0]) if x.shape[0] else n  # no inputs: one empty pass, for C
     counts = None
     for start in range(0, n, per_pass):
         m = min(per_pass, n - start)
         noisy = noise_add(x, sigma, stream=stream, replicas=m)
         with replicas(m):
             logits = model(noisy)
-        votes = replica_reduce(logits.reshape(m, x.shape[0], -1), "vote").long()
+        votes = vote_counts(logits.reshape(m, x.shape[0], logits.shape[-1]))
         counts = votes if counts is None else counts + votes
     return counts
 
 
 def predict_from_counts(counts, alpha):
-    """Cohen et al.'s PREDICT from (B, C) counts: the top class, or ABSTAIN."""
+    """Cohen et al.'s PREDICT from (B, C) counts: the top class, or ABSTAIN (always where no
+    sample voted). With one class the runner-up's count is 0."""
     alpha = _check_alpha(alpha)
     c = counts.cpu()
-    top2 = c.topk(2, dim=1)
+    top2 = torch.nn.functional.pad(c, (0, max(0, 2 - c.shape[1]))).topk(2, dim=1)
     out = []
     for (n1, n2), (c1, _) in zip(top2.values.tolist(), top2.indices.tolist()):
-        out.append(ABSTAIN if stats.binomtest(n1, n1 + n2, 0.5).pvalue > alpha else c1)
+        out.append(ABSTAIN if n1 == 0 or stats.binomtest(n1, n1 + n2, 0.5).pvalue > alpha else c1)
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -86,13 +88,14 @@ def lower_confidence_bound(n_a, n, alpha):
     return np.where(n_a == 0, 0.0, bound)
 
 
-def certify_from_counts(counts0, counts, sigma, alpha):
-    """Cohen et al.'s CERTIFY from the selection counts (n0 samples) and the estimation counts (n):
-    (prediction, radius), the prediction ABSTAIN with radius 0 where pA's bound is below 0.5."""
+def certify_from_counts(counts0, counts, sigma, alpha, *, n=None):
+    """Cohen et al.'s CERTIFY from the selection counts (n0 samples) and the estimation counts of
+    n samples per input (default: each row's sum, right when every sample voted): (prediction,
+    radius), the prediction ABSTAIN with radius 0 where pA's bound is below 0.5."""
     alpha = _check_alpha(alpha)
     guess = counts0.cpu().argmax(1)
     c = counts.cpu()
-    n = int(c[0].sum())
+    n = c.sum(1).numpy() if n is None else _check_int(n, "n")
     p_a = lower_confidence_bound(c.gather(1, guess[:, None]).squeeze(1).numpy(), n, alpha)
     certified = p_a >= 0.5
     radius = np.where(certified, sigma * stats.norm.ppf(np.clip(p_a, 0.5, None)), 0.0)
@@ -118,57 +121,77 @@ def certify(model, x, sigma, n0, n, alpha, *, batch_size=1000, stream=None):
     stream = _stream(stream, x.device)
     counts0 = sample_counts(model, x, sigma, n0, stream, batch_size=batch_size)
     counts = sample_counts(model, x, sigma, n, stream, batch_size=batch_size)
-    return certify_from_counts(counts0, counts, sigma, alpha)
+    return certify_from_counts(counts0, counts, sigma, alpha, n=n)
 
 
 def certify_dataset(model, x, y, sigma, n0, n, alpha, *, inputs_per_batch=1, batch_size=1000, seed=0,
-                    rank=None, world=None):
-    """certify over this rank's batches of (x, y): per-example index, label, prediction, radius and
-    correct (prediction == label). Each batch draws from streams derived from (seed, batch
-    index), so gather() of any number of ranks equals one process with the same arguments."""
+                    rank=None, world=None, progress=False):
+    """certify over this rank's batches of (x, y): per-example index, label, prediction, radius,
+    correct (prediction == label) and samples (the n0 + n drawn). Each batch draws from streams
+    derived from (seed, batch index), so gather() of any number of ranks equals one process with
+    the same arguments. progress: a progress bar (on a terminal only)."""
+    from .evaluate import progress_bar
     if y.shape[:1] != x.shape[:1]:
         raise ValueError(f"y must have x's batch size {x.shape[0]}, got shape {tuple(y.shape)}")
     rows = {"index": [], "label": [], "prediction": [], "radius": []}
-    for b, start, stop in distributed.shard(x.shape[0], _check_int(inputs_per_batch, "inputs_per_batch"), rank, world):
-        with distributed.reseeded(model, seed, b):
-            stream = Stream(distributed.batch_seed(seed, b)).to(x.device)
-            pred, radius = certify(model, x[start:stop], sigma, n0, n, alpha, batch_size=batch_size, stream=stream)
-        rows["index"].append(torch.arange(start, stop))
-        rows["label"].append(y[start:stop].cpu())
-        rows["prediction"].append(pred)
-        rows["radius"].append(radius)
+    batches = distributed.shard(x.shape[0], _check_int(inputs_per_batch, "inputs_per_batch"), rank, world)
+    with progress_bar(len(batches), "certify", progress) as bar:
+        for b, start, stop in batches:
+            with distributed.reseeded(model, seed, b):
+                stream = Stream(distributed.batch_seed(seed, b)).to(x.device)
+                pred, radius = certify(model, x[start:stop], sigma, n0, n, alpha, batch_size=batch_size, stream=stream)
+            rows["index"].append(torch.arange(start, stop))
+            rows["label"].append(y[start:stop].cpu())
+            rows["prediction"].append(pred)
+            rows["radius"].append(radius)
+            bar.update(1)
     if not rows["index"]:
-        return {"index": torch.zeros(0, dtype=torch.long), "label": y[:0].cpu(), "prediction": torch.zeros(0, dtype=torch.long),
-                "radius": torch.zeros(0, dtype=torch.float64), "correct": torch.zeros(0, dtype=torch.bool)}
-    out = {k: torch.cat(v) for k, v in rows.items()}
+        out = {"index": torch.zeros(0, dtype=torch.long), "label": y[:0].cpu(), "prediction": torch.zeros(0, dtype=torch.long),
+               "radius": torch.zeros(0, dtype=torch.float64)}
+    else:
+        out = {k: torch.cat(v) for k, v in rows.items()}
     out["correct"] = out["prediction"] == out["label"]
+    out["samples"] = torch.full_like(out["index"], n0 + n)
     return out
 
 
 def certified_accuracy(results, radii):
-    """For each r of radii, the fraction of examples certified correct with radius >= r."""
+    """For each r of radii, the metrics.Proportion of examples certified correct with radius >= r."""
     ok = results["correct"]
-    return [float((ok & (results["radius"] >= r)).double().mean()) if len(ok) else math.nan for r in radii]
+    return [Proportion(int((ok & (results["radius"] >= r)).sum()), len(ok)) for r in radii]
 
 
-def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label=None):
-    """Saves the certified-accuracy-against-radius curve (Cohen et al.'s figure) to path."""
+def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label=None,
+                            title="certified accuracy against L2 radius", settings=None):
+    """Saves the certified-accuracy-against-radius curve (Cohen et al.'s figure) to path: exact
+    steps at the examples' radii, down to 0 past the largest, with the 95% Clopper-Pearson band;
+    titled with the settings (a dict or a string)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = float(results["radius"].max()) if max_radius is None else float(max_radius)
-    radii = np.linspace(0.0, max(top, 1e-3), points)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(radii, certified_accuracy(results, radii), label=label)
+    from .evaluate import titled
+
+    radius = results["radius"].double()
+    top = float(radius.max()) if max_radius is None and len(radius) else float(max_radius or 0.0)
+    grid = np.linspace(0.0, max(1.1 * top, 0.1), points)
+    radii = np.unique(np.concatenate([grid, radius[(radius > 0) & (radius <= grid[-1])].numpy()]))
+    accuracy = certified_accuracy(results, radii)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # a value at r holds on (previous r, r]: the accuracy counts the radii >= r
+    ax.plot(radii, accuracy, drawstyle="steps-pre", label=label)
+    low, high = zip(*(a.interval() for a in accuracy))
+    ax.fill_between(radii, low, high, step="pre", alpha=0.2, linewidth=0, label="95% Clopper-Pearson")
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    if label is not None:
-        ax.legend()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(0, radii[-1])
+    ax.grid(alpha=0.3)
+    titled(ax, title, settings)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100, metadata={"Title": title, "Description": str(settings or "")})
     plt.close(fig)
     return path
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 COMMANDS = {}
 
@@ -221,50 +222,101 @@ def train(p):
     return run
 
 
-# ----------------------------------------------------------------------------- eval
+# ----------------------------------------------------------------------------- eval, attack, certify
+
+def _progress_args(parser):
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (drawn on a terminal only) and no line per finished stage (stderr)")
+
+
+def _names(loaded):
+    """The runs' names (their directories' names), which key the results: refused where two share one."""
+    names = [_label(run) for run, _, _, _ in loaded]
+    for name in names:
+        if names.count(name) > 1:
+            same = [run for run, _, _, _ in loaded if _label(run) == name]
+            raise UsageError(f"runs {same} share the name {name!r}, which keys their results: give them distinct names")
+    return names
+
+
+def _settings(args, x, **extra):
+    """What every results file records of the command line, beside its own settings."""
+    import torch
+    return {**extra, "seed": args.seed, "inputs": len(x), "limit": args.limit, "device": args.device,
+            "threads": torch.get_num_threads()}
+
+
+def _report(path, settings, runs):
+    from . import evaluate
+    evaluate.write_json(path, {"settings": settings, "versions": evaluate.versions(), "runs": runs})
+
+
+def _ns_up_to(n):
+    """1, 2, 5, 10, 20, 50, ... below n, and n: the default points of the accuracy-against-n plot."""
+    steps = [m * 10 ** e for e in range(len(str(n))) for m in (1, 2, 5)]
+    return [v for v in steps if v < n] + [n]
+
 
 @command("clean accuracy of trained models: noise off, one pass, MC mean and vote over n; accuracy against n")
 def eval_(p):
     _models_args(p)
     p.add_argument("--n", type=_positive_int, default=10, help="MC passes (default 10)")
-    p.add_argument("--ns", type=_positive_int, nargs="+", default=[1, 2, 5, 10, 20, 50],
-                   help="n values of the accuracy-against-n plot")
+    p.add_argument("--ns", type=_positive_int, nargs="+",
+                   help="n values of the accuracy-against-n plot, --n always among them (default: 1, 2, 5, 10, "
+                        "20, 50, ... below --n)")
+    _progress_args(p)
     _common(p, run_dir=False)
 
     def run(args):
         from . import evaluate
         _setup(args)
         loaded, x, y, out = _load_runs(args)
+        progress = not args.no_progress
+        ns = sorted(set(args.ns or _ns_up_to(args.n)) - {args.n})
         results, curves, rows = {}, {}, []
-        for run_dir, model, preset, _ in loaded:
-            clean = evaluate.clean_accuracy(model, x, y, args.n)
-            curves[_label(run_dir)] = evaluate.accuracy_vs_n(model, x, y, args.ns)
-            results[run_dir] = {"defense": preset.name, "n": args.n, **clean, "accuracy_vs_n": curves[_label(run_dir)]}
-            rows.append([_label(run_dir), preset.name] + [_pct(clean[k]) for k in ("noise_off", "single", "mean", "vote")])
+        for name, (run_dir, model, preset, _) in zip(_names(loaded), loaded):
+            start = time.perf_counter()
+            with evaluate.progress_bar(4 + len(ns), f"eval {name}", progress) as bar:
+                clean = evaluate.clean_accuracy(model, x, y, args.n, progress=bar)
+                # the point at --n is the table's MC mean
+                curves[name] = {**evaluate.accuracy_vs_n(model, x, y, ns, progress=bar), args.n: clean["mean"]}
+            seconds = time.perf_counter() - start
+            summary = [_pct(clean[k]) for k in ("noise_off", "single", "mean", "vote")]
+            evaluate.stage_line(f"eval {name}: noise off {summary[0]}%, single {summary[1]}%, MC mean {summary[2]}%, "
+                                f"vote {summary[3]}% ({seconds:.1f} s)", progress)
+            results[name] = {"run": os.path.abspath(run_dir), "defense": preset.name,
+                             **{k: v.as_dict() for k, v in clean.items()},
+                             "accuracy_vs_n": {str(k): v.as_dict() for k, v in sorted(curves[name].items())},
+                             "seconds": seconds}
+            rows.append([name, preset.name] + summary)
         print(evaluate.table(f"clean accuracy (%) on {len(y)} test inputs, MC over n={args.n}",
                      ["model", "defense", "noise off", "single", "MC mean", "vote"], rows))
-        evaluate.write_json(os.path.join(out, "eval.json"), results)
+        settings = _settings(args, x, n=args.n, ns=sorted({*ns, args.n}))
+        _report(os.path.join(out, "eval.json"), settings, results)
         evaluate.plot(os.path.join(out, "accuracy_vs_n.png"), curves, "n (MC passes)", "accuracy",
-                      "MC prediction: accuracy against n", xlog=True)
+                      f"MC mean prediction: accuracy against n ({len(y)} test inputs)", settings=
+                      {"seed": args.seed, "bands": "95% Clopper-Pearson"}, xlog=True)
         print(f"wrote {os.path.join(out, 'eval.json')} and accuracy_vs_n.png")
     return run
 
 
-# ----------------------------------------------------------------------------- attack
-
 @command("robust accuracy of trained models under an attack of the library, per eps (shards across torchrun ranks)")
 def attack(p):
     from . import evaluate
+    from .attacks.base import JUDGE_N
     _models_args(p)
     p.add_argument("--attack", default="PGD", choices=evaluate.attack_names(), help="default PGD")
     p.add_argument("--eps", type=_nonnegative_float, nargs="+", default=[0.05, 0.1, 0.2],
                    help="perturbation budgets (L-inf or L2 radius; for CW the L2 cut-off)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="attack option, e.g. --set steps=10 --set eot=20 --set alpha_ratio=0.25 (alpha = eps * "
-                        "ratio); repeatable")
-    p.add_argument("--judge-n", type=_positive_int, default=10, help="MC passes that judge the attack (default 10)")
+                        "ratio); repeatable. AutoAttack's default steps=100 are auto-attack's (Croce & Hein); "
+                        "torchattacks' AutoAttack version='rand' runs 10")
+    p.add_argument("--judge-n", type=_positive_int, default=JUDGE_N,
+                   help=f"MC passes that judge the attack (default {JUDGE_N}, as the attack classes)")
     p.add_argument("--batch-size", type=_positive_int, default=100,
                    help="inputs per batch; batches are dealt to torchrun ranks (default 100)")
+    _progress_args(p)
     _common(p, run_dir=False)
 
     def run(args):
@@ -275,29 +327,41 @@ def attack(p):
             raise UsageError("give the budgets with --eps, not --set eps=")
         rank, world = distributed.init()
         loaded, x, y, out = _load_runs(args)
+        progress = not args.no_progress and rank == 0
         results, curves, rows = {}, {}, []
-        for run_dir, model, preset, _ in loaded:
+        for name, (run_dir, model, preset, _) in zip(_names(loaded), loaded):
+            start = time.perf_counter()
             try:
-                robust = evaluate.sharded_robust_accuracy(model, x, y, args.attack, args.eps, options, judge_n=args.judge_n,
-                                                          seed=args.seed, batch_size=args.batch_size)
+                result = evaluate.robust_accuracy(model, x, y, args.attack, args.eps, options, judge_n=args.judge_n,
+                                                  seed=args.seed, batch_size=args.batch_size, progress=progress)
             except TypeError as e:
                 raise UsageError(f"attack {args.attack}: {e}")
-            curves[_label(run_dir)] = robust
-            results[run_dir] = {"defense": preset.name, "attack": args.attack, "options": options,
-                                "judge_n": args.judge_n, "processes": world, "robust_accuracy": robust}
-            rows.append([_label(run_dir), preset.name] + [_pct(robust[e]) for e in args.eps])
+            wall = time.perf_counter() - start
+            evaluate.stage_line(f"{args.attack} on {name}: clean {_pct(result.clean)}%, " + ", ".join(
+                f"eps {e:g} {_pct(result.robust[e])}%" for e in args.eps) + f" ({wall:.1f} s)", progress)
+            curves[name] = {0.0: result.clean, **result.robust}
+            json_result = result.as_json()
+            json_result["seconds"]["wall"] = wall
+            results[name] = {"run": os.path.abspath(run_dir), "defense": preset.name, **json_result}
+            rows.append([name, preset.name, _pct(result.clean)] + [_pct(result.robust[e]) for e in args.eps])
         if rank != 0:
             return
-        print(evaluate.table(f"robust accuracy (%) under {args.attack} {options} on {len(y)} inputs, judged by the MC mean "
-                     f"over {args.judge_n} passes", ["model", "defense"] + [f"eps={e:g}" for e in args.eps], rows))
-        evaluate.write_json(os.path.join(out, "attack.json"), results)
-        evaluate.plot(os.path.join(out, "robust_accuracy.png"), curves, "eps", "robust accuracy",
-                      f"{args.attack}: robust accuracy against eps")
+        resolved = {k: v for k, v in evaluate.attack_settings(args.attack, {**options, "judge_n": args.judge_n}).items()
+                    if k not in ("eps", "seed")}  # eps: per budget; seed: per batch, from --seed
+        if "alpha_ratio" in options:
+            resolved["alpha"] = f"eps * {options['alpha_ratio']}"
+        judge = f"the MC {resolved['judge']} over {args.judge_n} fresh passes"
+        print(evaluate.table(f"robust accuracy (%) under {args.attack} {options} on {len(y)} inputs, judged by {judge}",
+                             ["model", "defense", "clean"] + [f"eps={e:g}" for e in args.eps], rows))
+        settings = _settings(args, x, attack=args.attack, eps=args.eps, options=options, attack_settings=resolved,
+                             judge_n=args.judge_n, batch_size=args.batch_size, processes=world)
+        _report(os.path.join(out, "attack.json"), settings, results)
+        evaluate.plot(os.path.join(out, "robust_accuracy.png"), curves, "eps (0: clean)", "robust accuracy",
+                      f"{args.attack}: robust accuracy against eps ({len(y)} inputs)",
+                      settings={**options, "judged by": judge, "seed": args.seed})
         print(f"wrote {os.path.join(out, 'attack.json')} and robust_accuracy.png")
     return run
 
-
-# ----------------------------------------------------------------------------- certify
 
 @command("randomized-smoothing certification (Cohen et al.) of trained models (shards across torchrun ranks)")
 def certify(p):
@@ -308,6 +372,7 @@ def certify(p):
     p.add_argument("--N", dest="n", type=_positive_int, default=10000, help="estimation samples (default 10000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="noisy copies per forward pass (default 1000)")
+    _progress_args(p)
     _common(p, run_dir=False)
 
     def run(args):
@@ -316,27 +381,37 @@ def certify(p):
         _setup(args)
         rank, world = distributed.init()
         loaded, x, y, out = _load_runs(args)
+        progress = not args.no_progress and rank == 0
+        shown = {"sigma": args.sigma, "N0": args.n0, "N": args.n, "alpha": args.alpha, "seed": args.seed}
         results, rows = {}, []
         radii = [0.0, 0.25, 0.5, 0.75, 1.0]
-        for run_dir, model, preset, _ in loaded:
+        for name, (run_dir, model, preset, _) in zip(_names(loaded), loaded):
+            start = time.perf_counter()
             per_example = distributed.gather(smoothing.certify_dataset(
-                model, x, y, args.sigma, args.n0, args.n, args.alpha, batch_size=args.batch_size, seed=args.seed))
+                model, x, y, args.sigma, args.n0, args.n, args.alpha, batch_size=args.batch_size, seed=args.seed,
+                progress=progress))
+            seconds = time.perf_counter() - start
             accuracy = smoothing.certified_accuracy(per_example, radii)
-            results[run_dir] = {"defense": preset.name, "sigma": args.sigma, "n0": args.n0, "n": args.n,
-                                "alpha": args.alpha, "processes": world,
-                                "certified_accuracy": dict(zip(map(str, radii), accuracy)),
-                                "abstained": int((per_example["prediction"] < 0).sum()),
-                                "radius": per_example["radius"].tolist(), "correct": per_example["correct"].tolist()}
-            rows.append([_label(run_dir), preset.name] + [_pct(a) for a in accuracy])
+            abstained = int((per_example["prediction"] == smoothing.ABSTAIN).sum())
+            evaluate.stage_line(f"certify {name}: " + ", ".join(f"r={r:g} {_pct(a)}%" for r, a in zip(radii, accuracy))
+                                + f", {abstained} abstained ({seconds:.1f} s)", progress)
+            results[name] = {"run": os.path.abspath(run_dir), "defense": preset.name,
+                             "certified_accuracy": {str(r): a.as_dict() for r, a in zip(radii, accuracy)},
+                             "abstained": abstained, "seconds": seconds,
+                             "examples": {k: v.tolist() for k, v in per_example.items()}}
+            rows.append([name, preset.name] + [_pct(a) for a in accuracy])
             if rank == 0:
-                smoothing.plot_certified_accuracy(per_example, os.path.join(out, f"certified_{_label(run_dir)}.png"),
-                                                  label=_label(run_dir))
+                smoothing.plot_certified_accuracy(per_example, os.path.join(out, f"certified_{name}.png"), label=name,
+                                                  title=f"{name}: certified accuracy against L2 radius "
+                                                        f"({len(y)} inputs)", settings=shown)
         if rank != 0:
             return
         print(evaluate.table(f"certified accuracy (%) at radius, sigma {args.sigma}, n0 {args.n0}, n {args.n}, "
                              f"alpha {args.alpha}, {len(y)} inputs", ["model", "defense"] + [f"r={r:g}" for r in radii],
                              rows))
-        evaluate.write_json(os.path.join(out, "certify.json"), results)
+        _report(os.path.join(out, "certify.json"), _settings(args, x, sigma=args.sigma, n0=args.n0, n=args.n,
+                                                             alpha=args.alpha, batch_size=args.batch_size,
+                                                             processes=world), results)
         print(f"wrote {os.path.join(out, 'certify.json')} and the certified-accuracy plots")
     return run
 

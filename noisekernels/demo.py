@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import data, evaluate
+from .attacks.base import JUDGE_N
 from .train import TrainConfig, Trainer, has_checkpoint
 
 SMALL_CNN = {"widths": (16, 32), "dense": 128}
@@ -35,14 +36,15 @@ EPS = (0.05, 0.1, 0.2)
 class Settings:
     epochs: int = 15
     test_inputs: int = 450  # the whole digits test split
-    n: int = 20  # MC passes of the clean evaluation and of the judge
+    n: int = 20  # MC passes of the clean evaluation
+    judge_n: int = JUDGE_N  # MC passes of the judge (printed with the results)
     pgd_steps: int = 10
     eot: int = 10
     timing_n: int = 20
     timing_batch: int = 200
 
 
-QUICK = Settings(epochs=1, test_inputs=48, n=4, pgd_steps=2, eot=2, timing_n=4, timing_batch=32)
+QUICK = Settings(epochs=1, test_inputs=48, n=4, judge_n=4, pgd_steps=2, eot=2, timing_n=4, timing_batch=32)
 
 
 def run_demo(run_dir, *, quick=False, epochs=None, seed=0, device="cpu", progress=True):
@@ -67,20 +69,23 @@ def run_demo(run_dir, *, quick=False, epochs=None, seed=0, device="cpu", progres
     curves, robust_curves, results = {}, {}, {}
     for label, (model, preset) in trained.items():
         clean = evaluate.clean_accuracy(model, x, y, s.n)
-        robust = evaluate.robust_accuracy(model, x, y, "PGD", EPS, pgd, judge_n=s.n, seed=seed)
+        attacked = evaluate.robust_accuracy(model, x, y, "PGD", EPS, pgd, judge_n=s.judge_n, seed=seed)
+        robust = attacked.robust
         curves[label] = evaluate.accuracy_vs_n(model, x, y, (1, 2, 5, 10, 20) if not quick else (1, 2, 4))
-        robust_curves[label] = {0.0: clean["mean"], **robust}
+        robust_curves[label] = {0.0: attacked.clean, **robust}
         results[label] = {"defense": preset.name, "test_noise": preset.test_noise, "clean": clean, "robust": robust}
         print()
         print(f"{label} ({preset.name}: {preset.summary}; test-time noise {'on' if preset.test_noise else 'off'})")
         print(f"  clean accuracy: noise off {_pct(clean['noise_off'])}  single {_pct(clean['single'])}  "
               f"MC mean {_pct(clean['mean'])}  vote {_pct(clean['vote'])}   (n={s.n})")
         print("  PGD-EOT (L-inf, {} steps, alpha eps/4, EOT {}), judged by the MC mean over {} fresh passes: {}".format(
-            s.pgd_steps, s.eot, s.n, "  ".join(f"eps {e:g}: {_pct(robust[e])}" for e in EPS)))
-    evaluate.plot(os.path.join(run_dir, "robust_accuracy.png"), robust_curves, "eps (L-inf)", "robust accuracy",
-                  f"PGD-EOT ({s.pgd_steps} steps, EOT {s.eot}) on digits")
+            s.pgd_steps, s.eot, s.judge_n, "  ".join(f"eps {e:g}: {_pct(robust[e])}" for e in EPS)))
+    evaluate.plot(os.path.join(run_dir, "robust_accuracy.png"), robust_curves, "eps (L-inf; 0: clean)",
+                  "robust accuracy", f"PGD-EOT on digits ({len(y)} test inputs)",
+                  settings={"steps": s.pgd_steps, "alpha": "eps/4", "EOT": s.eot,
+                            "judged by": f"the MC mean over {s.judge_n} fresh passes", "seed": seed})
     evaluate.plot(os.path.join(run_dir, "accuracy_vs_n.png"), curves, "n (MC passes)", "accuracy",
-                  "MC mean prediction: accuracy against n", xlog=True)
+                  f"MC mean prediction: accuracy against n ({len(y)} test digits)", settings={"seed": seed}, xlog=True)
 
     xt, yt = ds.x_test[:s.timing_batch].to(device), ds.y_test[:s.timing_batch].to(device)
     timing = {label: evaluate.engine_timing(model, xt, yt, s.timing_n) for label, (model, _) in trained.items()}

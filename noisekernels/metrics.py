@@ -1,37 +1,94 @@
 """Robustness metrics of the papers in shared/papers, judged like the papers judge stochastic
-defenses: by a single noisy pass, the MC mean ("MC Avg") or the vote ("Voting")."""
+defenses: by a single noisy pass, the MC mean ("MC Avg") or the vote ("Voting").
+
+Accuracies are Proportions: floats equal to count / total computed in Python from the integer
+counts (no float32 rounding), which also carry the counts and their Clopper-Pearson interval.
+A prediction is NO_CLASS (-1) wherever the scores it is taken from say nothing: a pass whose logits
+are all NaN, an MC mean holding a NaN, a vote in which no replica voted (every replica all NaN)."""
 
 import math
 
 import torch
+from scipy import stats as _stats
 
 from . import ensemble
+from .ops.replica_reduce import replica_reduce as _replica_reduce
 from .attacks import FGSM as _FGSM, PGD as _PGD
 from .random import normal as _normal, uniform as _uniform
 from .stream import Stream as _Stream
 
 MODES = ("single", "mean", "vote")
-__all__ = ["MODES", "L2_BUCKETS", "accuracy", "empirical_robustness", "l2_distortion", "loss_sensitivity",
+NO_CLASS = -1
+__all__ = ["MODES", "L2_BUCKETS", "NO_CLASS", "Proportion", "accuracy", "decide", "vote_counts", "empirical_robustness", "l2_distortion", "loss_sensitivity",
            "obfuscation_report", "prediction_stability", "predict", "robust_accuracy"]
+
+
+class Proportion(float):
+    """count / total as a float (nan for total 0), with the counts behind it: .count, .total,
+    .interval() and .as_dict() for reports."""
+
+    def __new__(cls, count, total):
+        count, total = int(count), int(total)
+        if not 0 <= count <= total:
+            raise ValueError(f"a proportion needs 0 <= count <= total, got {count} of {total}")
+        value = super().__new__(cls, count / total if total else math.nan)
+        value.count, value.total = count, total
+        return value
+
+    def interval(self, confidence=0.95):
+        """The two-sided Clopper-Pearson (exact binomial) interval, (nan, nan) for total 0."""
+        if not self.total:
+            return (math.nan, math.nan)
+        ci = _stats.binomtest(self.count, self.total).proportion_ci(confidence_level=confidence, method="exact")
+        return (float(ci.low), float(ci.high))
+
+    def as_dict(self):
+        """{count, total, fraction, ci95}: what a results file keeps of it."""
+        return {"count": self.count, "total": self.total, "fraction": float(self), "ci95": list(self.interval())}
+
+    def __reduce__(self):
+        return Proportion, (self.count, self.total)
 
 
 def _fraction(mask):
     """The fraction of True in a bool tensor as an exact ratio of counts (no float32 noise)."""
-    return int(mask.sum()) / mask.numel() if mask.numel() else math.nan
+    return Proportion(int(mask.sum()), mask.numel())
+
+
+def vote_counts(logits):
+    """(n, B, C) logits -> (B, C) int64 votes of the replicas (ties to the smaller index, NaN
+    logits never winning); a replica whose logits are all NaN votes for no class."""
+    silent = logits.isnan().all(-1)
+    # those replicas are given a definite vote for class 0 (finite logits), which is taken back
+    one_hot = torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long, device=logits.device), logits.shape[-1])
+    votes = _replica_reduce(torch.where(silent[..., None], one_hot.to(logits.dtype), logits), "vote").long()
+    votes[:, 0] -= silent.sum(0)
+    return votes
+
+
+def decide(scores, *, votes=False):
+    """The class of each row of (B, C) scores (ties to the smaller index; NaN entries never
+    win), NO_CLASS where the row is all NaN or, for vote counts, holds no vote."""
+    silent = (scores.sum(1) == 0) if votes else scores.isnan().all(1)
+    pred = torch.where(scores.isnan(), -torch.inf, scores.double()).argmax(1)
+    return torch.where(silent, torch.full_like(pred, NO_CLASS), pred)
 
 
 @torch.no_grad()
 def predict(model, x, *, mode="mean", n=10):
-    """Predicted classes: one pass ("single"), or argmax of the MC mean / vote over n passes."""
+    """Predicted classes: one pass ("single"), or argmax of the MC mean / vote over n passes;
+    NO_CLASS where they say nothing (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "single":
-        return model(x).argmax(1)
-    return ensemble.mc_predict(model, x, n, reduce=mode).argmax(1)
+        return decide(model(x))
+    if mode == "vote":
+        return decide(vote_counts(ensemble.mc_predict(model, x, n, reduce="none")), votes=True)
+    return decide(ensemble.mc_predict(model, x, n, reduce="mean"))
 
 
 def accuracy(model, x, y, *, mode="mean", n=10):
-    """Clean accuracy (a float in [0, 1])."""
+    """Clean accuracy: a Proportion (a float in [0, 1] holding the counts)."""
     return _fraction(predict(model, x, mode=mode, n=n) == y)
 
 

@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import types
 from typing import Optional
@@ -446,9 +447,10 @@ class Trainer:
         return correct / len(self.data.y_test)
 
     def _progress(self, total):
+        """The epoch's bar: drawn on a terminal only, never into a redirected log (disable=None)."""
         from tqdm import tqdm
         return tqdm(total=total, desc=f"{self.config.defense} {self.epoch + 1}/{self.config.epochs}", leave=False,
-                    disable=not self.config.progress or self.rank != 0, unit="batch")
+                    disable=None if self.config.progress and self.rank == 0 else True, unit="batch")
 
     def fit(self):
         """Trains until config.epochs, checkpointing after every epoch; returns the model."""
@@ -477,6 +479,10 @@ class Trainer:
                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": elapsed}
             self.metrics.append(json.dumps(record) + "\n")
             self.save_checkpoint()
+            if self.config.progress and self.rank == 0:  # the line a log keeps of each (committed) epoch
+                print(f"{self.config.defense} epoch {self.epoch}/{self.config.epochs}: loss {record['loss']:.4f}, "
+                      f"train accuracy {record['train_acc']:.4f}, test accuracy {record['test_acc']:.4f}, "
+                      f"{record['samples_per_s']:.0f} samples/s, {elapsed:.1f} s", file=sys.stderr, flush=True)
         self.model.eval()
         return self.model
 

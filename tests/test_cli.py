@@ -45,8 +45,8 @@ def test_eval(runs, capsys):
     cli.main(["eval", str(runs / "rs1"), str(runs / "standard"), "--n", "3", "--ns", "1", "3", "--limit", "40"])
     out = capsys.readouterr().out
     assert "noise off" in out and "MC mean" in out and "rs1" in out
-    results = json.loads((runs / "eval.json").read_text())  # the runs' common parent
-    assert set(results[str(runs / "rs1")]) >= {"noise_off", "single", "mean", "vote", "accuracy_vs_n"}
+    results = json.loads((runs / "eval.json").read_text())["runs"]  # in the runs' common parent, keyed by name
+    assert set(results["rs1"]) >= {"noise_off", "single", "mean", "vote", "accuracy_vs_n"}
     assert (runs / "accuracy_vs_n.png").stat().st_size > 1000
 
 
@@ -59,9 +59,9 @@ def test_attack(runs, capsys, tmp_path, attack, options):
     cli.main(["attack", str(runs / "rs1"), "--attack", attack, "--eps", "0.1", "0.5", *options, "--judge-n", "3",
               "--limit", "16", "--out", str(tmp_path)])
     assert "robust accuracy" in capsys.readouterr().out
-    result = json.loads((tmp_path / "attack.json").read_text())[str(runs / "rs1")]
+    result = json.loads((tmp_path / "attack.json").read_text())["runs"]["rs1"]
     acc = result["robust_accuracy"]
-    assert set(acc) == {"0.1", "0.5"} and all(0 <= v <= 1 for v in acc.values())
+    assert set(acc) == {"0.1", "0.5"} and all(0 <= v["fraction"] <= 1 for v in acc.values())
     assert (tmp_path / "robust_accuracy.png").stat().st_size > 1000
 
 
@@ -69,8 +69,9 @@ def test_certify(runs, capsys, tmp_path):
     cli.main(["certify", str(runs / "standard"), "--sigma", "0.25", "--N0", "10", "--N", "100", "--alpha", "0.01",
               "--limit", "4", "--batch-size", "50", "--out", str(tmp_path)])
     assert "certified accuracy" in capsys.readouterr().out
-    result = json.loads((tmp_path / "certify.json").read_text())[str(runs / "standard")]
-    assert len(result["radius"]) == 4 and result["certified_accuracy"]["0.0"] >= result["certified_accuracy"]["1.0"]
+    result = json.loads((tmp_path / "certify.json").read_text())["runs"]["standard"]
+    accuracy = result["certified_accuracy"]
+    assert len(result["examples"]["radius"]) == 4 and accuracy["0.0"]["count"] >= accuracy["1.0"]["count"]
     assert (tmp_path / "certified_standard.png").stat().st_size > 1000
 
 
@@ -88,9 +89,12 @@ def test_attack_and_certify_across_two_processes_equal_one(runs, tmp_path):
             done = subprocess.run([*launcher, command, str(runs / "rs1"), *options, "--limit", "24", "--threads", "1",
                                    "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
             assert done.returncode == 0, done.stderr[-2000:]
-            outs.append(json.loads((out / f"{command}.json").read_text())[str(runs / "rs1")])
+            outs.append(json.loads((out / f"{command}.json").read_text()))
         single, sharded = outs
-        assert sharded.pop("processes") == 2 and single.pop("processes") == 1
+        assert sharded["settings"].pop("processes") == 2 and single["settings"].pop("processes") == 1
+        assert single["settings"] == sharded["settings"]
+        single, sharded = single["runs"]["rs1"], sharded["runs"]["rs1"]
+        single.pop("seconds"), sharded.pop("seconds")
         assert single == sharded
 
 

@@ -91,7 +91,7 @@ def test_the_module_exports_only_metrics():
     namespace = {}
     exec("from noisekernels.metrics import *", namespace)
     assert set(namespace) - {"__builtins__"} == set(metrics.__all__)
-    assert set(metrics.__all__) == {"MODES", "L2_BUCKETS", "accuracy", "empirical_robustness", "l2_distortion",
+    assert set(metrics.__all__) == {"MODES", "L2_BUCKETS", "NO_CLASS", "Proportion", "accuracy", "decide", "vote_counts", "empirical_robustness", "l2_distortion",
                                     "loss_sensitivity", "obfuscation_report", "prediction_stability", "predict",
                                     "robust_accuracy"}
     assert not any(hasattr(metrics, name) for name in ("PGD", "FGSM", "Stream", "normal", "uniform"))

@@ -24,6 +24,9 @@ VERSIONS = ("rand", "standard")
 class AutoAttack(Attack):
     """AutoAttack(model, eps=8/255, norm="Linf", version="rand", steps=100)(x, y).
 
+    steps: APGD iterations per stage, 100 as in auto-attack (Croce & Hein 2020) for both versions.
+    torchattacks' AutoAttack(version='rand') runs its APGDs with 10 steps: pass steps=10 here (or
+    steps=100 there) when comparing the two.
     eot: draws per gradient of the "rand" APGDs (default 20). queries: Square's budget and
     n_targets: APGD-T's target classes (default 9), both "standard" only. verbose: print each
     stage's line.

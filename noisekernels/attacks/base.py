@@ -20,7 +20,7 @@ from torch import nn
 from .. import ensemble
 from ..stream import Stream, _random_seed, derive_seed
 
-JUDGE_N = 100
+JUDGE_N = 100  # the one default of judging passes: every attack's judge_n, `noisekernels attack --judge-n`, the demo
 _unseeded = itertools.count()  # attacks built without a seed get distinct streams
 
 
