@@ -59,6 +59,7 @@ _PAST_OPTIMUM = 1.25
 # Trial times this close to the fastest are settled by timing real calls.
 _CLOSE = 1.3
 _NOISE_LAYERS = (RandomSpike, _NoiseLayer, AnisotropicNoise)
+NO_CLASS = -1  # what decide() returns where the scores say nothing
 _plans = weakref.WeakKeyDictionary()
 _plans_lock = threading.Lock()
 
@@ -609,6 +610,14 @@ def _check_logits(reduce, shape):
                          f"{tuple(shape[1:])}; use reduce='none' for other outputs")
 
 
+def decide(scores, *, votes=False):
+    """The class of each row of (B, C) scores (ties to the smaller index; NaN entries never
+    win), NO_CLASS where the row is all NaN or, for vote counts, holds no vote."""
+    silent = (scores.sum(1) == 0) if votes else scores.isnan().all(1)
+    pred = torch.where(scores.isnan(), -torch.inf, scores.double()).argmax(1)
+    return torch.where(silent, torch.full_like(pred, NO_CLASS), pred)
+
+
 @torch.no_grad()
 def deterministic_predict(model, x):
     """The single prediction (logits) with every noise layer switched off."""
@@ -666,4 +675,4 @@ def _scalar_loss(loss_fn, logits, y):
     return loss
 
 
-__all__ = ["Plan", "deterministic_predict", "eot_grad", "mc_predict", "noise_off", "plan", "replica_logits"]
+__all__ = ["NO_CLASS", "Plan", "decide", "deterministic_predict", "eot_grad", "mc_predict", "noise_off", "plan", "replica_logits"]

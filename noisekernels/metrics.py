@@ -12,13 +12,13 @@ import torch
 from scipy import stats as _stats
 
 from . import ensemble
+from .ensemble import NO_CLASS, decide
 from .ops.replica_reduce import replica_reduce as _replica_reduce
 from .attacks import FGSM as _FGSM, PGD as _PGD
 from .random import normal as _normal, uniform as _uniform
 from .stream import Stream as _Stream
 
 MODES = ("single", "mean", "vote")
-NO_CLASS = -1
 __all__ = ["MODES", "L2_BUCKETS", "NO_CLASS", "Proportion", "accuracy", "decide", "vote_counts", "empirical_robustness", "l2_distortion", "loss_sensitivity",
            "obfuscation_report", "prediction_stability", "predict", "robust_accuracy"]
 
@@ -58,20 +58,7 @@ def _fraction(mask):
 def vote_counts(logits):
     """(n, B, C) logits -> (B, C) int64 votes of the replicas (ties to the smaller index, NaN
     logits never winning); a replica whose logits are all NaN votes for no class."""
-    silent = logits.isnan().all(-1)
-    # those replicas are given a definite vote for class 0 (finite logits), which is taken back
-    one_hot = torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long, device=logits.device), logits.shape[-1])
-    votes = _replica_reduce(torch.where(silent[..., None], one_hot.to(logits.dtype), logits), "vote").long()
-    votes[:, 0] -= silent.sum(0)
-    return votes
-
-
-def decide(scores, *, votes=False):
-    """The class of each row of (B, C) scores (ties to the smaller index; NaN entries never
-    win), NO_CLASS where the row is all NaN or, for vote counts, holds no vote."""
-    silent = (scores.sum(1) == 0) if votes else scores.isnan().all(1)
-    pred = torch.where(scores.isnan(), -torch.inf, scores.double()).argmax(1)
-    return torch.where(silent, torch.full_like(pred, NO_CLASS), pred)
+    return _replica_reduce(logits, "vote").long()
 
 
 @torch.no_grad()

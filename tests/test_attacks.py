@@ -219,3 +219,24 @@ def test_cw_leaves_the_models_gradients_alone(data):
         p.grad = None
     CW(model, steps=2, binary_steps=1, eot=2)(x[:8], y[:8])
     assert all(p.grad is None for p in model.parameters())
+
+
+class _NaNWhereLarge(torch.nn.Module):
+    """Logits (x0, 0, -1) for rows whose first input is <= 0.5, all NaN above it."""
+
+    def forward(self, x):
+        first = x.flatten(1)[:, :1]
+        logits = torch.cat([first, torch.zeros_like(first), -torch.ones_like(first)], 1)
+        return torch.where(first > 0.5, torch.nan, logits)
+
+
+@pytest.mark.parametrize("judge", ["mean", "vote"])
+def test_nan_logits_are_never_a_correct_verdict(judge):
+    x = torch.tensor([[0.2, 0.0], [0.9, 0.0], [0.4, 1.0]])
+    attack = PGD(_NaNWhereLarge(), eps=0.0, steps=1, judge_n=4, judge=judge, seed=0)
+    assert attack.predict(x).tolist() == [0, nk.ensemble.NO_CLASS, 0]  # argmax would say class 0 for the NaN row
+    attack(x, torch.zeros(3, dtype=torch.long))
+    assert attack.success.tolist() == [False, True, False]  # the NaN row is not classified correctly
+    targeted = PGD(_NaNWhereLarge(), eps=0.0, steps=1, judge_n=4, judge=judge, targeted=True, seed=0)
+    targeted(x, torch.zeros(3, dtype=torch.long))
+    assert targeted.success.tolist() == [True, False, True]  # nor does it reach a target

@@ -1,5 +1,5 @@
 """replica_reduce on every backend against the reference, and its NaN rule (issue 9): a NaN logit
-counts as -inf in a vote, so it never wins, and a row of NaNs votes for class 0."""
+counts as -inf in a vote, so it never wins, and a row of NaNs votes for no class (issue 23)."""
 
 import math
 
@@ -13,13 +13,14 @@ ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference
 
 
 def _vote_by_hand(logits):
-    """Each replica votes for its largest non-NaN logit (first index on ties; class 0 when all are NaN)."""
+    """Each replica votes for its largest non-NaN logit (first index on ties; no vote when all are NaN)."""
     n, b, c = logits.shape
     out = torch.zeros(b, c)
     for r in range(n):
         for i in range(b):
             row = [(-math.inf if math.isnan(v) else v) for v in logits[r, i].tolist()]
-            out[i, row.index(max(row))] += 1
+            if not all(math.isnan(v) for v in logits[r, i].tolist()):
+                out[i, row.index(max(row))] += 1
     return out
 
 
@@ -29,6 +30,10 @@ def test_nan_never_wins_a_vote(backend, device):
                            [[3.0, math.nan, 3.0], [math.nan, -math.inf, -1.0], [1.0, math.nan, math.nan]]])
     got = replica_reduce(logits.to(device), "vote", backend=backend).cpu()
     assert torch.equal(got, _vote_by_hand(logits))
+    assert got[2].tolist() == [1, 0, 0]  # the all-NaN replica cast no vote
+    wide = torch.full((2, 3, 70), math.nan)  # more classes than a warp's lanes
+    wide[1, 1, 65] = -math.inf
+    assert replica_reduce(wide.to(device), "vote", backend=backend).cpu().sum(1).tolist() == [0, 1, 0]
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)

@@ -35,15 +35,17 @@ void reduce_kernel(const scalar_t* logits, out_t* out, int64_t n, int64_t b, int
         };
         int64_t best = 0;
         out_t best_v = key(0);
+        bool voted = !std::isnan(static_cast<out_t>(x[0]));  // a replica of all-NaN logits votes for no class
         for (int64_t k = 1; k < c; ++k) {
           const out_t v = key(k);
+          voted = voted || !std::isnan(static_cast<out_t>(x[k]));
           if (v > best_v) {
             best = k;
             best_v = v;
           }
         }
         if (vote) {
-          acc[best] += 1;
+          if (voted) acc[best] += 1;
           continue;
         }
         const out_t top = static_cast<out_t>(x[best]);

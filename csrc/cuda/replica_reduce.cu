@@ -33,8 +33,10 @@ __global__ void replica_reduce_kernel(const T* logits, double* out, int64_t n,
     const T* x = logits + (r * b + i) * c;
     A best_v = -kInf;
     int64_t best = c;  // the argmax: the smallest index of the largest non-NaN logit
+    int voted = 0;     // any logit not NaN: a replica of all-NaN logits votes for no class
     for (int64_t k = lane; k < c; k += 32) {
       const A v = vote_key(to_acc(x[k]));
+      voted |= !isnan(to_acc(x[k]));
       if (argmax_before(v, k, best_v, best)) {
         best_v = v;
         best = k;
@@ -43,13 +45,14 @@ __global__ void replica_reduce_kernel(const T* logits, double* out, int64_t n,
     for (int d = 16; d > 0; d >>= 1) {
       const A ov = __shfl_xor_sync(0xFFFFFFFFu, best_v, d);
       const int64_t ok = __shfl_xor_sync(0xFFFFFFFFu, best, d);
+      voted |= __shfl_xor_sync(0xFFFFFFFFu, voted, d);
       if (argmax_before(ov, ok, best_v, best)) {
         best_v = ov;
         best = ok;
       }
     }
     if (vote) {
-      if (lane == 0) acc[best] += 1;
+      if (lane == 0 && voted) acc[best] += 1;
       __syncwarp();
       continue;
     }

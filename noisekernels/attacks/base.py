@@ -84,8 +84,10 @@ class Attack(abc.ABC):
     @torch.no_grad()
     def predict(self, x, model=None):
         """The defended prediction of model (default: the attacked one): argmax of its MC prediction
-        over judge_n passes (ties to the smaller index)."""
-        return ensemble.mc_predict(self.model if model is None else model, x, self.judge_n, reduce=self.judge).argmax(1)
+        over judge_n passes (ties to the smaller index; ensemble.NO_CLASS where its scores are NaN
+        or no replica voted, which is never a correct prediction)."""
+        scores = ensemble.mc_predict(self.model if model is None else model, x, self.judge_n, reduce=self.judge)
+        return ensemble.decide(scores, votes=self.judge == "vote")
 
     @torch.no_grad()
     def succeeded(self, x_adv, y, model=None):

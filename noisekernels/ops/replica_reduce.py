@@ -3,7 +3,8 @@
 "mean" (the papers' "MC Avg"): the mean over replicas of the softmax probabilities.
 "vote" ("Voting"): how many replicas predict each class, each replica's prediction being its
 argmax with ties to the smaller class index, a NaN logit counting as -inf (it never wins; a row
-of NaNs votes for class 0); argmax of the counts again breaks ties to the smaller index. "mean" of
+of NaNs votes for no class, so a row's counts may sum to less than n); argmax of the counts again
+breaks ties to the smaller index. "mean" of
 a row holding a NaN is NaN. Output (B, C), float64 for float64 logits, else float32. Not differentiable (a decision).
 """
 
@@ -22,9 +23,10 @@ def replica_reduce_reference(logits, mode):
         return x.new_zeros(x.shape[1:])
     if mode == 0:  # per-replica softmax in the output dtype, their mean in float64 (exact at any n)
         return torch.softmax(x, dim=-1).to(torch.float64).mean(0).to(out_dtype)
+    voted = ~x.isnan().all(-1)  # a replica of all-NaN logits votes for no class
     x = torch.where(x.isnan(), -torch.inf, x)
     votes = torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1])  # argmax: first (smallest) index of a tie
-    return votes.sum(0).to(out_dtype)
+    return (votes * voted[..., None]).sum(0).to(out_dtype)
 
 
 register_op("replica_reduce", "replica_reduce(Tensor logits, int mode) -> Tensor",

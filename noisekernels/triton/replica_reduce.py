@@ -15,11 +15,12 @@ def _replica_reduce_kernel(logits_ptr, out_ptr, n, b, c, VOTE: tl.constexpr, BLO
     for r in range(n):
         x = tl.load(logits_ptr + (r * b + i) * c + k, mask=mask, other=-float("inf")).to(out_ptr.dtype.element_ty)
         if VOTE:
+            voted = tl.max(((x == x) & mask).to(tl.int32), axis=0)  # a replica of all-NaN logits votes for none
             x = tl.where(x != x, -float("inf"), x)  # NaN never wins
         top = tl.max(x, axis=0)
         if VOTE:
             best = tl.min(tl.where(x == top, k, BLOCK_C), axis=0)  # ties to the smaller index
-            acc += (k == best).to(tl.float64)
+            acc += ((k == best) & (voted > 0)).to(tl.float64)
         else:
             e = tl.exp(x - top)
             acc += (e / tl.sum(e, axis=0)).to(tl.float64)
