@@ -5,6 +5,7 @@ command's own parser, and every `make TARGET` a page names is a target of the Ma
 
 A block that cannot run in the tests is fenced ```python no-run REASON; the reason is required."""
 
+import argparse
 import glob
 import os
 import re
@@ -121,8 +122,18 @@ def make_targets(page):
             for word in re.findall(r"^make ([a-z][\w-]*)", body, re.M)}
 
 
-def test_shell_blocks_use_known_commands_and_flags():
+def strict_parser():
+    """cli.parser() with abbreviations refused, so a page must spell every flag out in full."""
     parser = cli.parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.allow_abbrev = False
+    return parser
+
+
+def test_shell_blocks_use_known_commands_and_flags():
+    parser = strict_parser()
     checked = 0
     for page in PAGES:
         for argv in command_lines(page):
@@ -135,9 +146,11 @@ def test_shell_blocks_use_known_commands_and_flags():
     assert checked >= 20  # the CLI and reproduction pages hold that many
 
 
-def test_parser_check_rejects_unknown_flags(capsys):
-    parser = cli.parser()
-    for argv in (["attack", "runs/x", "--judge_n", "5"], ["train", "--defense", "nope"], ["evaluate", "runs/x"]):
+def test_parser_check_rejects_misspelt_and_abbreviated_flags(capsys):
+    parser = strict_parser()
+    parser.parse_args(["attack", "runs/x", "--judge-n", "5"])
+    for argv in (["attack", "runs/x", "--judge", "5"], ["attack", "runs/x", "--judge_n", "5"],
+                 ["train", "--defense", "nope"], ["evaluate", "runs/x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
 
