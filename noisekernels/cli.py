@@ -1,4 +1,4 @@
-"""`noisekernels train | eval | attack | certify | bench | demo` (also `python -m noisekernels ...`).
+"""`noisekernels train | eval | attack | certify | bench | demo | reproduce` (also `python -m noisekernels ...`).
 
 Each subcommand is one function registered with @command: it declares its arguments on the
 parser it is given and returns the function that runs them, so adding a subcommand is one small
