@@ -67,13 +67,13 @@ def _nonnegative_float(text):
     return value
 
 
-def _common(parser, run_dir=True, threads=None):
+def _common(parser, run_dir=True, threads=None, seed="seed of weights, noise streams and shuffling"):
     if run_dir:
         parser.add_argument("--run-dir", help="where the run's files go")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--threads", type=_positive_int, default=threads,
                         help="torch intra-op threads (default: " + (str(threads) if threads else "torch's") + ")")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, noise streams and shuffling (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed} (default 0)")
 
 
 def _setup(args):
@@ -199,7 +199,8 @@ def train(p):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on a terminal only) and no line "
+                   "per epoch (stderr)")
     _common(p)
 
     def run(args):
@@ -265,7 +266,7 @@ def eval_(p):
                    help="n values of the accuracy-against-n plot, --n always among them (default: 1, 2, 5, 10, "
                         "20, 50, ... below --n)")
     _progress_args(p)
-    _common(p, run_dir=False)
+    _common(p, run_dir=False, seed="recorded only: eval draws from the runs' own noise streams")
 
     def run(args):
         from . import evaluate
@@ -317,7 +318,7 @@ def attack(p):
     p.add_argument("--batch-size", type=_positive_int, default=100,
                    help="inputs per batch; batches are dealt to torchrun ranks (default 100)")
     _progress_args(p)
-    _common(p, run_dir=False)
+    _common(p, run_dir=False, seed="seed of the attacks' streams (random starts; one per batch)")
 
     def run(args):
         from . import distributed
@@ -373,7 +374,7 @@ def certify(p):
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="noisy copies per forward pass (default 1000)")
     _progress_args(p)
-    _common(p, run_dir=False)
+    _common(p, run_dir=False, seed="seed of the smoothing noise (one stream per batch)")
 
     def run(args):
         from . import certify as smoothing
@@ -436,7 +437,7 @@ def bench(p):
     p.add_argument("--n", type=_positive_int, default=20, help="runs: draws (default 20)")
     p.add_argument("--batch", type=_positive_int, default=100, help="runs: inputs per batch (default 100)")
     _dataset_args(p)
-    _common(p, run_dir=False)
+    _common(p, run_dir=False, seed="recorded only: the timing draws from the runs' own noise streams")
 
     def run(args):
         from . import evaluate
@@ -469,9 +470,11 @@ def bench(p):
         _setup(args)
         args.limit = args.batch
         loaded, x, y, out = _load_runs(args)
-        results = {run_dir: evaluate.engine_timing(model, x, y, args.n) for run_dir, model, _, _ in loaded}
+        names = _names(loaded)
+        results = {name: {"run": os.path.abspath(run_dir), **evaluate.engine_timing(model, x, y, args.n)}
+                   for name, (run_dir, model, _, _) in zip(names, loaded)}
         print(evaluate.timing_table(results, len(y)))
-        evaluate.write_json(os.path.join(out, "bench.json"), results)
+        _report(os.path.join(out, "bench.json"), _settings(args, x, n=args.n), results)
     return run
 
 

@@ -8,7 +8,6 @@ import inspect
 import itertools
 import json
 import math
-import os
 import platform
 import sys
 import textwrap
@@ -353,8 +352,7 @@ def table(title, header, rows):
 
 def timing_table(results, batch):
     rows = []
-    for run_dir, t in results.items():
-        name = os.path.basename(os.path.normpath(run_dir))
+    for name, t in results.items():
         if not t["noise"]:  # one pass stands for all n: nothing to speed up
             rows.append([name, "no noise: one pass", f"{1e3 * t['mc_engine_s']:.1f}", "-", "-",
                          f"{1e3 * t['eot_engine_s']:.1f}", "-", "-"])

@@ -102,7 +102,9 @@ def test_bench(runs, capsys, tmp_path):
     cli.main(["bench", str(runs / "rs1"), "--n", "3", "--batch", "16", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "MC engine" in out and "shared" in out
-    assert json.loads((tmp_path / "bench.json").read_text())[str(runs / "rs1")]["n"] == 3
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["runs"]["rs1"]["n"] == 3 and report["runs"]["rs1"]["run"] == str((runs / "rs1").resolve())
+    assert report["settings"]["n"] == 3 and "torch" in report["versions"]
 
 
 @pytest.mark.parametrize("argv, message", [
