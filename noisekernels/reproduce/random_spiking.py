@@ -186,23 +186,42 @@ def run_stability(ctx):
     return {"tables": tables, "checks": checks, "plots": plots}
 
 
-_MODEL = {"model": "mnist-cnn", "model_options": TINY, "epochs": 20, "adv_epochs": 20, "batch_size": 32, "adv": ADV}
-_SMOKE_MODEL = {"model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16}, "epochs": 1, "adv_epochs": 1,
-                "adv": {"adv_eps": 0.1, "adv_steps": 1}}
+# quick: the tiny CNN on the 8x8 digits; default: the paper's CNN on mnist-5k, a budget for a 2-core CPU.
+_QUICK_MODEL = {"dataset": "digits", "model": "mnist-cnn", "model_options": TINY, "epochs": 20, "adv_epochs": 20,
+                "batch_size": 32, "adv": ADV}
+_MODEL = {"dataset": "mnist-5k", "model": "mnist-cnn", "model_options": {}, "epochs": 3, "adv_epochs": 3,
+          "batch_size": 64, "adv": {"adv_eps": 0.1, "adv_steps": 2}}
+_SMOKE_MODEL = {"dataset": "mnist-5k", "model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16},
+                "epochs": 1, "adv_epochs": 1, "adv": {"adv_eps": 0.1, "adv_steps": 1}}
 _FULL_MODEL = {"model": "mnist-cnn", "model_options": {}, "epochs": 50, "adv_epochs": 50, "adv": ADV_FULL,
                "schedule": "cw-mnist"}
 _CW = {"cw_c": 0.1, "cw_lr": 0.05}
 
 
+def _dataset_deviation(dataset, what):
+    """How the run's dataset differs from MNIST, and what that does to `what`."""
+    if dataset == "mnist-5k":
+        return [f"dataset mnist-5k: 5,000 real MNIST digits, 4,000 train / 1,000 test (paper: 60,000 / 10,000); "
+                f"the same 28x28 inputs, so {what} are comparable in size"]
+    if dataset == "digits":
+        return [f"dataset digits instead of MNIST (8x8 digits: 64 pixels against 784, so {what} are not comparable "
+                "in size)"]
+    return [] if dataset == "mnist" else [f"dataset {dataset} instead of MNIST"]
+
+
+def _training_deviations(s):
+    out = []
+    if s["model_options"]:
+        out.append(f"MNIST CNN shrunk to {s['model_options']} (paper: Conv32 x2, Conv64 x2, Dense200 x2)")
+    if s.get("schedule", "adam") != "cw-mnist" or s["epochs"] != 50:
+        out.append(f"{s['epochs']} epochs of Adam, batch {s.get('batch_size', 64)} (paper: 50 epochs of SGD lr 0.01, "
+                   "momentum 0.9, batch 128, which barely moves in the few epochs this budget allows)")
+    return out
+
+
 def _deviations(common):
     def deviations(s, dataset):
-        out = []
-        if dataset != "mnist":
-            out.append(f"dataset {dataset} instead of MNIST (8x8 digits: 64 pixels against 784, so L2 values are not comparable in size)")
-        if s["model_options"]:
-            out.append(f"MNIST CNN shrunk to {s['model_options']} (paper: Conv32 x2, Conv64 x2, Dense200 x2)")
-        if s["epochs"] != 50:
-            out.append(f"{s['epochs']} epochs of Adam, batch {s.get('batch_size', 64)} (paper: 50 epochs of SGD, batch 128)")
+        out = _dataset_deviation(dataset, "L2 values") + _training_deviations(s)
         out.append(f"-Adv models use PGD-Linf adversarial training {s['adv']} for {s['adv_epochs']} epochs "
                    "(paper: C&W-L2 examples, the 10,000 smallest of 12,000)")
         out.append(f"C&W budget: {s['cw_steps']} Adam steps, lr {s['cw_lr']}, {s['cw_binary']} binary steps from c={s['cw_c']}")
@@ -222,8 +241,10 @@ TABLES = Experiment(
     settings={
         "smoke": {**_SMOKE_MODEL, **_CW, "schemes": ("standard", "rs1"), "n": 4, "n_clean": 8, "multi": 2, "eot": 2,
                   "cw_steps": 3, "cw_binary": 1, "min_confirmed": 1},
-        "default": {**_MODEL, **_CW, "schemes": SCHEMES, "n": 100, "n_clean": 450, "multi": 4, "eot": 10,
-                    "cw_steps": 50, "cw_binary": 4, "min_confirmed": 10},
+        "quick": {**_QUICK_MODEL, **_CW, "schemes": SCHEMES, "n": 100, "n_clean": 450, "multi": 4, "eot": 10,
+                  "cw_steps": 50, "cw_binary": 4, "min_confirmed": 10},
+        "default": {**_MODEL, **_CW, "schemes": SCHEMES, "n": 50, "n_clean": 500, "multi": 2, "eot": 5,
+                    "cw_steps": 30, "cw_binary": 3, "min_confirmed": 10},
         "full": {**_FULL_MODEL, **_CW, "schemes": SCHEMES, "n": 1000, "n_clean": 10000, "multi": 8, "eot": 10,
                  "cw_steps": 1000, "cw_binary": 9, "cw_lr": 0.01, "min_confirmed": 30},
     },
@@ -233,7 +254,9 @@ TABLES = Experiment(
              "closer to what the paper could report); the directions are checked on the confirmed ones",
              "Multi-N success: the example fools every one of the N models (each by its MC prediction)",
              "a direction is inconclusive where a mean L2 it compares rests on fewer than min_confirmed examples"),
-    deviations=_deviations(lambda s: [f"Multi-{s['multi']} instead of Multi-8"] if s["multi"] != 8 else []),
+    deviations=_deviations(lambda s: ([f"Multi-{s['multi']} instead of Multi-8"] if s["multi"] != 8 else [])
+                           + ([f"EOT over {s['eot']} draws per C&W step on RS-1 models (the paper does not say)"]
+                              if s["eot"] != 10 else []) + [f"{s['n']} attacked inputs"]),
     run=run_tables)
 
 TRANSFER = Experiment(
@@ -250,9 +273,12 @@ TRANSFER = Experiment(
         "smoke": {**_SMOKE_MODEL, **_CW, "schemes": ("standard",), "n": 4, "pool": 5, "t": 2, "v": 2, "k": 1,
                   "rotations": 1, "kappas": (0,), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
                   "cw_steps": 3, "cw_binary": 1},
-        "default": {**_MODEL, **_CW, "schemes": ("standard", "rs1"), "n": 40, "pool": 16, "t": 8, "v": 7, "k": 5,
-                    "rotations": 8, "kappas": (0, 10), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
-                    "cw_steps": 30, "cw_binary": 3},
+        "quick": {**_QUICK_MODEL, **_CW, "schemes": ("standard", "rs1"), "n": 40, "pool": 16, "t": 8, "v": 7, "k": 5,
+                  "rotations": 8, "kappas": (0, 10), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
+                  "cw_steps": 30, "cw_binary": 3},
+        "default": {**_MODEL, **_CW, "schemes": ("standard", "rs1"), "n": 16, "pool": 8, "t": 4, "v": 3, "k": 2,
+                    "rotations": 4, "kappas": (0, 10), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
+                    "cw_steps": 20, "cw_binary": 3},
         "full": {**_FULL_MODEL, **_CW, "schemes": ("standard", "rs1", "rs1-adv"), "n": 3000, "pool": 16, "t": 8,
                  "v": 7, "k": 5, "rotations": 8, "kappas": (0, 5, 10, 15), "cutoff": 3.0,
                  "l2_edges": metrics.L2_BUCKETS, "eot": 1, "cw_steps": 1000, "cw_binary": 9, "cw_lr": 0.01},
@@ -262,8 +288,10 @@ TRANSFER = Experiment(
              "an example is deployed when it fools every surrogate and (validated) at least k of v validators, each "
              "judged by its MC-100 prediction; transfer judged by the target's MC-100 prediction",
              "surrogates are attacked without EOT (eot=1); targets y + 1 + (i mod 9)"),
-    deviations=_deviations(lambda s: [f"{s['rotations']} rotations, {s['n']} inputs per kappa, kappa {tuple(s['kappas'])}, "
-                                      f"schemes {tuple(s['schemes'])}"]),
+    deviations=_deviations(lambda s: ([f"a pool of {s['pool']} models: Multi-{s['t']} with {s['k']}/{s['v']} "
+                                       "validation (paper: 16 models, Multi-8, 5/7)"] if s["pool"] != 16 else [])
+                           + [f"{s['rotations']} rotations, {s['n']} inputs per kappa, kappa {tuple(s['kappas'])}, "
+                              f"schemes {tuple(s['schemes'])}"]),
     run=run_transfer)
 
 STABILITY = Experiment(
@@ -274,14 +302,13 @@ STABILITY = Experiment(
     full_dataset="mnist",
     settings={
         "smoke": {**_SMOKE_MODEL, "schemes": ("standard", "rs1"), "n": 4, "trials": 2, "l2": (1.0, 5.0)},
-        "default": {**_MODEL, "schemes": SCHEMES, "n": 200, "trials": 20, "l2": (0.5, 1.0, 2.0, 3.0, 5.0)},
+        "quick": {**_QUICK_MODEL, "schemes": SCHEMES, "n": 200, "trials": 20, "l2": (0.5, 1.0, 2.0, 3.0, 5.0)},
+        "default": {**_MODEL, "schemes": SCHEMES, "n": 50, "trials": 10, "l2": (1.0, 2.0, 3.0, 5.0)},
         "full": {**_FULL_MODEL, "schemes": SCHEMES, "n": 1000, "trials": 20, "l2": (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)},
     },
     choices=("predictions are MC Avg over 10 passes for every scheme (noise off only where the scheme has none)",),
-    deviations=lambda s, dataset: ([f"dataset {dataset} instead of MNIST: 64 pixels, so noise of L2 r is sqrt(784/64) = 3.5x "
-                                    "larger per pixel than on MNIST"] if dataset != "mnist" else [])
-    + ([f"MNIST CNN shrunk to {s['model_options']}, {s['epochs']} epochs of Adam"] if s["model_options"] else [])
-    + [f"{s['n']} images"],
+    deviations=lambda s, dataset: (_dataset_deviation(dataset, "the noise's L2 norms") + _training_deviations(s)
+                                   + [f"{s['n']} images, {s['trials']} draws"]),
     run=run_stability)
 
 EXPERIMENTS = (TABLES, TRANSFER, STABILITY)
