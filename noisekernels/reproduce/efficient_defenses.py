@@ -95,7 +95,8 @@ EXPERIMENT = Experiment(
              "valid, 5x5 valid; its training recipe (not stated) is Adam",
              "VAT (Table 2) and the black-box Table 4 are not run"),
     deviations=lambda s, dataset: ([f"dataset {dataset} instead of MNIST" + (
-        ": 5,000 real MNIST digits, 4,000 train / 1,000 test" if dataset == "mnist-5k" else "")] if dataset != "mnist" else [])
+        ": 5,000 real MNIST digits, 4,000 train / 1,000 test" if dataset == "mnist-5k" else "")]
+        if dataset != "mnist" else [])
     + ([f"the C&W/MagNet MNIST CNN {s['model_options']} instead of the paper's 8x8/6x6/5x5 conv net (which does not "
         "fit 8x8 inputs)"] if s["model"] != PAPER_CNN else [f"the paper's CNN with widths {s['model_options']}"]
        if s["model_options"] else [])

@@ -125,7 +125,8 @@ EXPERIMENT = Experiment(
     full_dataset="cifar10",
     settings={
         "smoke": {"dataset": "digits", **_T1, "model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16},
-                  "epochs": 1, "n": 4, "cw_c": 0.1, "cw_steps": 3, "cw_lr": 0.05, "cw_binary": 1, "eot": 2, "judge_n": 4},
+                  "epochs": 1, "n": 4, "cw_c": 0.1, "cw_steps": 3, "cw_lr": 0.05, "cw_binary": 1, "eot": 2,
+                  "judge_n": 4},
         "default": _DEFAULT,
         "quick": _DEFAULT,
         "full": {**_T1, "model": "resnet18", "model_options": {}, "epochs": 200, "schedule": "wrn-cifar", "n": 2000,
