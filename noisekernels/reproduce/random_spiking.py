@@ -127,7 +127,7 @@ def run_transfer(ctx):
     x, y = ctx.test_batch(s["n"])
     t = targets(y, ctx.data.num_classes)
     edges = tuple(s["l2_edges"])
-    rows, plots, rates = [], [], {}
+    rows, plots, rates, counts = [], [], {}, {}
     for scheme in s["schemes"]:
         pool = [_scheme_model(ctx, scheme, seed, half=True) for seed in range(s["pool"])]
         series = {}
@@ -144,6 +144,7 @@ def run_transfer(ctx):
             under = l2s <= s["cutoff"]
             rate = fooled[under].double().mean().item() if under.any() else math.nan
             rates[(scheme, name)] = rate
+            counts[(scheme, name)] = int(under.sum())
             points = []
             for lo, hi in zip(edges[:-1], edges[1:]):
                 inside = (l2s >= lo) & (l2s < hi)
@@ -158,15 +159,25 @@ def run_transfer(ctx):
                "columns": ["scheme", "strategy", "examples deployed", f"L2 <= {s['cutoff']}", "transfer rate"], "rows": rows}]
     names = list(_strategies(s))
     checks = []
+
+    def check(claim, keys, held, detail):
+        """Inconclusive (held None) where a rate rests on fewer than min_deployed examples."""
+        few = [f"{LABELS[k]} {n} {counts[(k, n)]}" for k, n in keys if counts[(k, n)] < s["min_deployed"]]
+        if few:
+            held, detail = None, f"{detail}; too few examples deployed ({', '.join(few)} < {s['min_deployed']})"
+        checks.append({"claim": claim, "held": held, "detail": detail})
+
     for scheme in s["schemes"]:
         r = [rates[(scheme, n)] for n in names]
-        checks.append({"claim": f"Fig 3 ({LABELS[scheme]}): Single < Multi < Multi + validation in transfer rate",
-                       "held": bool(r[0] < r[1] < r[2]), "detail": ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r))})
+        check(f"Fig 3 ({LABELS[scheme]}): Single < Multi < Multi + validation in transfer rate",
+              [(scheme, n) for n in names], bool(r[0] < r[1] < r[2]),
+              ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r)))
     for scheme in s["schemes"]:
         if scheme != "standard" and "standard" in s["schemes"]:
             a, b = rates[(scheme, names[2])], rates[("standard", names[2])]
-            checks.append({"claim": f"Fig 4: under the validated attack {LABELS[scheme]} transfers less than Standard",
-                           "held": bool(a < b), "detail": f"{LABELS[scheme]} {a:.3f}, Standard {b:.3f}"})
+            check(f"Fig 4: under the validated attack {LABELS[scheme]} transfers less than Standard",
+                  [(scheme, names[2]), ("standard", names[2])], bool(a < b),
+                  f"{LABELS[scheme]} {a:.3f}, Standard {b:.3f}")
     return {"tables": tables, "checks": checks, "plots": plots}
 
 
@@ -278,22 +289,24 @@ TRANSFER = Experiment(
     settings={
         "smoke": {**_SMOKE_MODEL, **_CW, "schemes": ("standard",), "n": 4, "pool": 5, "t": 2, "v": 2, "k": 1,
                   "rotations": 1, "kappas": (0,), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
-                  "cw_steps": 3, "cw_binary": 1},
+                  "cw_steps": 3, "cw_binary": 1, "min_deployed": 1},
         "quick": {**_QUICK_MODEL, **_CW, "schemes": ("standard", "rs1"), "n": 40, "pool": 16, "t": 8, "v": 7, "k": 5,
                   "rotations": 8, "kappas": (0, 10), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
-                  "cw_steps": 30, "cw_binary": 3},
+                  "cw_steps": 30, "cw_binary": 3, "min_deployed": 10},
         "default": {**_MODEL, **_CW, "schemes": ("standard", "rs1"), "n": 16, "pool": 8, "t": 4, "v": 3, "k": 2,
                     "rotations": 4, "kappas": (0, 10), "cutoff": 3.0, "l2_edges": metrics.L2_BUCKETS, "eot": 1,
-                    "cw_steps": 20, "cw_binary": 3},
+                    "cw_steps": 20, "cw_binary": 3, "min_deployed": 10},
         "full": {**_FULL_MODEL, **_CW, "schemes": ("standard", "rs1", "rs1-adv"), "n": 3000, "pool": 16, "t": 8,
                  "v": 7, "k": 5, "rotations": 8, "kappas": (0, 5, 10, 15), "cutoff": 3.0,
-                 "l2_edges": metrics.L2_BUCKETS, "eot": 1, "cw_steps": 1000, "cw_binary": 9, "cw_lr": 0.01},
+                 "l2_edges": metrics.L2_BUCKETS, "eot": 1, "cw_steps": 1000, "cw_binary": 9, "cw_lr": 0.01,
+                 "min_deployed": 30},
     },
     choices=("rotation i: target = model i, surrogates the next t models, validators the v after them; the pool "
              "is rotated instead of fixing 8 surrogates (the same protocol up to which models play which role)",
              "an example is deployed when it fools every surrogate and (validated) at least k of v validators, each "
              "judged by its MC-100 prediction; transfer judged by the target's MC-100 prediction",
-             "surrogates are attacked without EOT (eot=1); targets y + 1 + (i mod 9)"),
+             "surrogates are attacked without EOT (eot=1); targets y + 1 + (i mod 9)",
+             "a direction is inconclusive where a transfer rate it compares rests on fewer than min_deployed examples"),
     deviations=_deviations(lambda s: ([f"a pool of {s['pool']} models: Multi-{s['t']} with {s['k']}/{s['v']} "
                                        "validation (paper: 16 models, Multi-8, 5/7)"] if s["pool"] != 16 else [])
                            + [f"{s['rotations']} rotations, {s['n']} inputs per kappa, kappa {tuple(s['kappas'])}, "
