@@ -264,7 +264,7 @@ TABLES = Experiment(
         "quick": {**_QUICK_MODEL, **_CW, "schemes": SCHEMES, "n": 100, "n_clean": 450, "multi": 4, "eot": 10,
                   "cw_steps": 50, "cw_binary": 4, "min_confirmed": 10},
         "default": {**_MODEL, **_CW, "schemes": SCHEMES, "n": 50, "n_clean": 500, "multi": 2, "eot": 5,
-                    "cw_steps": 100, "cw_lr": 0.1, "cw_binary": 3, "min_confirmed": 10},
+                    "cw_steps": 50, "cw_lr": 0.2, "cw_binary": 3, "min_confirmed": 10},
         "full": {**_FULL_MODEL, **_CW, "schemes": SCHEMES, "n": 1000, "n_clean": 10000, "multi": 8, "eot": 10,
                  "cw_steps": 1000, "cw_binary": 9, "cw_lr": 0.01, "min_confirmed": 30},
     },
