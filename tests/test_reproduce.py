@@ -1,5 +1,6 @@
-"""noisekernels reproduce: every experiment runs in a tiny smoke mode and writes its record,
-tables and plots; the report gathers the records; the full default mode is a slow test."""
+"""noisekernels reproduce: every experiment runs in a tiny smoke mode (on mnist-5k for the MNIST
+papers) and writes its record, tables and plots; the report gathers the records; the full default
+mode is a slow test."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import torch
 from noisekernels import reproduce
 
 NAMES = list(reproduce.REGISTRY)
+MNIST_PAPERS = {"random-spiking.txt", "efficient-defenses-brelu-gda.txt"}
 KEYS = {"name", "paper", "scale", "dataset", "seconds", "paper_setting", "paper_numbers", "settings", "choices",
         "deviations", "tables", "checks", "plots", "models_trained"}
 
@@ -30,13 +32,28 @@ def test_registry_covers_every_paper():
                       "random-perturbations-analysis.txt", "efficient-defenses-brelu-gda.txt"}
     for e in reproduce.REGISTRY.values():
         assert set(e.settings) == set(reproduce.SCALES)
-        assert e.deviations(e.settings["default"], "digits")  # digits is always a stated deviation
+        assert e.settings["quick"]["dataset"] == "digits"
+        # The MNIST papers run on real MNIST digits by default; the others say which dataset stands in.
+        default = e.settings["default"]["dataset"]
+        assert default == ("mnist-5k" if e.paper in MNIST_PAPERS else "digits")
+        for scale in ("smoke", "quick", "default"):
+            dataset = e.settings[scale]["dataset"]
+            assert any(dataset in d for d in e.deviations(e.settings[scale], dataset)), (e.name, scale)
+
+
+def test_mnist_papers_default_to_the_papers_architecture():
+    for e in reproduce.REGISTRY.values():
+        if e.paper in MNIST_PAPERS:
+            s = e.settings["default"]
+            assert s["model_options"] == {} and s["model"] == e.settings["full"]["model"], e.name
+            assert not any("shrunk" in d for d in e.deviations(s, "mnist-5k"))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_run_writes_record_tables_and_plots(name, smoke_out):
     record = reproduce.run(name, scale="smoke", out=smoke_out, log=lambda *a: None)
-    assert KEYS <= set(record) and record["scale"] == "smoke" and record["dataset"] == "digits"
+    assert KEYS <= set(record) and record["scale"] == "smoke"
+    assert record["dataset"] == ("mnist-5k" if record["paper"] in MNIST_PAPERS else "digits")
     (directory,) = [os.path.join(smoke_out, name, d) for d in os.listdir(os.path.join(smoke_out, name))]
     with open(os.path.join(directory, "record.json")) as f:
         assert json.load(f) == record
@@ -71,6 +88,8 @@ def test_command_line(capsys, tmp_path):
         reproduce.main(["efficient-defenses", "--full", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         reproduce.main(["--threads", "0", "efficient-defenses"])
+    with pytest.raises(SystemExit, match="--quick and --smoke exclude each other"):
+        reproduce.main(["--quick", "--smoke", "efficient-defenses"])
     torch.set_num_threads(1)
 
 
@@ -79,8 +98,8 @@ def test_noisekernels_reproduce_subcommand(capsys, tmp_path):
     cli.main(["reproduce", "--list"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in NAMES)
-    cli.main(["reproduce", "efficient-defenses", "--smoke", "--out", str(tmp_path)])
-    assert len(os.listdir(tmp_path / "efficient-defenses")) == 1
+    cli.main(["reproduce", "random-perturbations", "--smoke", "--out", str(tmp_path)])
+    assert len(os.listdir(tmp_path / "random-perturbations")) == 1
     torch.set_num_threads(1)
 
 

@@ -15,15 +15,17 @@ import torch
 from .. import data as datasets
 from .. import train
 
-SCALES = ("smoke", "default", "full")
+SCALES = ("smoke", "quick", "default", "full")
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """One headline experiment of a paper.
 
-    settings[scale] is the whole budget of a run at that scale (smoke: the test suite's few steps;
-    default: bundled digits; full: the paper's dataset and scale); choices the paper leaves open
+    settings[scale] is the whole budget of a run at that scale, its bundled dataset included
+    (settings["dataset"]; smoke: the test suite's few steps; quick: small models on the 8x8 digits;
+    default: mnist-5k at the paper's architecture for the MNIST papers, digits standing in for
+    CIFAR-10 and Fashion-MNIST; full: the paper's dataset, read from --data, and scale); choices the paper leaves open
     are in `choices`, and `deviations(settings, dataset)` lists where a run differs from the
     paper. run(ctx) returns {"tables": [...], "checks": [...], "plots": [...]}: tables as
     {"title", "columns", "rows"}, checks as {"claim", "held", "detail"} (the paper's qualitative
@@ -101,11 +103,12 @@ class Context:
 
 
 def load_dataset(experiment, scale, data_dir):
-    """digits unless a data directory is given (then the paper's dataset); full needs one."""
+    """The scale's bundled dataset unless a data directory is given (then the paper's dataset);
+    full needs one."""
     if scale == "full" and data_dir is None:
         raise ValueError(f"--full runs {experiment.name} on {experiment.full_dataset}: pass its directory with --data DIR")
     if data_dir is None:
-        return datasets.load("digits")
+        return datasets.load(experiment.settings[scale]["dataset"])
     return datasets.load(experiment.full_dataset, data_dir)
 
 

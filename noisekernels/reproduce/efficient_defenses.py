@@ -2,11 +2,27 @@
 empirical robustness rho of the minimal incremental FGSM for the plain CNN, GDA+ReLU and
 GDA+BReLU) and Table 3 (the mean input-gradient norm of the loss)."""
 
+from torch import nn
+
 from .. import metrics
 from ..attacks import FGSM, MinimalFGSM
 from .common import Experiment
 
 PAPER = "efficient-defenses-brelu-gda.txt"
+
+
+def paper_cnn(in_channels, num_classes, filters=64):
+    """The paper's CNN, Conv2D(64, 8x8) - Conv2D(128, 6x6) - Conv2D(128, 5x5) - Softmax(10), ReLU;
+    its strides and padding are not stated, so they are cleverhans' basic CNN's (the model of the
+    paper's libraries' MNIST tutorials): 8x8 stride 2 same, 6x6 stride 2 valid, 5x5 valid, which
+    takes 28x28 to 1x1. filters scales the widths (64, 128, 128)."""
+    return nn.Sequential(nn.Conv2d(in_channels, filters, 8, stride=2, padding=3), nn.ReLU(),
+                         nn.Conv2d(filters, 2 * filters, 6, stride=2), nn.ReLU(),
+                         nn.Conv2d(2 * filters, 2 * filters, 5), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(2 * filters, num_classes))
+
+
+PAPER_CNN = f"{__name__}:paper_cnn"
 # label: (preset, options). BReLU without augmentation is the GDA preset with one noiseless copy
 # (the batch and an exact duplicate of it: plain training), as the presets offer BReLU through GDA.
 MODELS = {
@@ -62,20 +78,30 @@ EXPERIMENT = Experiment(
                    "GDA+ReLU 0.440, GDA+BReLU 0.471. Table 3 (gradient norm): CNN 0.0609, GDA+ReLU 0.0244."),
     full_dataset="mnist",
     settings={
-        "smoke": {"model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16}, "epochs": 1, "n": 4,
+        "smoke": {"dataset": "mnist-5k", "model": PAPER_CNN, "model_options": {"filters": 4}, "epochs": 1, "n": 4,
                   "n_clean": 8, "eps": 0.1, "eps_step": 0.1, "eps_max": 0.5},
-        "default": {"model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 20,
-                    "batch_size": 32, "n": 450, "n_clean": 450, "eps": 0.1, "eps_step": 0.01, "eps_max": 1.0},
-        "full": {"model": "mnist-cnn", "model_options": {}, "epochs": 50, "schedule": "cw-mnist", "n": 10000,
+        "quick": {"dataset": "digits", "model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32},
+                  "epochs": 20, "batch_size": 32, "n": 450, "n_clean": 450, "eps": 0.1, "eps_step": 0.01,
+                  "eps_max": 1.0},
+        "default": {"dataset": "mnist-5k", "model": PAPER_CNN, "model_options": {}, "epochs": 1, "batch_size": 64,
+                    "n": 200, "n_clean": 1000, "eps": 0.1, "eps_step": 0.01, "eps_max": 1.0},
+        "full": {"model": PAPER_CNN, "model_options": {}, "epochs": 50, "schedule": "cw-mnist", "n": 10000,
                  "n_clean": 10000, "eps": 0.1, "eps_step": 0.01, "eps_max": 1.0},
     },
     choices=("the minimal FGSM takes the gradient sign at x once and grows eps by eps_step until the prediction "
              "changes (ART's minimal FGSM, which the paper's library provides); rho averages over the inputs it fooled",
              "CNN + BReLU is trained by the GDA preset with one noiseless copy (plain training on a duplicated batch)",
+             "the CNN's strides and padding (not stated) are cleverhans' basic CNN's: 8x8 stride 2 same, 6x6 stride 2 "
+             "valid, 5x5 valid; its training recipe (not stated) is Adam",
              "VAT (Table 2) and the black-box Table 4 are not run"),
-    deviations=lambda s, dataset: ([f"dataset {dataset} instead of MNIST"] if dataset != "mnist" else [])
-    + [f"the C&W/MagNet MNIST CNN {s['model_options'] or '(full size)'} instead of the paper's 8x8/6x6/5x5 conv net "
-       f"(which does not fit 8x8 inputs), {s['epochs']} epochs of Adam"],
+    deviations=lambda s, dataset: ([f"dataset {dataset} instead of MNIST" + (
+        ": 5,000 real MNIST digits, 4,000 train / 1,000 test" if dataset == "mnist-5k" else "")]
+        if dataset != "mnist" else [])
+    + ([f"the C&W/MagNet MNIST CNN {s['model_options']} instead of the paper's 8x8/6x6/5x5 conv net (which does not "
+        "fit 8x8 inputs)"] if s["model"] != PAPER_CNN else [f"the paper's CNN with widths {s['model_options']}"]
+       if s["model_options"] else [])
+    + [f"{s['epochs']} epoch(s) of Adam, batch {s.get('batch_size', 64)} (GDA: each batch with its 10 noisy copies); "
+       f"{s['n']} attacked inputs"],
     run=run)
 
 EXPERIMENTS = (EXPERIMENT,)

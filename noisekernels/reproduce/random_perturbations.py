@@ -107,6 +107,10 @@ def run(ctx):
 
 
 _T1 = {"freq": 0.3, "bits": 4, "svd": 0.5, "gauss": 0.03, "uniform": 0.04, "laplace": 0.03}
+# Digits stand in for the paper's dataset at the default (and quick) scale.
+_DEFAULT = {"dataset": "digits", **_T1, "model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32},
+            "epochs": 20, "batch_size": 32, "n": 100, "cw_c": 0.01, "cw_steps": 50, "cw_lr": 0.05, "cw_binary": 5,
+            "eot": 10, "judge_n": 100}
 EXPERIMENT = Experiment(
     name="random-perturbations", paper=PAPER,
     title="Random perturbations, Fig 1 / Table 1 and Fig 2: six input perturbations, non-adaptive and adaptive; noise per layer",
@@ -120,11 +124,11 @@ EXPERIMENT = Experiment(
                    "every layer (0.2/0.1) beats noise in the first layer only."),
     full_dataset="cifar10",
     settings={
-        "smoke": {**_T1, "model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16}, "epochs": 1, "n": 4,
-                  "cw_c": 0.1, "cw_steps": 3, "cw_lr": 0.05, "cw_binary": 1, "eot": 2, "judge_n": 4},
-        "default": {**_T1, "model": "mnist-cnn", "model_options": {"widths": (8, 16), "dense": 32}, "epochs": 20,
-                    "batch_size": 32, "n": 100, "cw_c": 0.01, "cw_steps": 50, "cw_lr": 0.05, "cw_binary": 5, "eot": 10,
-                    "judge_n": 100},
+        "smoke": {"dataset": "digits", **_T1, "model": "mnist-cnn", "model_options": {"widths": (4, 8), "dense": 16},
+                  "epochs": 1, "n": 4, "cw_c": 0.1, "cw_steps": 3, "cw_lr": 0.05, "cw_binary": 1, "eot": 2,
+                  "judge_n": 4},
+        "default": _DEFAULT,
+        "quick": _DEFAULT,
         "full": {**_T1, "model": "resnet18", "model_options": {}, "epochs": 200, "schedule": "wrn-cifar", "n": 2000,
                  "cw_c": 0.01, "cw_steps": 100, "cw_lr": 0.005, "cw_binary": 5, "eot": 10, "judge_n": 100},
     },
