@@ -484,13 +484,16 @@ def bench(p):
 def demo(p):
     p.add_argument("--quick", action="store_true", help="a fast smoke run (few epochs and inputs; for tests)")
     p.add_argument("--epochs", type=_positive_int, help="override every model's epochs")
+    p.add_argument("--dataset", default="digits", choices=("digits", "mnist-5k"),
+                   help="digits (default: 8x8, a few minutes) or mnist-5k (5,000 real 28x28 MNIST digits, about 25 "
+                        "minutes on one thread, most of it training)")
     _common(p, threads=1)  # small models: one thread is fastest (and robust on a loaded machine)
 
     def run(args):
         from .demo import run_demo
         _setup(args)
         run_demo(args.run_dir or os.path.join("runs", "demo-quick" if args.quick else "demo"), quick=args.quick,
-                 epochs=args.epochs, seed=args.seed, device=args.device)
+                 epochs=args.epochs, seed=args.seed, device=args.device, dataset=args.dataset)
     return run
 
 

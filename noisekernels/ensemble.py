@@ -163,8 +163,19 @@ def _module_key(m):
     inside containers and config objects), hooks, buffers by identity and version, parameters by
     identity. A layer's caches and counters (its class's _plan_ignores) are left out."""
     ignores = getattr(type(m), "_plan_ignores", ())
-    return (type(m), id(m), *((k, _parameters_by_identity(v) if k == "_parameters" else _fingerprint(v))
-                              for k, v in vars(m).items() if k not in ignores))
+    key = [type(m), id(m)]
+    for k, v in vars(m).items():
+        if ignores and k in ignores:
+            continue
+        if type(v) in _ATOMS:  # the common cases first: the key is computed on every call
+            key += (k, v)
+        elif k == "_parameters":
+            key += (k, _parameters_by_identity(v))
+        elif isinstance(v, dict) and not v:  # most of a module's hook and buffer dicts
+            key += (k, type(v))
+        else:
+            key += (k, _fingerprint(v))
+    return tuple(key)
 
 
 def _state(model):
