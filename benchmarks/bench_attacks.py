@@ -9,8 +9,7 @@ import functools
 
 import pytest
 import torch
-import torchattacks
-from conftest import DEVICES, MODE, full_size_goal, paired_ratio, sync
+from conftest import DEVICES, MODE, full_size_goal, needs_torchattacks, paired_ratio, sync, torchattacks
 from torch import nn
 
 import noisekernels as nk
@@ -97,6 +96,7 @@ def fit(model):
 
 
 
+@needs_torchattacks
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("defense", ["rs1", "a2snn"])
 def test_eot_pgd(benchmark, defense, device):

@@ -24,7 +24,7 @@ import noisekernels as nk
 from noisekernels import certify
 
 GOALS = {"cpu": 1.2}
-SIGMA, N, BATCH, INPUTS = 0.25, 10_000, 1000, MODE.certify_inputs
+SIGMA, N, BATCH, INPUTS = 0.25, MODE.certify_n, 1000, MODE.certify_inputs
 
 
 @functools.lru_cache(maxsize=None)
