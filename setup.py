@@ -68,7 +68,8 @@ sources = sorted(["csrc/bindings/ops.cpp", "csrc/bindings/noise_add_autograd.cpp
 # is torch's own libgomp.so.1 (same soname, already loaded). -Wno-maybe-uninitialized: GCC 12 false
 # positive on _mm512_undefined_* inside the intrinsics headers.
 # -ffp-contract=off: no fused multiply-adds, so noise values round exactly as on every backend.
-cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+# -std=c++20 (std::atomic_ref in the stream binding): torch 2.13 passes it anyway, torch 2.11 would pass c++17.
+cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 if not portable:
     cxx.append("-march=native")
 extra_link = ["-fopenmp"]

@@ -83,10 +83,10 @@ def _trained(defense):
 
 
 def fit(model):
-    """60 Adam steps on the synthetic task: a model with real decision boundaries, in eval mode."""
+    """MODE.fit_steps (60) Adam steps on the synthetic task: a model with real decision boundaries, in eval mode."""
     x, y = _data(2000, 1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(MODE.fit_steps):
         idx = slice((step * 100) % 2000, (step * 100) % 2000 + 100)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()

@@ -34,7 +34,7 @@ def _gda_trained():
     x, y = _data(2000, 1)
     stream = nk.Stream(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(MODE.fit_steps):
         idx = slice((step * 100) % 2000, (step * 100) % 2000 + 100)
         xs, ys = nk.functional.gaussian_augment(x[idx], y[idx], 2, SIGMA, *stream.reserve(2 * x[idx].numel()), clip=None)
         loss = nn.functional.cross_entropy(model(xs), ys)

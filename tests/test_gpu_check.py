@@ -58,13 +58,12 @@ def test_dry_run_measures_every_kernel_and_the_drivers(dry_run):
             for b in gpu["benchmarks"] if b["extra_info"].get("section") == "providers"}
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_providers
-    for name, op in bench_providers.OPS.items():
-        for mode in op.modes:
-            assert {(name, mode, impl) for impl in ("noisekernels", "eager", "compile", "copy-floor")} <= seen
+    for name in bench_providers.OPS:  # the dry run times the forward mode (the GPU run every mode)
+        assert {(name, "forward", impl) for impl in ("noisekernels", "eager", "compile", "copy-floor")} <= seen
     assert all(b["extra_info"]["device"] == "cpu" for b in gpu["benchmarks"] if "device" in b["extra_info"])
     groups = [b["group"] for b in gpu["benchmarks"]]
     assert "device-copy-cpu" in groups
-    for prefix in ("zoo-mc_predict-n50-B4-", "zoo-eot_grad-n10-B4-", "certify-sample-N2000-"):
+    for prefix in ("zoo-mc_predict-n50-B4-", "certify-sample-N1000-"):
         assert any(g.startswith(prefix) for g in groups), prefix
 
 
@@ -81,7 +80,7 @@ def test_dry_run_report_states_bandwidth_fractions(dry_run):
                 and b["extra_info"]["mode"] == "forward" and b["extra_info"]["impl"] == "noisekernels")
     gbs = ours["extra_info"]["floor_bytes"] / ours["stats"]["median"] / 1e9
     row = next(line for line in text.splitlines() if line.startswith("| gaussian_add | forward | cpu | noisekernels |"))
-    assert row.split(" | ")[5:7] == [f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}"]
+    assert row.split(" | ")[5:7] == [f"{gbs:.3g}", f"{gbs / copy_gbs:.0%}"]
 
 
 def test_without_a_gpu_the_run_stops_at_the_environment_check(tmp_path):

@@ -41,6 +41,7 @@ class Mode:
     zoo_attack_batch: int = 32  # inputs each zoo attack crafts
     zoo_attack_rounds: int = 1  # paired rounds of each zoo attack
     certify_n: int = 10_000  # noisy samples per certified input (bench_certify)
+    fit_steps: int = 60  # Adam steps that train the attacked and certified models
     # torch.compile's backend for the "compile" providers: inductor (what users get), except in the
     # smoke run, which checks agreement and the report in seconds (inductor's codegen takes minutes).
     compile_backend: str = "inductor"
@@ -64,7 +65,7 @@ MODES = {
     "gpu-short": Mode(2**26, 5, 1, (), (), 100, certify_inputs=1, paired_rounds=3, zoo_batches=(200,)),
     # gpu_check.py --dry-run: the same steps on CPU at sizes that take seconds.
     "dry-run": Mode(4096, 1, 0, (), (), 8, certify_inputs=1, paired_rounds=1, compile_backend="aot_eager",
-                    zoo_batches=(4,), zoo_attack_batch=4, certify_n=2_000),
+                    zoo_batches=(4,), zoo_attack_batch=4, certify_n=1_000, fit_steps=5),
 }
 MODE_NAME = os.environ.get("NK_BENCH_MODE", "full")
 if MODE_NAME not in MODES:

@@ -374,10 +374,10 @@ def _gpu_kernels_md(run):
                     if b is None:
                         continue
                     gbs = _gbs_of(b)
-                    rows.append([op, mode, device, impl, _ms(_median(b)), f"{gbs:.0f}",
+                    rows.append([op, mode, device, impl, _ms(_median(b)), f"{gbs:.3g}",
                                  f"{gbs / copies[device]:.0%}" if device in copies else "",
                                  *(f"{_median(other) / _median(b):.2f}x" if other else "" for other in (eager, compiled))])
-    copy_line = "; ".join(f"{d}: {gbs:.0f} GB/s" for d, gbs in copies.items()) or "not measured"
+    copy_line = "; ".join(f"{d}: {gbs:.3g} GB/s" for d, gbs in copies.items()) or "not measured"
     return [f"Device-to-device copy in this run (bytes read and written over time): {copy_line}. Each kernel's "
             "*GB/s* is the op's unavoidable traffic (the copy floor's bytes) over its median time; *of copy* is that "
             "over the copy's GB/s; *vs eager* and *vs compile* are those providers' median times over the kernel's "
