@@ -3,7 +3,7 @@
 PY ?= python3
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup build demo test test-all bench check-cuda clean
+.PHONY: setup build demo test test-all bench gpu-check check-cuda clean
 
 setup:
 	$(PY) -m pip install -q -r requirements.txt
@@ -30,6 +30,13 @@ test-all: build
 BENCH_MODE ?= quick
 bench: build
 	$(PY) -m noisekernels bench --mode $(BENCH_MODE)
+
+# On a lent GPU machine (no network): builds against the torch installed there (no `setup`: it would
+# reinstall the pinned CPU torch), runs the GPU tests and benchmarks, writes docs/benchmarks/gpu.json and
+# BENCHMARKS.md's GPU section, within 8 minutes (docs/gpu-check.md). SHORT=1: a shorter rerun.
+# DRY_RUN=1: the same steps on CPU at tiny sizes, into a temporary folder (the test suite runs it).
+gpu-check:
+	$(PY) scripts/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(SHORT),--short)
 
 check-cuda:
 	scripts/check_cuda.sh

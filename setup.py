@@ -9,6 +9,7 @@ import glob
 import os
 import sys
 
+import setuptools
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -22,6 +23,26 @@ sys.path.pop(0)
 
 def flag(name):
     return os.environ.get(name, "0") not in ("", "0")
+
+
+def has_bdist_wheel():
+    """Whether setuptools can build a wheel: its own bdist_wheel from 70.1 on, the `wheel` package's before."""
+    for module in ("setuptools.command.bdist_wheel", "wheel.bdist_wheel"):
+        try:
+            __import__(module)
+            return True
+        except ImportError:
+            pass
+    return False
+
+
+# pip builds a wheel even for `pip install --no-build-isolation .`, with this environment's setuptools
+# (no build dependencies are installed then): say what to install instead of "invalid command 'bdist_wheel'".
+if {"bdist_wheel", "dist_info"} & set(sys.argv[1:]) and not has_bdist_wheel():
+    sys.exit(f"noisekernels: this environment's setuptools {setuptools.__version__} cannot build a wheel (its "
+             "bdist_wheel command came with setuptools 70.1; older ones need the `wheel` package). Run "
+             "`python -m pip install wheel` (or `python -m pip install 'setuptools>=70.1'`), then "
+             "`pip install --no-build-isolation .` again.")
 
 
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not flag("NOISEKERNELS_NO_CUDA")
@@ -47,7 +68,8 @@ sources = sorted(["csrc/bindings/ops.cpp", "csrc/bindings/noise_add_autograd.cpp
 # is torch's own libgomp.so.1 (same soname, already loaded). -Wno-maybe-uninitialized: GCC 12 false
 # positive on _mm512_undefined_* inside the intrinsics headers.
 # -ffp-contract=off: no fused multiply-adds, so noise values round exactly as on every backend.
-cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+# -std=c++20 (std::atomic_ref in the stream binding): torch 2.13 passes it anyway, torch 2.11 would pass c++17.
+cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 if not portable:
     cxx.append("-march=native")
 extra_link = ["-fopenmp"]
@@ -75,9 +97,10 @@ setup(
     description="Fused kernels for stochastic neural-network defenses: noise layers, MC ensembles, EOT",
     packages=find_packages(include=["noisekernels", "noisekernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "scikit-learn", "safetensors", "tqdm", "matplotlib"],
+    # Tested with torch 2.11 + triton 3.6 (the GPU image's) and 2.13 + 3.9 (requirements.txt's pins).
+    install_requires=["torch>=2.11", "numpy", "scikit-learn", "safetensors", "tqdm", "matplotlib"],
     entry_points={"console_scripts": ["noisekernels = noisekernels.cli:main"]},
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "triton"]},
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "triton>=3.6"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

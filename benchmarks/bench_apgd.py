@@ -13,9 +13,8 @@ import time
 
 import pytest
 import torch
-import torchattacks
 from bench_attacks import Net, _data, _trained, fit
-from conftest import DEVICES, MODE, full_size_goal, sync
+from conftest import DEVICES, MODE, full_size_goal, needs_torchattacks, sync, torchattacks
 from torch import nn
 
 import noisekernels as nk
@@ -59,6 +58,7 @@ def _trained_rse():
     return fit(RSENet())
 
 
+@needs_torchattacks
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("defense", ["rs1", "rse", "a2snn"])
 def test_apgd_eot(benchmark, defense, device):

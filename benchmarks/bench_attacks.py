@@ -9,8 +9,7 @@ import functools
 
 import pytest
 import torch
-import torchattacks
-from conftest import DEVICES, MODE, full_size_goal, paired_ratio, sync
+from conftest import DEVICES, MODE, full_size_goal, needs_torchattacks, paired_ratio, sync, torchattacks
 from torch import nn
 
 import noisekernels as nk
@@ -84,10 +83,10 @@ def _trained(defense):
 
 
 def fit(model):
-    """60 Adam steps on the synthetic task: a model with real decision boundaries, in eval mode."""
+    """MODE.fit_steps (60) Adam steps on the synthetic task: a model with real decision boundaries, in eval mode."""
     x, y = _data(2000, 1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(MODE.fit_steps):
         idx = slice((step * 100) % 2000, (step * 100) % 2000 + 100)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -97,6 +96,7 @@ def fit(model):
 
 
 
+@needs_torchattacks
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("defense", ["rs1", "a2snn"])
 def test_eot_pgd(benchmark, defense, device):

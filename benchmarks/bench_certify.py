@@ -24,7 +24,7 @@ import noisekernels as nk
 from noisekernels import certify
 
 GOALS = {"cpu": 1.2}
-SIGMA, N, BATCH, INPUTS = 0.25, 10_000, 1000, MODE.certify_inputs
+SIGMA, N, BATCH, INPUTS = 0.25, MODE.certify_n, 1000, MODE.certify_inputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +34,7 @@ def _gda_trained():
     x, y = _data(2000, 1)
     stream = nk.Stream(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(MODE.fit_steps):
         idx = slice((step * 100) % 2000, (step * 100) % 2000 + 100)
         xs, ys = nk.functional.gaussian_augment(x[idx], y[idx], 2, SIGMA, *stream.reserve(2 * x[idx].numel()), clip=None)
         loss = nn.functional.cross_entropy(model(xs), ys)

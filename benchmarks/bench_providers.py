@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from noisekernels.benchmarking.harness import HAS_CUDA, MODE, saved_bytes_per_element, sync
+from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, saved_bytes_per_element, sync
 
 from noisekernels import philox
 from noisekernels import random as nkr
@@ -359,3 +359,16 @@ def test_provider(benchmark, name, mode, provider, device):
     if provider == "noisekernels":
         benchmark.extra_info["ours"] = True
     benchmark.pedantic(lambda: (run(), sync(device)), rounds=MODE.rounds, warmup_rounds=MODE.warmup, iterations=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_copy(benchmark, device):
+    """The device's memory bandwidth in this run: a copy of the providers' tensor size into a
+    preallocated tensor (bytes read and written), the limit every kernel's GB/s is a fraction of."""
+    src = torch.randn(MODE.provider_numel, device=device)
+    dst = torch.empty_like(src)
+    benchmark.group = f"device-copy-{device}"
+    benchmark.extra_info.update(impl="copy", device=device, section="device-copy", numel=src.numel(),
+                                floor_bytes=2 * _bytes(src))
+    benchmark.pedantic(lambda: (dst.copy_(src), sync(device)), rounds=MODE.rounds, warmup_rounds=MODE.warmup,
+                       iterations=1)

@@ -23,20 +23,17 @@ import time
 
 import pytest
 import torch
-import torchattacks
 import zoo
 from bench_attacks import _data, fit
-from conftest import DEVICES, MODE, MODE_NAME, full_size_goal, paired_ratio, sync
+from conftest import DEVICES, MODE, full_size_goal, needs_torchattacks, paired_ratio, sync, torchattacks
 from torch import nn
 
 from noisekernels import ensemble
 from noisekernels.attacks import APGD, PGD, AutoAttack
 
 MC_N, EOT_N = 50, 10
-BATCHES = (32, 200) if MODE_NAME == "full" else (32,)
-ATTACK_MODELS = ("residual-rse", "rs1-cnn", "a2snn") if MODE_NAME == "full" else ("rs1-cnn",)
-ATTACK_BATCH = 32
-ATTACK_ROUNDS = 2 if MODE_NAME == "full" else 1
+BATCHES, ATTACK_MODELS = MODE.zoo_batches, MODE.zoo_attack_models
+ATTACK_BATCH, ATTACK_ROUNDS = MODE.zoo_attack_batch, MODE.zoo_attack_rounds
 EPS, STEPS, EOT = 0.1, 20, 10
 ALPHA = 2.5 * EPS / STEPS  # Madry's rule
 JUDGE_N = 100
@@ -118,6 +115,7 @@ ATTACKS = {
 }
 
 
+@needs_torchattacks
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(ATTACKS))
 @pytest.mark.parametrize("name", ATTACK_MODELS)

@@ -15,6 +15,13 @@ if not torch.cuda.is_available():
 
 from noisekernels.benchmarking.harness import DEVICES, HAS_CUDA, MODE, MODE_NAME, full_size_goal, sync  # noqa: E402,F401
 
+try:  # the attack baselines; an image without it (the GPU machine's) skips those comparisons, saying why
+    import torchattacks
+except ImportError:
+    torchattacks = None
+NO_TORCHATTACKS = "torchattacks is not installed, so the comparisons against it are skipped (docs/gpu-check.md: carry its wheel)"
+needs_torchattacks = pytest.mark.skipif(torchattacks is None, reason=NO_TORCHATTACKS)
+
 
 def paired_ratio(ours, baseline, rounds, sync=lambda: None):
     """Median over rounds of baseline time / ours time, the two run back to back in each round, so

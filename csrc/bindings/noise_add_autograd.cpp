@@ -112,7 +112,7 @@ class NoiseAdd : public torch::autograd::Function<NoiseAdd> {
       } else {
         grad_scale = noise_mul_op(grad.to(acc).contiguous(), seed, offset, dist, segments)
                          .reshape({-1, channels, inner})
-                         .sum({0, 2});
+                         .sum(at::IntArrayRef{0, 2});  // a bare {0, 2} is ambiguous (DimnameList) in torch 2.11
       }
     }
     return {grad_x, grad_scale, {}, {}, {}, {}, {}, {}, {}, {}, {}};

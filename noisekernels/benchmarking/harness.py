@@ -36,6 +36,12 @@ class Mode:
     paired_rounds: int = 7  # rounds of the engine's paired ratios (bench_ensemble)
     memory_defenses: tuple = ("rs1", "rse", "a2snn")  # each measurement is a fresh process (seconds)
     memory_calls: tuple = ("mc_predict", "eot_grad")
+    zoo_batches: tuple = (32,)  # batches of the engine on the zoo (bench_zoo)
+    zoo_attack_models: tuple = ("rs1-cnn",)  # zoo models attacked against torchattacks (bench_zoo)
+    zoo_attack_batch: int = 32  # inputs each zoo attack crafts
+    zoo_attack_rounds: int = 1  # paired rounds of each zoo attack
+    certify_n: int = 10_000  # noisy samples per certified input (bench_certify)
+    fit_steps: int = 60  # Adam steps that train the attacked and certified models
     # torch.compile's backend for the "compile" providers: inductor (what users get), except in the
     # smoke run, which checks agreement and the report in seconds (inductor's codegen takes minutes).
     compile_backend: str = "inductor"
@@ -49,7 +55,17 @@ MODES = {
     "quick": Mode(32 * 32 * 28 * 28, 5, 1, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50), 32,
                   paired_rounds=3, engine_batch=25, attack_batch=50, certify_inputs=1),
     "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
-                 (1, 2, 5, 10, 20, 50, 100), 100),
+                 (1, 2, 5, 10, 20, 50, 100), 100, zoo_batches=(32, 200),
+                 zoo_attack_models=("residual-rse", "rs1-cnn", "a2snn"), zoo_attack_rounds=2),
+    # scripts/gpu_check.py (make gpu-check): 256 MiB tensors, far past a GPU's caches, so GB/s is
+    # the memory's; the engine, attacks and certification at the full mode's sizes.
+    "gpu": Mode(2**26, 20, 3, (), (), 100, certify_inputs=2, paired_rounds=5, zoo_batches=(32, 200),
+                zoo_attack_models=("residual-rse", "rs1-cnn", "a2snn"), zoo_attack_rounds=2),
+    # gpu_check.py --short: a rerun inside the same lease.
+    "gpu-short": Mode(2**26, 5, 1, (), (), 100, certify_inputs=1, paired_rounds=3, zoo_batches=(200,)),
+    # gpu_check.py --dry-run: the same steps on CPU at sizes that take seconds.
+    "dry-run": Mode(4096, 1, 0, (), (), 8, certify_inputs=1, paired_rounds=1, compile_backend="aot_eager",
+                    zoo_batches=(4,), zoo_attack_batch=4, certify_n=1_000, fit_steps=5),
 }
 MODE_NAME = os.environ.get("NK_BENCH_MODE", "full")
 if MODE_NAME not in MODES:

@@ -261,14 +261,13 @@ def _goal_status(ratio, goal):
     return "" if goal is None else f"goal >= {goal}x: {'met' if ratio >= goal else 'MISSED'}"
 
 
-def _other_md(run):
-    known = {"providers", "scaling-size", "scaling-replicas", "memory"}
+def _other_rows(run):
+    """[group, impl, median ms, ratios and notes] of every benchmark outside the sections with tables of their own."""
+    known = {"providers", "scaling-size", "scaling-replicas", "memory", "device-copy"}
     groups = {}
     for b in run["benchmarks"]:
         if b["extra_info"].get("section") not in known:
             groups.setdefault(b["group"], []).append(b)
-    if not groups:
-        return []
     rows = []
     for group, benches in sorted(groups.items()):
         ours = [b for b in benches if b["extra_info"].get("ours")]
@@ -288,6 +287,13 @@ def _other_md(run):
             if "note" in info:
                 cells.append(info["note"])
             rows.append([group, info.get("impl", b["name"]), _ms(_median(b)), "; ".join(cells)])
+    return rows
+
+
+def _other_md(run):
+    rows = _other_rows(run)
+    if not rows:
+        return []
     return ["## Engines, drivers, attacks and the per-op goals", "",
             "The engine against the loop of n passes, training steps against their eager twins, attacks against "
             "torchattacks, certification against the smoothing loop, and the per-op issue goals: each file of "
@@ -345,8 +351,82 @@ def _machine_md(run):
     return lines
 
 
+# ---------------------------------------------------------------- the GPU section (scripts/gpu_check.py)
+
+GPU_BEGIN, GPU_END = "<!-- gpu-check: begin -->", "<!-- gpu-check: end -->"
+KERNEL_PROVIDERS = ("noisekernels", "noisekernels-cuda", "noisekernels-triton")
+
+
+def _gbs_of(b):
+    return b["extra_info"]["floor_bytes"] / _median(b) / 1e9
+
+
+def _gpu_kernels_md(run):
+    copies = {b["extra_info"]["device"]: _gbs_of(b) for b in _section(run, "device-copy")}
+    ops, table, devices = _provider_rows(run)
+    rows = []
+    for device in devices:
+        for op in ops:
+            for mode in MODES:
+                eager, compiled = table.get((op, mode, "eager", device)), table.get((op, mode, "compile", device))
+                for impl in KERNEL_PROVIDERS:
+                    b = table.get((op, mode, impl, device))
+                    if b is None:
+                        continue
+                    gbs = _gbs_of(b)
+                    rows.append([op, mode, device, impl, _ms(_median(b)), f"{gbs:.3g}",
+                                 f"{gbs / copies[device]:.0%}" if device in copies else "",
+                                 *(f"{_median(other) / _median(b):.2f}x" if other else "" for other in (eager, compiled))])
+    copy_line = "; ".join(f"{d}: {gbs:.3g} GB/s" for d, gbs in copies.items()) or "not measured"
+    return [f"Device-to-device copy in this run (bytes read and written over time): {copy_line}. Each kernel's "
+            "*GB/s* is the op's unavoidable traffic (the copy floor's bytes) over its median time; *of copy* is that "
+            "over the copy's GB/s; *vs eager* and *vs compile* are those providers' median times over the kernel's "
+            "(> 1: the kernel is faster).", "",
+            _table(["op", "mode", "device", "kernel", "median ms", "GB/s", "of copy", "vs eager", "vs compile"], rows)]
+
+
+def gpu_section_md(gpu):
+    """The GPU section of BENCHMARKS.md from gpu_check.py's JSON: the run, its steps, the kernels'
+    bandwidth and the engine, attack and certification ratios."""
+    check = gpu["gpu_check"]
+    env = check["environment"]
+    steps = [[s["name"], s["status"], f"{s['seconds']:.0f}", s["budget_s"]] for s in check["steps"]]
+    lines = [GPU_BEGIN, "## GPU (make gpu-check)", "",
+             f"- Produced by `{check['command']}` on {check['date']} UTC, commit {check.get('commit', '?')}, "
+             f"in {check['seconds']:.0f} s (budget {check['budget_s']} s).",
+             f"- Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
+             f"Python {env['python']}; extension built with CUDA kernels: {env.get('built_with_cuda')}.", "",
+             _table(["step", "status", "seconds", "budget s"], steps), ""]
+    lines += [f"- Skipped: {reason}" for reason in check["skipped"]] + ([""] if check["skipped"] else [])
+    if _section(gpu, "providers"):
+        lines += ["### Kernels against the device's bandwidth", ""] + _gpu_kernels_md(gpu) + [""]
+    rows = _other_rows(gpu)
+    if rows:
+        lines += ["### The engine, attacks and certification", "",
+                  _table(["group", "impl", "median ms", "ratios and notes"], rows), ""]
+    return "\n".join(lines + [GPU_END])
+
+
+def _gpu_section_of(text):
+    start, end = text.find(GPU_BEGIN), text.find(GPU_END)
+    return text[start:end + len(GPU_END)] if start >= 0 and end > start else None
+
+
+def write_gpu_section(out_dir, gpu):
+    """Puts the GPU section of `gpu` into out_dir/BENCHMARKS.md, in place of the one there or after
+    the rest (a new file holds the section alone); returns the report's path."""
+    path = os.path.join(out_dir, "BENCHMARKS.md")
+    text = open(path).read() if os.path.exists(path) else ""
+    old, section = _gpu_section_of(text), gpu_section_md(gpu)
+    text = text.replace(old, section) if old else (text.rstrip("\n") + "\n\n" if text else "") + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def write_report(run, out_dir, plot_subdir="docs/benchmarks"):
-    """Writes out_dir/BENCHMARKS.md and its PNG plots under out_dir/plot_subdir; returns the report's path."""
+    """Writes out_dir/BENCHMARKS.md (keeping the GPU section of the one there) and its PNG plots under
+    out_dir/plot_subdir; returns the report's path."""
     plot_dir = os.path.join(out_dir, plot_subdir)
     os.makedirs(plot_dir, exist_ok=True)
     providers_plot = _section(run, "providers") and _plot_providers(run, os.path.join(plot_dir, "providers.png"))
@@ -369,6 +449,7 @@ def write_report(run, out_dir, plot_subdir="docs/benchmarks"):
               "noisekernels bench --compare NEW.json        # ratios that fell > 20% against the committed baseline",
               "noisekernels bench --compare NEW.json --baseline OLD.json", "```", ""]
     path = os.path.join(out_dir, "BENCHMARKS.md")
+    gpu = _gpu_section_of(open(path).read()) if os.path.exists(path) else None  # gpu_check.py's, kept
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines + ([gpu, ""] if gpu else [])))
     return path

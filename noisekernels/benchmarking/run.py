@@ -26,9 +26,10 @@ def bench_files(mode):
     return [os.path.join(BENCHMARKS, f) for f in files]
 
 
-def run_suite(mode, json_path, *, command, select=None, quiet=True):
-    """Runs the suite's files for `mode` (only tests matching the pytest -k expression `select`
-    if given), saving pytest-benchmark's JSON to json_path. Returns pytest's exit code."""
+def run_suite(mode, json_path, *, command, select=None, quiet=True, files=None, timeout=None):
+    """Runs the suite's files for `mode`, or the given files of benchmarks/ (only tests matching the
+    pytest -k expression `select` if given), saving pytest-benchmark's JSON to json_path. Returns
+    pytest's exit code; raises subprocess.TimeoutExpired after `timeout` seconds."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
@@ -36,7 +37,8 @@ def run_suite(mode, json_path, *, command, select=None, quiet=True):
     # the committed JSON is neither truncated by a failed run nor counted as an uncommitted change in the
     # run's own record (git describe --dirty).
     partial = os.path.abspath(json_path) + ".partial"
-    args = [sys.executable, "-m", "pytest", *bench_files(mode), "-p", "no:cacheprovider", "-o", "addopts=",
+    paths = bench_files(mode) if files is None else [os.path.join(BENCHMARKS, f) for f in files]
+    args = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "-o", "addopts=",
             f"--benchmark-json={partial}", "--benchmark-disable-gc", "-q" if quiet else "-v"]
     if select:
         args += ["-k", select]
@@ -44,7 +46,7 @@ def run_suite(mode, json_path, *, command, select=None, quiet=True):
         args.append("--benchmark-columns=median")
     env = dict(os.environ, NK_BENCH_MODE=mode, NK_BENCH_COMMAND=command,
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    code = subprocess.run(args, cwd=REPO, env=env).returncode
+    code = subprocess.run(args, cwd=REPO, env=env, timeout=timeout).returncode
     if code == 0:
         os.replace(partial, json_path)
     return code
