@@ -170,12 +170,29 @@ def _pct(v):
 
 # ----------------------------------------------------------------------------- train
 
+# train's flags that config.json records, with a new run's defaults (None: the preset's or schedule's)
+TRAIN_DEFAULTS = {"defense": "standard", "dataset": "digits", "data_root": None, "model": None, "schedule": "adam",
+                  "epochs": None, "batch_size": None, "lr": None, "weight_decay": None, "seed": 0, "device": "cpu",
+                  "compile": False, "channels_last": False, "bf16": False}
+
+
+def _recorded_config(run_dir):
+    """The settings run_dir's config.json records ({} where it is missing or unreadable: the
+    trainer's resume then says what is wrong with it)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 @command("train a model of a defense preset (checkpoints every epoch; --resume continues a run)")
 def train(p):
     from . import data, defenses, models
     from .train import SCHEDULES
 
-    p.add_argument("--defense", default="standard", choices=defenses.NAMES, help="defense preset (default standard)")
+    p.add_argument("--defense", choices=defenses.NAMES, help="defense preset (default standard)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a defense option, e.g. --set keep=0.7 "
                    "(see noisekernels.defenses.PRESETS); repeatable")
     p.add_argument("--model", help=f"architecture: one of {', '.join(models.ARCHITECTURES)} (default: the preset's), "
@@ -185,11 +202,11 @@ def train(p):
                    "from the data (defenses dropout, rsd1 and a2snn need a library architecture)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="architecture size or constructor "
                    "argument, e.g. --model-option widths=[16,32] or width=16; repeatable")
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.NAMES)} (default digits, bundled), "
+    p.add_argument("--dataset", help=f"one of {', '.join(data.NAMES)} (default digits, bundled), "
                    "or a .npz file of arrays x_train, y_train, x_test, y_test (images (N, C, H, W) or (N, H, W), "
                    "uint8 or float in [0, 1]; integer labels 0..K-1)")
     p.add_argument("--data-root", help="directory of the dataset's files (mnist, fashion-mnist, cifar10)")
-    p.add_argument("--schedule", default="adam", choices=tuple(SCHEDULES), help="optimiser schedule (default adam)")
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), help="optimiser schedule (default adam)")
     p.add_argument("--epochs", type=int, help="default: the schedule's")
     p.add_argument("--batch-size", type=_positive_int, help="global batch size (default: the schedule's)")
     p.add_argument("--lr", type=_nonnegative_float, help="default: the schedule's")
@@ -198,27 +215,37 @@ def train(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint, "
+                   "with its recorded settings for every flag not given")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on a terminal only) and no line "
                    "per epoch (stderr)")
     _common(p)
+    # None marks a flag not given: --resume takes it from config.json, a new run from TRAIN_DEFAULTS
+    p.set_defaults(**{field: None for field in TRAIN_DEFAULTS})
 
     def run(args):
         from .train import TrainConfig, train_replicas
+        run_dir = args.run_dir or os.path.join("runs", args.defense or TRAIN_DEFAULTS["defense"])
+        given = {field: getattr(args, field) for field in TRAIN_DEFAULTS}
+        given["model_options"] = _pairs(args.model_option, "--model-option") if args.model_option else None
+        given["options"] = _pairs(args.set, "--set") if args.set else None
+        recorded = _recorded_config(run_dir if args.replicas == 1 else os.path.join(run_dir, "replica-0")) \
+            if args.resume else {}
+        defaults = {**TRAIN_DEFAULTS, "model_options": {}, "options": {}}
+        fields = {field: value if value is not None else recorded.get(field, defaults[field])
+                  for field, value in given.items()}
+        if args.resume and "dataset" in recorded and fields["dataset"] is None:
+            raise UsageError(f"{run_dir} was trained on data given in memory ({recorded.get('dataset_name')!r}): "
+                             "pass the same data with --dataset PATH.npz")
+        args.device = fields["device"]
         _setup(args)
-        config = TrainConfig(defense=args.defense, dataset=args.dataset, data_root=args.data_root, model=args.model,
-                             model_options=_pairs(args.model_option, "--model-option"),
-                             options=_pairs(args.set, "--set"), schedule=args.schedule, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                             device=args.device, compile=args.compile, channels_last=args.channels_last,
-                             bf16=args.bf16, progress=not args.no_progress)
-        run_dir = args.run_dir or os.path.join("runs", args.defense)
+        config = TrainConfig(**fields, progress=not args.no_progress)
         train_replicas(config, run_dir, args.replicas, resume=args.resume)
         metrics = os.path.join(run_dir if args.replicas == 1 else os.path.join(run_dir, "replica-0"), "metrics.jsonl")
         if os.path.exists(metrics) and os.environ.get("RANK", "0") == "0":
             with open(metrics) as f:
                 last = json.loads(f.readlines()[-1])
-            print(f"trained {args.defense} in {run_dir}: epoch {last['epoch']}, loss {last['loss']:.4f}, "
+            print(f"trained {config.defense} in {run_dir}: epoch {last['epoch']}, loss {last['loss']:.4f}, "
                   f"test accuracy {_pct(last['test_acc'])}% (one pass), {last['samples_per_s']:.0f} samples/s")
     return run
 

@@ -6,15 +6,22 @@ a JSON-lines metrics log, and a checkpoint every epoch that resumes bit for bit.
 
 A run directory holds config.json, metrics.jsonl and checkpoint/ (weights.safetensors: the model's
 state_dict, noise streams included; state.pt: optimiser, scheduler, epoch, the shuffling
-generator and the driver's own streams, loaded with torch.load(weights_only=True), so loading
-never executes code; metrics.jsonl: one line per epoch so far). Shuffling uses a torch.Generator
-the trainer owns, never the global RNG.
+generator, torch's generators and the driver's own streams, loaded with
+torch.load(weights_only=True), so loading never executes code; metrics.jsonl: one line per epoch
+so far). Shuffling uses a torch.Generator the trainer owns. torch's own generators (the CPU one and
+the device's), which a model of your own may draw from (nn.Dropout, torch.randn), are the run's
+while it trains: seeded from its seed, checkpointed and restored, and the caller's states put back
+when fit returns.
 
 A checkpoint is one commit: each epoch's files go into a new directory checkpoint-<epoch>, flushed
 to disk, and one atomic replace of the symlink `checkpoint` switches to it (run_dir/metrics.jsonl
 is a fixed link into it). A kill at any instant leaves the previous epoch's checkpoint or the new
 one, never a mix, and resuming removes what the kill left behind. Missing, truncated or foreign
-files raise CheckpointError naming the file.
+files raise CheckpointError naming the file. A run copied with its links followed (cp -rL:
+checkpoint/ a real directory) resumes; its next commit moves that directory aside to
+checkpoint.old, then links `checkpoint` (a kill in between leaves checkpoint.old, the committed
+epoch, which resuming moves back). One process trains in a run directory at a time: an exclusive
+lock on run_dir/.lock, held from the Trainer's construction until fit returns.
 
 Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
 GPU) over a DistributedSampler; each rank's noise streams are its own (for_rank, applied after
@@ -24,9 +31,10 @@ the streams' base seeds, so a run resumes under any world size.
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -64,13 +72,19 @@ SCHEDULES = {
                         milestones=(), gamma=1.0),
 }
 _RESUME_FREE = ("epochs", "progress", "compile")  # may change when a run is resumed
+_DATA_SOURCE = ("dataset", "data_root", "dataset_name")  # where the data was read: free if its sha256 is the same
 CHECKPOINT_FILES = ("weights.safetensors", "state.pt", "metrics.jsonl")
 _CHECKPOINT_VERSION = re.compile(r"checkpoint-\d+")  # committed, or left behind by a kill
+_MOVED_ASIDE = "checkpoint.old"  # a copy's real checkpoint/ directory while the link replaces it
 
 
 class CheckpointError(ValueError):
     """A run's checkpoint is missing, incomplete, unreadable or of another run (the CLI prints it as
     a usage error)."""
+
+
+class RunDirectoryLocked(ValueError):
+    """Another process trains in the run directory (the CLI prints it as a usage error)."""
 
 
 @dataclasses.dataclass
@@ -225,7 +239,37 @@ def _write_json(path, value):
 
 def has_checkpoint(run_dir):
     """Whether run_dir holds a committed checkpoint (a run to resume)."""
-    return os.path.lexists(os.path.join(run_dir, "checkpoint"))
+    return os.path.lexists(os.path.join(run_dir, "checkpoint")) or os.path.isdir(os.path.join(run_dir, _MOVED_ASIDE))
+
+
+def _seeded_torch_rng(seed, rank, epoch, device):
+    """States for torch's CPU generator (and the device's, on CUDA) seeded from the run's seed, the
+    rank and the epoch the process starts at; a hash keeps them apart from the seeds of weights and
+    shuffling (torch.manual_seed(seed), torch.Generator().manual_seed(seed))."""
+    value = int.from_bytes(hashlib.sha256(f"torch {seed} {rank} {epoch}".encode()).digest()[:8], "little")
+    state = {"cpu": torch.Generator().manual_seed(value).get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.Generator(device).manual_seed(value).get_state()
+    return state
+
+
+def _read_metrics(path):
+    """metrics.jsonl's lines, each checked to be epoch i's JSON object on line i."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not a text file ({e})") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (line.endswith("\n") and isinstance(record, dict) and type(record.get("epoch")) is int
+                and record["epoch"] == number):
+            raise CheckpointError(f"{path} line {number} is not the metrics of epoch {number} (one JSON object with "
+                                  f"\"epoch\": {number} per line): {line[:80]!r}")
+    return lines
 
 
 class Trainer:
@@ -234,6 +278,7 @@ class Trainer:
 
     def __init__(self, config, run_dir, *, resume=False, dataset=None, _teacher_of=None):
         self.is_teacher = _teacher_of is not None
+        self.student_started = self.is_teacher and _teacher_of.epoch > 0
         self.config = cfg = config.resolved()
         self.run_dir = run_dir
         self.rank, self.world = distributed.init()
@@ -259,10 +304,14 @@ class Trainer:
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=sched["momentum"])
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(sched["milestones"]), sched["gamma"])
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.torch_rng = None  # torch's generators' states while this run trains (_torch_rng's form)
         self.epoch = 0
         self.metrics = []  # metrics.jsonl's lines, committed with each checkpoint
         self.teacher = None
+        self._lock_file = None
         self._prepare_run_dir(resume)
+        if self.torch_rng is None:  # a fresh run, or a resume under torchrun (rank 0's state alone is saved)
+            self.torch_rng = _seeded_torch_rng(cfg.seed, self.rank, self.epoch, self.device)
         # Base seeds (what checkpoints hold); each rank then draws from its own streams.
         self.base_seeds = _stream_seeds(self.model)
         self.ddp = None
@@ -290,39 +339,95 @@ class Trainer:
                 "num_classes": self.data.num_classes, "dataset_name": self.data.name,
                 "dataset_sha256": self.data_sha256}
 
+    @property
+    def teacher_dir(self):
+        return os.path.join(self.run_dir, "teacher")
+
+    def _lock(self):
+        """Takes the run directory's exclusive lock (rank 0, which writes there), or refuses."""
+        if self.rank != 0 or self._lock_file is not None:
+            return
+        path = os.path.join(self.run_dir, ".lock")
+        lock_file = open(path, "a")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise RunDirectoryLocked(f"{self.run_dir} is locked ({path}): another process trains there; wait for it "
+                                     "to finish or choose another run directory") from None
+        self._lock_file = lock_file
+
+    def _unlock(self):
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases its lock
+            self._lock_file = None
+
     def _prepare_run_dir(self, resume):
-        saved = os.path.join(self.run_dir, "config.json")
-        if has_checkpoint(self.run_dir) and not resume:
-            raise FileExistsError(f"{self.run_dir} already holds a run: resume it or choose another run directory")
-        if resume:
-            if not has_checkpoint(self.run_dir):
-                raise CheckpointError(f"cannot resume {self.run_dir}: nothing to resume ({self.checkpoint_dir} is "
-                                      "missing: no epoch was committed)")
-            if not os.path.isfile(saved):
-                raise CheckpointError(f"cannot resume {self.run_dir}: {saved} is missing")
-            try:
-                with open(saved) as f:
-                    old = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{saved} is not a JSON file ({e})") from None
-            new = json.loads(json.dumps(self._config_json()))
-            diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
-            if diff:
-                raise ValueError(f"cannot resume {self.run_dir}: its run differs in {diff}")
-            self.load_checkpoint()
+        # the teacher's checkpoint alone: a distillation run killed while its teacher trained
+        teacher_only = self.preset.distill and not self.is_teacher and has_checkpoint(self.teacher_dir)
+        if resume and not (has_checkpoint(self.run_dir) or teacher_only):  # refused before creating anything
+            raise CheckpointError(f"cannot resume {self.run_dir}: nothing to resume ({self.checkpoint_dir} is "
+                                  "missing: no epoch was committed)")
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
-            self._remove_uncommitted()
-            _atomic(saved, lambda p: _write_json(p, self._config_json()))
-            _atomic(os.path.join(self.run_dir, "metrics.jsonl"),
-                    lambda p: os.symlink(os.path.join("checkpoint", "metrics.jsonl"), p))
+        self._lock()
+        try:
+            if has_checkpoint(self.run_dir) and not resume:
+                raise FileExistsError(f"{self.run_dir} already holds a run: resume it or choose another run directory")
+            if resume:
+                self._check_same_run()
+                if has_checkpoint(self.run_dir):
+                    self.load_checkpoint()
+                if self.student_started:  # the teacher was complete: a student trained longer keeps it as it was
+                    self.config = dataclasses.replace(self.config, epochs=self.epoch)
+                if self.config.epochs < self.epoch:
+                    raise ValueError(f"cannot resume {self.run_dir} with epochs {self.config.epochs}: it has committed "
+                                     f"epoch {self.epoch} already (give epochs >= {self.epoch})")
+            if self.rank == 0:
+                self._move_back_aside()
+                self._remove_uncommitted()
+                _atomic(os.path.join(self.run_dir, "config.json"), lambda p: _write_json(p, self._config_json()))
+                _atomic(os.path.join(self.run_dir, "metrics.jsonl"),
+                        lambda p: os.symlink(os.path.join("checkpoint", "metrics.jsonl"), p))
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _check_same_run(self):
+        """Refuses to resume with settings other than config.json's, naming the recorded and given values;
+        data read from elsewhere with the same content (sha256) is the same data."""
+        saved = os.path.join(self.run_dir, "config.json")
+        if not os.path.isfile(saved):
+            raise CheckpointError(f"cannot resume {self.run_dir}: {saved} is missing")
+        try:
+            with open(saved) as f:
+                old = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{saved} is not a JSON file ({e})") from None
+        if not isinstance(old, dict):
+            raise CheckpointError(f"{saved} is not a run's config (a JSON object), got {type(old).__name__}")
+        new = json.loads(json.dumps(self._config_json()))
+        free = _RESUME_FREE + (_DATA_SOURCE if old.get("dataset_sha256") == new["dataset_sha256"] else ())
+        diff = [k for k in sorted(new) if k not in free and old.get(k) != new[k]]
+        if diff:
+            raise ValueError(f"cannot resume {self.run_dir}: its run differs from {saved} in " + "; ".join(
+                f"{k} (recorded {old.get(k)!r}, given {new[k]!r})" for k in diff))
+
+    def _move_back_aside(self):
+        """A kill while a copy's real checkpoint/ directory was being replaced by the link left it in
+        checkpoint.old with no `checkpoint`: it is the committed epoch, moved back."""
+        aside = os.path.join(self.run_dir, _MOVED_ASIDE)
+        if not os.path.lexists(self.checkpoint_dir) and os.path.isdir(aside):
+            os.replace(aside, self.checkpoint_dir)
+            _fsync(self.run_dir)
 
     def _remove_uncommitted(self):
         """Removes the checkpoint directories other than the committed one (a kill's leftovers)."""
         committed = self._committed_dir() if has_checkpoint(self.run_dir) else None
         for name in os.listdir(self.run_dir):
-            if _CHECKPOINT_VERSION.fullmatch(name) and os.path.join(self.run_dir, name) != committed:
-                shutil.rmtree(os.path.join(self.run_dir, name))
+            path = os.path.join(self.run_dir, name)
+            if (_CHECKPOINT_VERSION.fullmatch(name) or name == _MOVED_ASIDE) and path != committed:
+                shutil.rmtree(path)
 
     def save_checkpoint(self):
         """Commits this epoch: weights, state and the metrics so far go into a new directory,
@@ -339,22 +444,32 @@ class Trainer:
             base_streams.update({k: v for k, v in base.items() if k.endswith(".seed")})
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-                 "streams": base_streams}
+                 "torch_rng": self._torch_rng(), "streams": base_streams}
         torch.save(state, os.path.join(directory, "state.pt"))
         with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
             f.writelines(self.metrics)
         for file in CHECKPOINT_FILES:
             _fsync(os.path.join(directory, file))
         _fsync(directory)
+        if not os.path.islink(self.checkpoint_dir) and os.path.isdir(self.checkpoint_dir):
+            # a copy's real directory (cp -rL): no rename replaces a directory by a link, so it goes aside first
+            os.replace(self.checkpoint_dir, os.path.join(self.run_dir, _MOVED_ASIDE))
+            _fsync(self.run_dir)
         _atomic(self.checkpoint_dir, lambda p: os.symlink(name, p))
         self._remove_uncommitted()
 
     def _committed_dir(self):
-        """The directory the link `checkpoint` points to (read once: a commit meanwhile cannot mix epochs)."""
-        if not os.path.islink(self.checkpoint_dir):
-            raise CheckpointError(f"cannot resume {self.run_dir}: {self.checkpoint_dir} is not a link to a committed "
-                                  "checkpoint (a run of an older noisekernels?)")
-        return os.path.join(self.run_dir, os.readlink(self.checkpoint_dir))
+        """The directory the link `checkpoint` points to (read once: a commit meanwhile cannot mix epochs),
+        or a copy's real checkpoint/ directory, or that directory moved aside by a commit a kill stopped."""
+        if os.path.islink(self.checkpoint_dir):
+            return os.path.join(self.run_dir, os.readlink(self.checkpoint_dir))
+        if os.path.isdir(self.checkpoint_dir):
+            return self.checkpoint_dir
+        aside = os.path.join(self.run_dir, _MOVED_ASIDE)
+        if not os.path.lexists(self.checkpoint_dir) and os.path.isdir(aside):
+            return aside
+        raise CheckpointError(f"cannot resume {self.run_dir}: {self.checkpoint_dir} is neither a link to a committed "
+                              "checkpoint nor a checkpoint directory")
 
     def load_checkpoint(self):
         """Restores model, optimiser, scheduler, shuffling, streams, epoch and metrics from the committed
@@ -370,22 +485,45 @@ class Trainer:
         path = paths["state.pt"]
         try:
             state = torch.load(path, weights_only=True, map_location=self.device)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # their own messages mislead
+        except Exception as e:  # any bytes may be there (garbage raises KeyError, ...); their own messages mislead
             raise CheckpointError(f"{path} is truncated or not a torch.save file (torch.load raised "
                                   f"{type(e).__name__})") from None
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.generator.set_state(state["generator"].cpu())
-            self.streams.load_state_dict(state["streams"])
-            self.epoch = state["epoch"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            self._load_state(state)
+        except Exception as e:  # whatever a foreign or damaged state makes the loaders raise
             raise CheckpointError(f"{path} does not hold this run's training state ({type(e).__name__}: {e})") from None
-        with open(paths["metrics.jsonl"]) as f:
-            self.metrics = f.readlines()
+        self.metrics = _read_metrics(paths["metrics.jsonl"])
         if len(self.metrics) != self.epoch:
             raise CheckpointError(f"{paths['metrics.jsonl']} holds {len(self.metrics)} lines, its checkpoint is of "
                                   f"epoch {self.epoch}")
+
+    def _load_state(self, state):
+        epoch = state["epoch"]
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())
+        self.streams.load_state_dict(state["streams"])
+        torch_rng = {k: v.cpu() for k, v in state["torch_rng"].items()}
+        torch.Generator().set_state(torch_rng["cpu"])  # checked here, set when fit starts
+        if self.device.type == "cuda":
+            torch.Generator(self.device).set_state(torch_rng["cuda"])
+        self.epoch = epoch
+        if self.world == 1:  # under torchrun each rank's are seeded afresh (rank 0's alone were saved)
+            self.torch_rng = torch_rng
+
+    def _torch_rng(self):
+        """torch's generators' states now: the CPU one, and the device's on CUDA."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_torch_rng(self, state):
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     # ------------------------------------------------------------------ training
 
@@ -453,7 +591,21 @@ class Trainer:
                     disable=None if self.config.progress and self.rank == 0 else True, unit="batch")
 
     def fit(self):
-        """Trains until config.epochs, checkpointing after every epoch; returns the model."""
+        """Trains until config.epochs, checkpointing after every epoch; returns the model. torch's
+        generators are the run's meanwhile, the caller's put back after; the run directory's lock is
+        released when it returns."""
+        self._lock()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                self._set_torch_rng(self.torch_rng)
+                self._fit()
+                self.torch_rng = self._torch_rng()
+        finally:
+            self._unlock()
+        return self.model
+
+    def _fit(self):
         if self.preset.distill and not self.is_teacher and self.teacher is None:
             self.teacher = self._train_teacher()
         self.model.train()
@@ -484,13 +636,12 @@ class Trainer:
                       f"train accuracy {record['train_acc']:.4f}, test accuracy {record['test_acc']:.4f}, "
                       f"{record['samples_per_s']:.0f} samples/s, {elapsed:.1f} s", file=sys.stderr, flush=True)
         self.model.eval()
-        return self.model
 
     def _train_teacher(self):
         """Defensive distillation's teacher: the same architecture trained at temperature T on the
         labels, in run_dir/teacher (resumable like any run)."""
-        teacher = Trainer(self.config, os.path.join(self.run_dir, "teacher"), dataset=self.data, _teacher_of=self,
-                          resume=has_checkpoint(os.path.join(self.run_dir, "teacher")))
+        teacher = Trainer(self.config, self.teacher_dir, dataset=self.data, _teacher_of=self,
+                          resume=has_checkpoint(self.teacher_dir))
         model = teacher.fit()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -543,5 +694,5 @@ def train_replicas(config, run_dir, k, **kwargs):
                     **kwargs).fit() for i in range(k)]
 
 
-__all__ = ["CheckpointError", "SCHEDULES", "TrainConfig", "Trainer", "has_checkpoint", "load_model", "load_weights",
-           "save_weights", "train_replicas"]
+__all__ = ["CheckpointError", "RunDirectoryLocked", "SCHEDULES", "TrainConfig", "Trainer", "has_checkpoint",
+           "load_model", "load_weights", "save_weights", "train_replicas"]

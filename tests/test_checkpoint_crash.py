@@ -128,7 +128,8 @@ def test_kill_at_any_file_operation_of_a_commit_then_resume_is_the_uninterrupted
 
 
 @pytest.mark.parametrize("commit", [1, 2])  # the teacher's second epoch; the student's first
-def test_kill_in_a_distillation_run_then_restart_is_the_uninterrupted_run(ds, tmp_path, commit):
+@pytest.mark.parametrize("resume", [True, False])
+def test_kill_in_a_distillation_run_then_resume_or_restart_is_the_uninterrupted_run(ds, tmp_path, commit, resume):
     config = dataclasses.replace(CONFIG, defense="distill", options={"temperature": 20.0}, epochs=2)
     reference = str(tmp_path / "full")
     with pytest.MonkeyPatch.context() as mp:
@@ -145,10 +146,8 @@ def test_kill_in_a_distillation_run_then_restart_is_the_uninterrupted_run(ds, tm
     with open(teacher_metrics) as f:
         committed_lines = f.readlines()
     assert len(committed_lines) == commit
-    # the student committed nothing: nothing to resume; a restart resumes the teacher from its checkpoint
-    with pytest.raises(CheckpointError, match="nothing to resume"):
-        Trainer(config, run, dataset=ds, resume=True)
-    Trainer(config, run, dataset=ds).fit()
+    # the student committed nothing: resuming (or restarting) continues the teacher from its checkpoint
+    Trainer(config, run, dataset=ds, resume=resume).fit()
     with open(teacher_metrics) as f:  # the committed epochs were kept (timings and all), not trained again
         assert f.readlines()[:commit] == committed_lines
     assert_same_run(run, reference)
@@ -218,7 +217,7 @@ def test_resume_continues_the_run(run, capsys):
     cli.main(resume_argv(run))
     assert "epoch 2" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
-    assert sorted(os.listdir(run)) == ["checkpoint", "checkpoint-2", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(run)) == [".lock", "checkpoint", "checkpoint-2", "config.json", "metrics.jsonl"]
 
 
 def test_resume_of_nothing_is_refused(tmp_path, capsys):
@@ -236,11 +235,12 @@ def test_resume_of_a_partial_run_is_refused_naming_the_missing_file(run, capsys,
     refused(resume_argv(run), capsys, path, "is missing")
 
 
-def test_resume_of_a_checkpoint_directory_not_committed_by_a_link_is_refused(run, capsys):
-    target = committed(run, "")
+def test_resume_of_a_checkpoint_that_is_neither_link_nor_directory_is_refused(run, capsys):
     os.remove(os.path.join(run, "checkpoint"))
-    os.rename(target, os.path.join(run, "checkpoint"))  # the layout of older versions
-    refused(resume_argv(run), capsys, os.path.join(run, "checkpoint"), "is not a link to a committed checkpoint")
+    with open(os.path.join(run, "checkpoint"), "w") as f:
+        f.write("not a checkpoint")
+    refused(resume_argv(run), capsys, os.path.join(run, "checkpoint"),
+            "is neither a link to a committed checkpoint nor a checkpoint directory")
 
 
 def _truncate(path):
@@ -267,6 +267,14 @@ def test_unreadable_weights_are_usage_errors_naming_the_file(run, capsys, tmp_pa
 def test_unreadable_state_is_a_usage_error_naming_the_file(run, capsys, damage):
     damage(committed(run, "state.pt"))
     refused(resume_argv(run), capsys, committed(run, "state.pt"), "is truncated or not a torch.save file")
+
+
+def test_state_of_other_content_is_refused(run, capsys):
+    with open(committed(run, "state.pt"), "w") as f:
+        f.write("hello\n")  # torch.load raises KeyError on it
+    refused(resume_argv(run), capsys, committed(run, "state.pt"), "is truncated or not a torch.save file")
+    torch.save({"epoch": "one", "optimizer": {}}, committed(run, "state.pt"))
+    refused(resume_argv(run), capsys, committed(run, "state.pt"), "does not hold this run's training state")
 
 
 def test_state_without_the_training_state_is_refused(run, capsys):
@@ -302,3 +310,120 @@ def test_weights_of_another_run_are_refused_saying_which_run_and_keys_do_not_fit
         err = refused(argv, capsys, path, f"does not hold the weights of {expected_run}")
         for what, keys in problems.items():  # each kind of mismatch said, with some of its keys
             assert (what in err) == bool(keys) and (not keys or any(k in err for k in keys)), (what, err)
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[:50], lambda text: text.replace('"epoch": 1', '"epoch": 3')])
+def test_metrics_line_that_is_not_its_epoch_is_refused(run, capsys, damage):
+    path = committed(run, "metrics.jsonl")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(damage(text))
+    refused(resume_argv(run), capsys, path, "line 1 is not the metrics of epoch 1")
+
+
+def test_resume_with_fewer_epochs_than_committed_is_refused(run, capsys):
+    cli.main(resume_argv(run))
+    argv = resume_argv(run)
+    argv[argv.index("--epochs") + 1] = "1"
+    refused(argv, capsys, "epochs 1", "committed epoch 2")
+
+
+def test_resume_takes_the_flags_not_given_from_config_json(trained, tmp_path, capsys):
+    run = str(shutil.copytree(trained / "rse", tmp_path / "rse", symlinks=True))
+    with open(os.path.join(run, "config.json")) as f:
+        recorded = json.load(f)
+    refused(["train", "--run-dir", run, "--resume", "--lr", "0.5"], capsys, "lr (recorded 0.001, given 0.5)")
+    cli.main(["train", "--run-dir", run, "--resume", "--epochs", "2", "--no-progress", "--threads", "1"])
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f) == {**recorded, "epochs": 2, "progress": False}
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+def test_resume_reads_moved_data_of_the_same_content_and_refuses_other_content(ds, tmp_path, capsys):
+    def npz(path, dataset):
+        data_path = str(tmp_path / path)
+        torch_arrays = dict(x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test,
+                            y_test=dataset.y_test)
+        import numpy as np
+        np.savez(data_path, **{k: v.numpy() for k, v in torch_arrays.items()})
+        return data_path
+
+    first = npz("first.npz", ds)
+    run = str(tmp_path / "run")
+    cli.main(["train", *CLI_TINY, "--epochs", "1", "--dataset", first, "--run-dir", run])
+    with open(os.path.join(run, "config.json")) as f:
+        recorded = json.load(f)
+    moved = str(tmp_path / "elsewhere.npz")
+    os.rename(first, moved)
+    other = npz("other.npz", dataclasses.replace(ds, x_train=ds.x_train.flip(0)))
+    refused(["train", "--run-dir", run, "--resume", "--epochs", "2", "--dataset", other], capsys,
+            f"dataset_sha256 (recorded {recorded['dataset_sha256']!r}, given {data.load(other).sha256()!r})",
+            f"dataset (recorded {first!r}, given {other!r})")
+    cli.main(["train", "--run-dir", run, "--resume", "--epochs", "2", "--dataset", moved, "--no-progress"])
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f) == {**recorded, "epochs": 2, "dataset": moved, "dataset_name": "elsewhere"}
+
+
+def test_a_run_directory_being_trained_in_is_refused_to_another_trainer(ds, tmp_path):
+    import subprocess
+    run = str(tmp_path / "run")
+    first = Trainer(dataclasses.replace(CONFIG, epochs=1), run, dataset=ds)  # holds the lock until fit returns
+    with pytest.raises(train.RunDirectoryLocked, match=f"{run} is locked .*another process trains there"):
+        Trainer(dataclasses.replace(CONFIG, epochs=1), run, dataset=ds)
+    first.fit()
+    # another process holding it (a trainer's flock on run/.lock): the CLI refuses, changing nothing
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               os.path.join(run, ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(run)
+        with pytest.raises(train.RunDirectoryLocked, match=f"{run} is locked .*another process trains there"):
+            Trainer(dataclasses.replace(CONFIG, epochs=2), run, dataset=ds, resume=True)
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(dataclasses.replace(CONFIG, epochs=2), run, dataset=ds, resume=True).fit()  # free again
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_copied(ds, tmp_path_factory):
+    """A one-epoch run of CONFIG copied with its links followed (cp -rL): checkpoint/ a real
+    directory, metrics.jsonl a real file."""
+    run = str(tmp_path_factory.mktemp("one") / "run")
+    Trainer(dataclasses.replace(CONFIG, epochs=1), run, dataset=ds).fit()
+    copy = str(tmp_path_factory.mktemp("copied") / "run")
+    shutil.copytree(run, copy, symlinks=False)
+    assert not os.path.islink(os.path.join(copy, "checkpoint")) and os.path.isdir(os.path.join(copy, "checkpoint"))
+    assert not os.path.islink(os.path.join(copy, "metrics.jsonl"))
+    return copy
+
+
+def test_a_copy_with_links_followed_resumes_and_a_kill_in_its_first_commit_loses_nothing(
+        ds, tmp_path, uninterrupted, one_epoch_copied):
+    reference = uninterrupted[0]
+    probe = str(shutil.copytree(one_epoch_copied, tmp_path / "probe", symlinks=True))
+    resumed = Trainer(CONFIG, probe, dataset=ds, resume=True)
+    with pytest.MonkeyPatch.context() as mp:
+        log = inject(mp)
+        resumed.fit()
+    commits = [i for i, (name, _) in enumerate(log) if name == "makedirs"]
+    aside = log.index(("replace", "checkpoint"))  # the real directory moved aside
+    switch = log.index(("replace", "checkpoint.tmp"))
+    assert len(commits) == 2 and commits[0] < aside < switch < commits[1]
+    assert_same_run(probe, reference)
+    for k in range(commits[0], commits[1] + 1):  # before each file operation of the first commit
+        run = str(shutil.copytree(one_epoch_copied, tmp_path / f"killed-{k}", symlinks=True))
+        t = Trainer(CONFIG, run, dataset=ds, resume=True)
+        with pytest.MonkeyPatch.context() as mp:
+            inject(mp, kill_before=k)
+            with pytest.raises(Killed):
+                t.fit()
+        resumed = Trainer(CONFIG, run, dataset=ds, resume=True)
+        assert resumed.epoch == (2 if k > switch else 1), (k, log[k])
+        resumed.fit()
+        assert os.readlink(os.path.join(run, "checkpoint")) == "checkpoint-3"
+        assert_same_run(run, reference)

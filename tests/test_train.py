@@ -1,6 +1,7 @@
 """The training loop: a killed run resumes bit for bit (weights, noise streams, shuffling), run
 directories and bad settings give clear errors, replicas differ, checkpoints load without pickle."""
 
+import dataclasses
 import json
 import os
 
@@ -103,7 +104,8 @@ def test_run_directory_errors(ds, tmp_path):
     Trainer(config("standard", epochs=1), run, dataset=ds).fit()
     with pytest.raises(FileExistsError, match="already holds a run"):
         Trainer(config("standard", epochs=1), run, dataset=ds)
-    with pytest.raises(ValueError, match=r"cannot resume .* differs in \['lr'\]"):
+    with pytest.raises(ValueError, match=r"cannot resume .* differs from .*config.json in lr \(recorded 0.001, "
+                                         r"given 0.5\)"):
         Trainer(config("standard", epochs=2, lr=0.5), run, dataset=ds, resume=True)
     more = Trainer(config("standard", epochs=2), run, dataset=ds, resume=True)  # training longer is fine
     assert more.epoch == 1
@@ -142,3 +144,84 @@ def test_distillation_trains_teacher_then_student(ds, tmp_path):
     t.fit()
     assert os.path.isfile(os.path.join(run, "teacher", "checkpoint", "weights.safetensors"))
     assert t.teacher is not None and not torch.equal(t.teacher.classifier.weight, t.model.classifier.weight)
+
+
+DRAWS_FROM_TORCH = '''
+import torch
+from torch import nn
+
+
+class Dropped(nn.Module):
+    """Draws from torch's global generator: nn.Dropout and torch.randn_like."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.f = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, 16), nn.ReLU(), nn.Dropout(0.5),
+                               nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.f(x + 0.1 * torch.randn_like(x))
+'''
+
+
+@pytest.fixture
+def own_model(tmp_path):
+    path = tmp_path / "dropped.py"
+    path.write_text(DRAWS_FROM_TORCH)
+    return TrainConfig(model=f"{path}:Dropped", epochs=3, batch_size=32, progress=False)
+
+
+def weights_after(trainer):
+    trainer.fit()
+    return weights(trainer.run_dir)
+
+
+def test_a_model_drawing_from_torch_generators_trains_reproducibly_leaving_the_callers_state(ds, tmp_path, own_model):
+    first = weights_after(Trainer(own_model, str(tmp_path / "a"), dataset=ds))
+    torch.manual_seed(1234)  # whatever the caller's generator holds
+    state = torch.get_rng_state()
+    second = weights_after(Trainer(own_model, str(tmp_path / "b"), dataset=ds))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_model_drawing_from_torch_generators_resumes_bit_for_bit(ds, tmp_path, own_model, device):
+    own_model = dataclasses.replace(own_model, device=device)
+    full = str(tmp_path / "full")
+    Trainer(own_model, full, dataset=ds).fit()
+    killed = str(tmp_path / "killed")
+    t = Trainer(own_model, killed, dataset=ds)
+    step, calls = t.step, []
+
+    def dies_in_epoch_3(x, y):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 2:
+            raise Killed
+        return step(x, y)
+
+    t.step = dies_in_epoch_3
+    with pytest.raises(Killed):
+        t.fit()
+    torch.rand(100)  # the caller's generator moves on meanwhile
+    resumed = Trainer(own_model, killed, dataset=ds, resume=True)
+    assert resumed.epoch == 2
+    resumed.fit()
+    a, b = weights(full), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(os.path.join(r, "checkpoint", "state.pt"), weights_only=True) for r in (full, killed))
+    assert sa["torch_rng"].keys() == sb["torch_rng"].keys() == ({"cpu", "cuda"} if device == "cuda" else {"cpu"})
+    assert all(torch.equal(sa["torch_rng"][k], sb["torch_rng"][k]) for k in sa["torch_rng"])
+
+
+def test_distillation_resumed_for_more_epochs_keeps_its_teacher(ds, tmp_path):
+    run = str(tmp_path / "d")
+    Trainer(config("distill", epochs=1, options={"temperature": 20.0}), run, dataset=ds).fit()
+    teacher = weights(os.path.join(run, "teacher"))
+    resumed = Trainer(config("distill", epochs=2, options={"temperature": 20.0}), run, dataset=ds, resume=True)
+    resumed.fit()
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(run, "teacher", "metrics.jsonl"))] == [1]
+    kept = weights(os.path.join(run, "teacher"))
+    assert all(torch.equal(teacher[k], kept[k]) for k in teacher)
