@@ -6,6 +6,7 @@ function. Every command writes under a run directory (checkpoints, JSON metrics,
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,13 +38,13 @@ def _value(text):
 
 
 def _pairs(items, flag):
+    from .defenses import option_value
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"{flag} takes key=value, got {item!r}")
-        value = _value(value)
-        out[key] = tuple(value) if isinstance(value, list) else value
+        out[key] = option_value(_value(value))
     return out
 
 
@@ -84,11 +85,14 @@ def _setup(args):
         raise UsageError(f"--device {args.device}: no CUDA device is available")
 
 
-def _dataset_args(parser):
+def _override_args(parser):
     parser.add_argument("--dataset", help="test on this dataset instead of the one the runs recorded: a bundled name "
                                           "or a .npz file (for data that moved, or runs trained on data in memory)")
     parser.add_argument("--data-root", help="the directory of the dataset's files (mnist, fashion-mnist, cifar10), "
                                             "instead of the recorded one")
+    parser.add_argument("--model", help="rebuild the runs' model from this class (path/to/file.py:ClassName or "
+                                        "package.module:ClassName) instead of the recorded one: a model file that "
+                                        "moved, or one changed since training (then a warning says so)")
 
 
 def _models_args(parser):
@@ -96,21 +100,21 @@ def _models_args(parser):
     parser.add_argument("--limit", type=_positive_int, help="evaluate on the first LIMIT test inputs (default: all)")
     parser.add_argument("--out", help="where results and plots go (default: the run directory, or the runs' "
                                       "common parent for several)")
-    _dataset_args(parser)
+    _override_args(parser)
 
 
 def _recorded_data(loaded, root):
     """The dataset the runs recorded (one for all), read from `root` where given."""
     from . import data
-    sources = {(saved["dataset"], saved["data_root"]) for _, _, _, saved in loaded}
+    sources = {(r.config["dataset"], r.config["data_root"]) for r in loaded}
     if len(sources) > 1:
         raise UsageError(f"the runs use different datasets: {sorted(sources, key=str)}; pass --dataset to test all "
                          "on one")
-    (name, recorded_root), (run, _, _, saved) = sources.pop(), loaded[0]
+    (name, recorded_root), run, saved = sources.pop(), loaded[0].path, loaded[0].config
     if name is None:
-        raise UsageError(f"{run} was trained on data given in memory ({saved['dataset_name']!r}, sha256 "
-                         f"{saved['dataset_sha256']}): pass the same data with --dataset PATH.npz, or a bundled name "
-                         "(with --data-root DIR for mnist, fashion-mnist, cifar10)")
+        raise UsageError(f"{run} was trained on data given in memory ({saved.get('dataset_name')!r}, sha256 "
+                         f"{saved.get('dataset_sha256')}): pass the same data with --dataset PATH.npz, or a bundled "
+                         "name (with --data-root DIR for mnist, fashion-mnist, cifar10)")
     try:
         return data.load(name, recorded_root if root is None else root)
     except data.DatasetError as e:
@@ -118,14 +122,14 @@ def _recorded_data(loaded, root):
 
 
 def _test_data(args, loaded):
-    """The runs' test data: the dataset they recorded, or the one --dataset / --data-root name,
-    checked against the SHA-256 each run recorded: a mismatch is refused, unless it is data the
-    user named explicitly (then a warning says so)."""
+    """(dataset, what the results record of it): the runs' test data, the dataset they recorded or
+    the one --dataset / --data-root name, checked against the SHA-256 each run recorded: a mismatch
+    is refused, unless it is data the user named explicitly (then a warning says so)."""
     from . import data
     explicit = args.dataset is not None or args.data_root is not None
     ds = data.load(args.dataset, args.data_root) if args.dataset is not None else _recorded_data(loaded, args.data_root)
     found = ds.sha256()
-    for run, _, _, saved in loaded:
+    for run, saved in ((r.path, r.config) for r in loaded):
         if list(ds.shape) != saved["input_shape"] or ds.num_classes > saved["num_classes"]:
             raise UsageError(f"the data read from {ds.source} has inputs {list(ds.shape)} and {ds.num_classes} "
                              f"classes; {run} takes inputs {saved['input_shape']} and predicts "
@@ -139,25 +143,51 @@ def _test_data(args, loaded):
             raise UsageError(f"{message}: the file changed or the run was trained on other data; pass --dataset / "
                              "--data-root to test on it anyway")
         print(f"warning: {message}; testing on it as --dataset / --data-root asked", file=sys.stderr)
-    return ds
+    return ds, {"dataset": ds.source, "data_root": ds.root, "dataset_name": ds.name, "dataset_sha256": found}
+
+
+@dataclasses.dataclass
+class _Run:
+    """A loaded run: its directory, model, preset, config.json, and what the results record of it."""
+    path: str
+    model: object
+    preset: object
+    config: dict
+    record: dict
+
+
+def _load_run(run, args):
+    """The run at `run` rebuilt (with --model where given: a changed file is then a warning)."""
+    from .models import user
+    from .train import load_model
+    try:
+        model, preset, saved = load_model(run, args.device, model=args.model)
+    except FileNotFoundError as e:
+        raise UsageError(str(e))
+    if args.model is None:  # load_model checked the file against the recorded hash
+        spec, sha256 = saved["model"], saved.get("model_sha256")
+    else:
+        change = user.source_change(args.model, saved.get("model_sha256"))
+        if change:
+            print(f"warning: {run}: {change}; using it as --model asked", file=sys.stderr)
+        spec = user.absolute(args.model) if user.is_spec(args.model) else args.model
+        sha256 = user.provenance(args.model)["model_sha256"]
+    record = {"run": os.path.abspath(run), "defense": preset.name, "model": spec,
+              "model_options": saved["model_options"], "model_sha256": sha256}
+    return _Run(run, model, preset, saved, record)
 
 
 def _load_runs(args):
-    from .train import load_model
-    loaded = []
-    for run in args.runs:
-        try:
-            model, preset, saved = load_model(run, args.device)
-        except FileNotFoundError as e:
-            raise UsageError(str(e))
-        loaded.append((run, model, preset, saved))
-    ds = _test_data(args, loaded)
+    """(runs, x, y, out, data): the runs loaded, their test inputs and labels (the first --limit),
+    where results go, and what the results record of the data."""
+    loaded = [_load_run(run, args) for run in args.runs]
+    ds, data_record = _test_data(args, loaded)
     x, y = ds.x_test, ds.y_test
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     out = args.out or (args.runs[0] if len(args.runs) == 1 else os.path.commonpath([os.path.abspath(r) for r in args.runs]))
     os.makedirs(out, exist_ok=True)
-    return loaded, x.to(args.device), y.to(args.device), out
+    return loaded, x.to(args.device), y.to(args.device), out, data_record
 
 
 def _label(run):
@@ -259,18 +289,18 @@ def _progress_args(parser):
 
 def _names(loaded):
     """The runs' names (their directories' names), which key the results: refused where two share one."""
-    names = [_label(run) for run, _, _, _ in loaded]
+    names = [_label(r.path) for r in loaded]
     for name in names:
         if names.count(name) > 1:
-            same = [run for run, _, _, _ in loaded if _label(run) == name]
+            same = [r.path for r in loaded if _label(r.path) == name]
             raise UsageError(f"runs {same} share the name {name!r}, which keys their results: give them distinct names")
     return names
 
 
-def _settings(args, x, **extra):
-    """What every results file records of the command line, beside its own settings."""
+def _settings(args, x, data, **extra):
+    """What every results file records of the command line and the data tested on, beside its own settings."""
     import torch
-    return {**extra, "seed": args.seed, "inputs": len(x), "limit": args.limit, "device": args.device,
+    return {**extra, "data": data, "seed": args.seed, "inputs": len(x), "limit": args.limit, "device": args.device,
             "threads": torch.get_num_threads()}
 
 
@@ -298,28 +328,27 @@ def eval_(p):
     def run(args):
         from . import evaluate
         _setup(args)
-        loaded, x, y, out = _load_runs(args)
+        loaded, x, y, out, data = _load_runs(args)
         progress = not args.no_progress
         ns = sorted(set(args.ns or _ns_up_to(args.n)) - {args.n})
         results, curves, rows = {}, {}, []
-        for name, (run_dir, model, preset, _) in zip(_names(loaded), loaded):
+        for name, run in zip(_names(loaded), loaded):
             start = time.perf_counter()
             with evaluate.progress_bar(4 + len(ns), f"eval {name}", progress) as bar:
-                clean = evaluate.clean_accuracy(model, x, y, args.n, progress=bar)
+                clean = evaluate.clean_accuracy(run.model, x, y, args.n, progress=bar)
                 # the point at --n is the table's MC mean
-                curves[name] = {**evaluate.accuracy_vs_n(model, x, y, ns, progress=bar), args.n: clean["mean"]}
+                curves[name] = {**evaluate.accuracy_vs_n(run.model, x, y, ns, progress=bar), args.n: clean["mean"]}
             seconds = time.perf_counter() - start
             summary = [_pct(clean[k]) for k in ("noise_off", "single", "mean", "vote")]
             evaluate.stage_line(f"eval {name}: noise off {summary[0]}%, single {summary[1]}%, MC mean {summary[2]}%, "
                                 f"vote {summary[3]}% ({seconds:.1f} s)", progress)
-            results[name] = {"run": os.path.abspath(run_dir), "defense": preset.name,
-                             **{k: v.as_dict() for k, v in clean.items()},
+            results[name] = {**run.record, **{k: v.as_dict() for k, v in clean.items()},
                              "accuracy_vs_n": {str(k): v.as_dict() for k, v in sorted(curves[name].items())},
                              "seconds": seconds}
-            rows.append([name, preset.name] + summary)
+            rows.append([name, run.preset.name] + summary)
         print(evaluate.table(f"clean accuracy (%) on {len(y)} test inputs, MC over n={args.n}",
                      ["model", "defense", "noise off", "single", "MC mean", "vote"], rows))
-        settings = _settings(args, x, n=args.n, ns=sorted({*ns, args.n}))
+        settings = _settings(args, x, data, n=args.n, ns=sorted({*ns, args.n}))
         _report(os.path.join(out, "eval.json"), settings, results)
         evaluate.plot(os.path.join(out, "accuracy_vs_n.png"), curves, "n (MC passes)", "accuracy",
                       f"MC mean prediction: accuracy against n ({len(y)} test inputs)", settings=
@@ -353,25 +382,30 @@ def attack(p):
         options = _pairs(args.set, "--set")
         if "eps" in options:
             raise UsageError("give the budgets with --eps, not --set eps=")
+        evaluate.distinct_eps(args.eps)
         rank, world = distributed.init()
-        loaded, x, y, out = _load_runs(args)
+        loaded, x, y, out, data = _load_runs(args)
         progress = not args.no_progress and rank == 0
         results, curves, rows = {}, {}, []
-        for name, (run_dir, model, preset, _) in zip(_names(loaded), loaded):
+        for name, run in zip(_names(loaded), loaded):
             start = time.perf_counter()
             try:
-                result = evaluate.robust_accuracy(model, x, y, args.attack, args.eps, options, judge_n=args.judge_n,
+                result = evaluate.robust_accuracy(run.model, x, y, args.attack, args.eps, options, judge_n=args.judge_n,
                                                   seed=args.seed, batch_size=args.batch_size, progress=progress)
             except TypeError as e:
                 raise UsageError(f"attack {args.attack}: {e}")
             wall = time.perf_counter() - start
             evaluate.stage_line(f"{args.attack} on {name}: clean {_pct(result.clean)}%, " + ", ".join(
                 f"eps {e:g} {_pct(result.robust[e])}%" for e in args.eps) + f" ({wall:.1f} s)", progress)
-            curves[name] = {0.0: result.clean, **result.robust}
+            if 0.0 in result.robust:  # the clean point stays distinct from the robust accuracy at eps 0
+                curves[f"{name} (clean)"] = {0.0: result.clean}
+                curves[name] = dict(result.robust)
+            else:
+                curves[name] = {0.0: result.clean, **result.robust}
             json_result = result.as_json()
             json_result["seconds"]["wall"] = wall
-            results[name] = {"run": os.path.abspath(run_dir), "defense": preset.name, **json_result}
-            rows.append([name, preset.name, _pct(result.clean)] + [_pct(result.robust[e]) for e in args.eps])
+            results[name] = {**run.record, **json_result}
+            rows.append([name, run.preset.name, _pct(result.clean)] + [_pct(result.robust[e]) for e in args.eps])
         if rank != 0:
             return
         resolved = {k: v for k, v in evaluate.attack_settings(args.attack, {**options, "judge_n": args.judge_n}).items()
@@ -381,7 +415,7 @@ def attack(p):
         judge = f"the MC {resolved['judge']} over {args.judge_n} fresh passes"
         print(evaluate.table(f"robust accuracy (%) under {args.attack} {options} on {len(y)} inputs, judged by {judge}",
                              ["model", "defense", "clean"] + [f"eps={e:g}" for e in args.eps], rows))
-        settings = _settings(args, x, attack=args.attack, eps=args.eps, options=options, attack_settings=resolved,
+        settings = _settings(args, x, data, attack=args.attack, eps=args.eps, options=options, attack_settings=resolved,
                              judge_n=args.judge_n, batch_size=args.batch_size, processes=world)
         _report(os.path.join(out, "attack.json"), settings, results)
         evaluate.plot(os.path.join(out, "robust_accuracy.png"), curves, "eps (0: clean)", "robust accuracy",
@@ -408,26 +442,25 @@ def certify(p):
         from . import distributed, evaluate
         _setup(args)
         rank, world = distributed.init()
-        loaded, x, y, out = _load_runs(args)
+        loaded, x, y, out, data = _load_runs(args)
         progress = not args.no_progress and rank == 0
         shown = {"sigma": args.sigma, "N0": args.n0, "N": args.n, "alpha": args.alpha, "seed": args.seed}
         results, rows = {}, []
         radii = [0.0, 0.25, 0.5, 0.75, 1.0]
-        for name, (run_dir, model, preset, _) in zip(_names(loaded), loaded):
+        for name, run in zip(_names(loaded), loaded):
             start = time.perf_counter()
             per_example = distributed.gather(smoothing.certify_dataset(
-                model, x, y, args.sigma, args.n0, args.n, args.alpha, batch_size=args.batch_size, seed=args.seed,
+                run.model, x, y, args.sigma, args.n0, args.n, args.alpha, batch_size=args.batch_size, seed=args.seed,
                 progress=progress))
             seconds = time.perf_counter() - start
             accuracy = smoothing.certified_accuracy(per_example, radii)
             abstained = int((per_example["prediction"] == smoothing.ABSTAIN).sum())
             evaluate.stage_line(f"certify {name}: " + ", ".join(f"r={r:g} {_pct(a)}%" for r, a in zip(radii, accuracy))
                                 + f", {abstained} abstained ({seconds:.1f} s)", progress)
-            results[name] = {"run": os.path.abspath(run_dir), "defense": preset.name,
-                             "certified_accuracy": {str(r): a.as_dict() for r, a in zip(radii, accuracy)},
+            results[name] = {**run.record, "certified_accuracy": {str(r): a.as_dict() for r, a in zip(radii, accuracy)},
                              "abstained": abstained, "seconds": seconds,
                              "examples": {k: v.tolist() for k, v in per_example.items()}}
-            rows.append([name, preset.name] + [_pct(a) for a in accuracy])
+            rows.append([name, run.preset.name] + [_pct(a) for a in accuracy])
             if rank == 0:
                 smoothing.plot_certified_accuracy(per_example, os.path.join(out, f"certified_{name}.png"), label=name,
                                                   title=f"{name}: certified accuracy against L2 radius "
@@ -437,7 +470,7 @@ def certify(p):
         print(evaluate.table(f"certified accuracy (%) at radius, sigma {args.sigma}, n0 {args.n0}, n {args.n}, "
                              f"alpha {args.alpha}, {len(y)} inputs", ["model", "defense"] + [f"r={r:g}" for r in radii],
                              rows))
-        _report(os.path.join(out, "certify.json"), _settings(args, x, sigma=args.sigma, n0=args.n0, n=args.n,
+        _report(os.path.join(out, "certify.json"), _settings(args, x, data, sigma=args.sigma, n0=args.n0, n=args.n,
                                                              alpha=args.alpha, batch_size=args.batch_size,
                                                              processes=world), results)
         print(f"wrote {os.path.join(out, 'certify.json')} and the certified-accuracy plots")
@@ -463,7 +496,7 @@ def bench(p):
                                  "(default: the repository root); runs: where bench.json goes")
     p.add_argument("--n", type=_positive_int, default=20, help="runs: draws (default 20)")
     p.add_argument("--batch", type=_positive_int, default=100, help="runs: inputs per batch (default 100)")
-    _dataset_args(p)
+    _override_args(p)
     _common(p, run_dir=False, seed="recorded only: the timing draws from the runs' own noise streams")
 
     def run(args):
@@ -479,9 +512,9 @@ def bench(p):
                 sys.exit(1)
             return
         if not args.runs:
-            if args.device != "cpu" or args.seed != 0:
-                raise UsageError("--device and --seed apply to run directories; the suite runs on every device "
-                                 "it finds, with its own seeds")
+            if args.device != "cpu" or args.seed != 0 or any((args.dataset, args.data_root, args.model)):
+                raise UsageError("--device, --seed, --dataset, --data-root and --model apply to run directories; the "
+                                 "suite runs on every device it finds, with its own seeds, models and data")
             if args.threads:
                 os.environ["OMP_NUM_THREADS"] = str(args.threads)
             out = args.out or suite.REPO
@@ -496,12 +529,11 @@ def bench(p):
             return
         _setup(args)
         args.limit = args.batch
-        loaded, x, y, out = _load_runs(args)
-        names = _names(loaded)
-        results = {name: {"run": os.path.abspath(run_dir), **evaluate.engine_timing(model, x, y, args.n)}
-                   for name, (run_dir, model, _, _) in zip(names, loaded)}
+        loaded, x, y, out, data = _load_runs(args)
+        results = {name: {**run.record, **evaluate.engine_timing(run.model, x, y, args.n)}
+                   for name, run in zip(_names(loaded), loaded)}
         print(evaluate.timing_table(results, len(y)))
-        _report(os.path.join(out, "bench.json"), _settings(args, x, n=args.n), results)
+        _report(os.path.join(out, "bench.json"), _settings(args, x, data, n=args.n), results)
     return run
 
 

@@ -68,13 +68,18 @@ def _stats(x):
 
 
 _ACCEPTED_IMAGES = "images (N, C, H, W) or (N, H, W), uint8 0..255 or float in [0, 1]"
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what the last axis of channels-last images holds
 
 
 def _images(x, what):
     """x as float32 (N, C, H, W) in [0, 1]; anything else is a DatasetError naming `what`."""
     x = torch.as_tensor(x)
-    if x.dim() not in (3, 4) or x.shape[0] == 0:
-        raise DatasetError(f"{what} has shape {tuple(x.shape)}; expected {_ACCEPTED_IMAGES}, at least one image")
+    if x.dim() not in (3, 4) or 0 in x.shape:
+        raise DatasetError(f"{what} has shape {tuple(x.shape)}; expected {_ACCEPTED_IMAGES}, no axis of size 0")
+    if x.dim() == 4 and x.shape[3] in _CHANNELS and x.shape[1] > max(_CHANNELS):
+        # (N, H, W, C) read as (N, C, H, W) would train on scrambled images
+        raise DatasetError(f"{what} has shape {tuple(x.shape)}: channels last (N, H, W, C), it seems; expected "
+                           f"{_ACCEPTED_IMAGES}, channels first (transpose it: x.transpose(0, 3, 1, 2))")
     if x.dtype == torch.uint8:
         x = x.to(torch.float32).div_(255)
     elif x.is_floating_point():
@@ -92,22 +97,38 @@ def _images(x, what):
 
 
 def _labels(y, n, what):
-    """y as int64 (N,) of n labels >= 0; anything else is a DatasetError naming `what`."""
-    y = torch.as_tensor(y)
-    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-        raise DatasetError(f"{what} has dtype {str(y.dtype).replace('torch.', '')}; expected integer labels 0..K-1 "
-                           "(e.g. y.astype(np.int64))")
-    if y.dim() != 1 or len(y) != n:
-        raise DatasetError(f"{what} has shape {tuple(y.shape)}; expected ({n},): one integer label per image")
-    if len(y) and int(y.min()) < 0:
-        raise DatasetError(f"{what} holds the negative label {int(y.min())}; expected integer labels 0..K-1")
-    return y.to(torch.int64)
+    """y as int64 (N,) of n labels >= 0, from any integer dtype (unsigned included); anything else
+    is a DatasetError naming `what`."""
+    y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+    if y.dtype.kind not in "iu":
+        raise DatasetError(f"{what} has dtype {y.dtype}; expected integer labels 0..K-1 (e.g. y.astype(np.int64))")
+    if y.shape != (n,):
+        raise DatasetError(f"{what} has shape {y.shape}; expected ({n},): one integer label per image")
+    if y.size and y.min() < 0:
+        raise DatasetError(f"{what} holds the negative label {y.min()}; expected integer labels 0..K-1")
+    if y.size and y.max() > np.iinfo(np.int64).max:
+        raise DatasetError(f"{what} holds the label {y.max()}; expected integer labels 0..K-1")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _missing_classes(y_train, num_classes, shown=5):
+    """(how many, the first `shown`) of the classes 0..num_classes-1 without a training example,
+    without counting up to a huge num_classes (a typo's label)."""
+    present = set(torch.unique(y_train).tolist())
+    first = []
+    for c in range(num_classes):
+        if len(first) == shown:
+            break
+        if c not in present:
+            first.append(c)
+    return num_classes - len(present), first
 
 
 def from_arrays(x_train, y_train, x_test, y_test, *, name="custom", num_classes=None):
     """A Dataset from arrays or tensors (numpy or torch): images (N, C, H, W) or (N, H, W), uint8
-    0..255 or float in [0, 1]; labels integers 0..K-1. num_classes defaults to the largest label
-    + 1. mean and std (per channel, for the model's Normalize layer) come from x_train. Bad arrays
+    0..255 or float in [0, 1] (channels-last images are refused); labels of any integer dtype,
+    0..K-1. num_classes defaults to the largest label + 1, and then every class needs a training
+    example (labels from 1, with gaps or a typo are refused); given, it is taken as it is. mean and std (per channel, for the model's Normalize layer) come from x_train. Bad arrays
     raise DatasetError naming the array; nothing is clamped or cast silently.
 
         ds = data.from_arrays(x_train, y_train, x_test, y_test, name="my-digits")
@@ -118,9 +139,14 @@ def from_arrays(x_train, y_train, x_test, y_test, *, name="custom", num_classes=
         raise DatasetError(f"x_train images are {tuple(x_train.shape[1:])} (C, H, W) but x_test images are "
                            f"{tuple(x_test.shape[1:])}: both splits need one shape")
     y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
-    largest = int(max(y_train.max(), y_test.max())) if len(y_test) else int(y_train.max())
+    largest = int(max(y_train.max(), y_test.max()))
     if num_classes is None:
         num_classes = largest + 1
+        count, first = _missing_classes(y_train, num_classes)
+        if count:  # labels from 1, with gaps, or a typo: the model would get classes it can never learn
+            raise DatasetError(f"y_train has no example of {count} of the classes 0..{num_classes - 1} (e.g. "
+                               f"{', '.join(map(str, first))}); expected integer labels 0..K-1 with every class in "
+                               "the training split (or pass num_classes)")
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= largest:
         raise DatasetError(f"num_classes must be an int > the largest label {largest}, got {num_classes!r}")
     mean, std = _stats(x_train)

@@ -249,12 +249,24 @@ def set_test_noise(model, on):
     return model
 
 
+def option_value(value):
+    """An option's value as constructors get it, from the command line and from a run's JSON alike:
+    lists (JSON arrays) as tuples, at any depth."""
+    if isinstance(value, (list, tuple)):
+        return tuple(option_value(v) for v in value)
+    if isinstance(value, dict):
+        return {k: option_value(v) for k, v in value.items()}
+    return value
+
+
 def build(name, dataset, *, model=None, model_options=None, options=None, seed=0):
     """(model, preset, options): the preset's architecture (or `model`) for `dataset`, with the
     defense's noise added and test-time noise set as the paper evaluates. Weights and noise seeds
-    come from `seed` (torch's global generator is left as it was)."""
+    come from `seed` (torch's global generator is left as it was). Option values go through
+    option_value, so a model trained and one rebuilt from config.json get the same ones."""
     preset = get(name)
-    opts = resolve_options(preset, options)
+    model_options = option_value(model_options or {})
+    opts = resolve_options(preset, option_value(options or {}))
     if preset.needs_net and zoo.is_user_spec(model):
         raise ValueError(f"defense {name!r} cannot apply to your model {model}: it {preset.needs_net}. Use one of the "
                          f"library's architectures {tuple(zoo.ARCHITECTURES)}, or a defense that acts on the input, "
@@ -262,7 +274,7 @@ def build(name, dataset, *, model=None, model_options=None, options=None, seed=0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = zoo.build(model or preset.model, dataset.shape, dataset.num_classes, dataset.mean, dataset.std,
-                        **(model_options or {}))
+                        **model_options)
         preset.apply(net, opts)
     set_test_noise(net, preset.test_noise)
     return net, preset, opts
@@ -277,5 +289,5 @@ def weight_decay_groups(model, weight_decay):
     return [{"params": rest, "weight_decay": weight_decay}, {"params": noise, "weight_decay": 0.0}]
 
 
-__all__ = ["ADV_OPTIONS", "NAMES", "PRESETS", "Preset", "build", "get", "noise_layers", "resolve_options",
-           "set_test_noise", "weight_decay_groups"]
+__all__ = ["ADV_OPTIONS", "NAMES", "PRESETS", "Preset", "build", "get", "noise_layers", "option_value",
+           "resolve_options", "set_test_noise", "weight_decay_groups"]

@@ -129,9 +129,10 @@ class AttackResult:
     clean: the Proportion of inputs the judge classifies correctly (the eps = 0 point); robust:
     {eps: the Proportion classified correctly both clean and attacked}; examples: {eps: {column:
     tensor}}, one row per input in dataset order: index, label, clean_prediction,
-    adversarial_prediction (the judge's; metrics.NO_CLASS where its scores are NaN), success
-    (adversarial_prediction != label), linf and l2 (the adversarial example's distance to the
-    input), and x_adv when asked for; seconds: {"attack": crafting, "judging": the judge's MC
+    adversarial_prediction (the judge's; metrics.NO_CLASS where its scores are NaN), clean_correct
+    (clean_prediction == label), success (adversarial_prediction != label, so also true for an
+    input misclassified before the attack: robust is clean_correct and not success), linf and l2
+    (the adversarial example's distance to the input), and x_adv when asked for; seconds: {"attack": crafting, "judging": the judge's MC
     predictions}, summed over processes."""
     clean: metrics.Proportion
     robust: dict
@@ -146,6 +147,15 @@ class AttackResult:
                 "seconds": self.seconds,
                 "examples": {str(eps): {k: v.tolist() for k, v in table.items() if k != "x_adv"}
                              for eps, table in self.examples.items()}}
+
+
+def distinct_eps(eps_list):
+    """eps_list as a list, refusing a budget given twice (results are keyed by eps)."""
+    eps_list = list(eps_list)
+    twice = sorted({eps for eps in eps_list if eps_list.count(eps) > 1})
+    if twice:
+        raise ValueError(f"eps {', '.join(f'{e:g}' for e in twice)} given more than once: each budget once")
+    return eps_list
 
 
 def _attack_options(name, options, judge_n):
@@ -211,8 +221,9 @@ def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
 
 def _empty_table(x, y, keep_adversarial):
     long, double = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    boolean = torch.zeros(0, dtype=torch.bool)
     table = {"index": long, "label": y[:0].cpu(), "clean_prediction": long, "adversarial_prediction": long,
-             "success": torch.zeros(0, dtype=torch.bool), "linf": double, "l2": double}
+             "clean_correct": boolean, "success": boolean, "linf": double, "l2": double}
     return {**table, "x_adv": x[:0].cpu()} if keep_adversarial else table
 
 
@@ -229,7 +240,7 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=JUDGE_N, se
     (alpha_ratio). keep_adversarial: keep the adversarial examples (examples[eps]["x_adv"]).
     progress: a progress bar (on a terminal only)."""
     options, ratio = _attack_options(name, options, judge_n)
-    eps_list = list(eps_list)
+    eps_list = distinct_eps(eps_list)
     if not eps_list:
         raise ValueError("eps_list must hold at least one eps")
     clock = _Clock()
@@ -244,7 +255,8 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=JUDGE_N, se
             for eps, x_adv in adversarial.items():
                 distance = (x_adv.double() - xb.double()).flatten(1)
                 row = {"index": torch.arange(start, stop), "label": yb, "clean_prediction": clean,
-                       "adversarial_prediction": predicted[eps], "success": predicted[eps] != yb,
+                       "adversarial_prediction": predicted[eps], "clean_correct": clean == yb,
+                       "success": predicted[eps] != yb,
                        "linf": distance.abs().amax(1), "l2": distance.norm(dim=1)}
                 if keep_adversarial:
                     row["x_adv"] = x_adv
@@ -256,9 +268,8 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=JUDGE_N, se
     spent = distributed.gather({"index": torch.zeros(1, dtype=torch.long),
                                 **{k: torch.tensor([v], dtype=torch.float64) for k, v in clock.seconds.items()}})
     first = examples[eps_list[0]]
-    clean_ok = first["clean_prediction"] == first["label"]
     return AttackResult(clean=_correct(first["clean_prediction"], first["label"]),
-                        robust={eps: metrics.Proportion(int((clean_ok & ~t["success"]).sum()), len(t["label"]))
+                        robust={eps: metrics.Proportion(int((t["clean_correct"] & ~t["success"]).sum()), len(t["label"]))
                                 for eps, t in examples.items()},
                         examples=examples, seconds={k: float(spent[k].sum()) for k in clock.seconds})
 
@@ -371,5 +382,5 @@ def write_json(path, obj):
 
 
 __all__ = ["AttackResult", "accuracy_vs_n", "attack_names", "attack_parameters", "attack_settings", "clean_accuracy",
-           "engine_timing", "make_attack", "plot", "progress_bar", "robust_accuracy", "stage_line", "table",
-           "timing_table", "uses_eps", "versions", "write_json"]
+           "distinct_eps", "engine_timing", "make_attack", "plot", "progress_bar", "robust_accuracy", "stage_line",
+           "table", "timing_table", "uses_eps", "versions", "write_json"]

@@ -337,7 +337,7 @@ class Trainer:
     def _config_json(self):
         return {**dataclasses.asdict(self.config), "input_shape": list(self.data.shape),
                 "num_classes": self.data.num_classes, "dataset_name": self.data.name,
-                "dataset_sha256": self.data_sha256}
+                "dataset_sha256": self.data_sha256, **zoo.user.provenance(self.config.model)}
 
     @property
     def teacher_dir(self):
@@ -648,7 +648,50 @@ class Trainer:
         return model
 
 
-def load_model(run_dir, device="cpu"):
+# config.json's keys that load_model and the commands read, with the JSON types each takes; the
+# optional ones are absent in runs of older versions.
+_CONFIG_KEYS = {"defense": str, "model": str, "model_options": dict, "options": dict, "seed": int,
+                "input_shape": list, "num_classes": int, "dataset": (str, type(None)), "data_root": (str, type(None))}
+_CONFIG_OPTIONAL = {"dataset_name": str, "dataset_sha256": str, "model_sha256": (str, type(None)),
+                    "model_import_root": (str, type(None))}
+
+
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def _json_type(types_):
+    return " or ".join(_JSON_NAMES[t] for t in (types_ if isinstance(types_, tuple) else (types_,)))
+
+
+def read_config(run_dir):
+    """run_dir/config.json as a dict, checked: a file that is not JSON, not an object, or lacks or
+    mistypes a key the model is rebuilt from raises ValueError naming it."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds {_json_type(type(saved))}, not the object of a run's settings that "
+                         "noisekernels train writes")
+    missing = [k for k in _CONFIG_KEYS if k not in saved]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not the config.json of a run of noisekernels train")
+    for key, types_ in {**_CONFIG_KEYS, **_CONFIG_OPTIONAL}.items():
+        value = saved.get(key)
+        if key in saved and (not isinstance(value, types_) or isinstance(value, bool)):
+            raise ValueError(f"{path}: {key} is {json.dumps(value)}; expected {_json_type(types_)}")
+    shape, classes = saved["input_shape"], saved["num_classes"]
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise ValueError(f"{path}: input_shape is {json.dumps(shape)}; expected [C, H, W], three integers >= 1")
+    if classes < 1:
+        raise ValueError(f"{path}: num_classes is {classes}; expected an integer >= 1")
+    return saved
+
+
+def load_model(run_dir, device="cpu", *, model=None):
     """The trained model of a run directory, rebuilt from its config.json and loaded with the
     weights of its last checkpoint, from any working directory.
 
@@ -657,11 +700,15 @@ def load_model(run_dir, device="cpu"):
     the noise it draws is the run's own); the defenses.Preset; config.json as a dict (the
     TrainConfig fields, input_shape, num_classes, and the data's provenance: dataset and
     data_root (absolute; dataset None for data given in memory), dataset_name, dataset_sha256 as
-    data.Dataset.sha256() gives it). A model of your own (model "file.py:ClassName" or
-    "package.module:ClassName") is rebuilt from its file or module with the run's model_options,
-    so that file must still be there (or the module importable). Weights come from safetensors;
-    nothing is unpickled. Raises FileNotFoundError for a directory without config.json and
-    checkpoint/weights.safetensors, ValueError for a model that cannot be rebuilt.
+    data.Dataset.sha256() gives it; model_sha256 and model_import_root: models.user.provenance).
+
+    A model of your own (model "file.py:ClassName" or "package.module:ClassName") is rebuilt by
+    importing its file or module (running its code: load only runs you trust) with the run's
+    model_options. A file whose SHA-256 differs from the recorded one raises ValueError naming it,
+    before it runs; `model` (a spec, e.g. the file's new place) builds that model instead, its file
+    unchecked. Weights come from safetensors; nothing is unpickled. Raises FileNotFoundError for a
+    directory without config.json and checkpoint/weights.safetensors, ValueError for a damaged
+    config.json or a model that cannot be rebuilt.
 
         model, preset, config = load_model("runs/rs1")
         probs = noisekernels.ensemble.mc_predict(model, x, 100)  # MC mean over 100 noise draws
@@ -670,17 +717,25 @@ def load_model(run_dir, device="cpu"):
     weights = os.path.join(run_dir, "checkpoint", "weights.safetensors")
     if not os.path.isfile(path) or not os.path.isfile(weights):
         raise FileNotFoundError(f"{run_dir} is not a run directory (needs config.json and checkpoint/weights.safetensors)")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_config(run_dir)
+    spec, root = (model, None) if model is not None else (saved["model"], saved.get("model_import_root"))
+    if model is None:
+        change = zoo.user.source_change(spec, saved.get("model_sha256"), root)
+        if change:
+            raise ValueError(f"{run_dir}: {change} (recorded in {path}); pass the model explicitly (--model SPEC, "
+                             "load_model(..., model=SPEC)) to use it anyway")
     shape = tuple(saved["input_shape"])
     info = types.SimpleNamespace(shape=shape, num_classes=saved["num_classes"], mean=(0.0,) * shape[0],
                                  std=(1.0,) * shape[0])  # the real values are buffers in the weights
-    model, preset, _ = defenses.build(saved["defense"], info, model=saved["model"],
-                                      model_options=saved["model_options"], options=saved["options"],
-                                      seed=saved["seed"])
-    load_weights(model, weights, device,
-                 f"{run_dir} ({saved['defense']} preset, model {saved['model']} in its config.json)")
-    return model.to(device).eval(), preset, saved
+    try:
+        with zoo.user.first_on_path(root):
+            built, preset, _ = defenses.build(saved["defense"], info, model=spec, model_options=saved["model_options"],
+                                              options=saved["options"], seed=saved["seed"])
+    except ValueError as e:
+        raise ValueError(f"{run_dir}: cannot rebuild the model of {path}: {e}") from None
+    load_weights(built, weights, device, f"{run_dir} ({saved['defense']} preset, model {spec}"
+                 + (")" if model is not None else " in its config.json)"))
+    return built.to(device).eval(), preset, saved
 
 
 def train_replicas(config, run_dir, k, **kwargs):
@@ -695,4 +750,4 @@ def train_replicas(config, run_dir, k, **kwargs):
 
 
 __all__ = ["CheckpointError", "RunDirectoryLocked", "SCHEDULES", "TrainConfig", "Trainer", "has_checkpoint",
-           "load_model", "load_weights", "save_weights", "train_replicas"]
+           "load_model", "load_weights", "read_config", "save_weights", "train_replicas"]

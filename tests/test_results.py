@@ -95,11 +95,14 @@ def test_robust_accuracy_records_every_example():
         assert (table["linf"] <= eps + 1e-6).all() and (table["linf"] > 0).any()
         assert torch.equal(table["success"], table["adversarial_prediction"] != y)
         ok = table["clean_prediction"] == y
+        assert torch.equal(table["clean_correct"], ok)
         assert clean_ok is None or torch.equal(ok, clean_ok)  # one clean judgement per input
         clean_ok = ok
         assert result.robust[eps].count == int((ok & ~table["success"]).sum()) and result.robust[eps].total == 20
     assert result.clean.count == int(clean_ok.sum()) and result.robust[0.1] >= result.robust[0.3]
     assert set(result.seconds) == {"attack", "judging"} and all(s > 0 for s in result.seconds.values())
+    with pytest.raises(ValueError, match="eps 0.1 given more than once"):  # results are keyed by eps
+        evaluate.robust_accuracy(model, x, y, "FGSM", [0.1, 0.3, 0.1], {})
     # the records are the attack's: batch 1 redone by hand gives the same adversarial examples
     with distributed.reseeded(model, 4, 1):
         attack = PGD(model, eps=0.1, alpha=0.025, steps=3, eot=2, judge_n=8, seed=distributed.batch_seed(4, 1))
@@ -159,7 +162,12 @@ def test_attack_json_matches_the_python_api(run, tmp_path):
     assert settings["attack_settings"]["steps"] == 2 and settings["attack_settings"]["random_start"] is True
     assert (settings["seed"], settings["judge_n"], settings["eps"]) == (3, 5, [0.1, 0.3])
     assert set(report["versions"]) >= {"noisekernels", "torch", "python"}
+    config = json.loads((run / "config.json").read_text())
+    assert settings["data"] == {k: config[k] for k in ("dataset", "data_root", "dataset_name", "dataset_sha256")}
+    assert config["dataset_sha256"] == data.digits().sha256()
     result = report["runs"]["rs1"]
+    assert (result["model"], result["model_options"], result["model_sha256"]) == (
+        "mnist-cnn", {"widths": [4, 8], "dense": 16}, None)
     model, _, _ = load_model(str(run))
     x, y = digits(24)
     api = evaluate.robust_accuracy(model, x, y, "PGD", [0.1, 0.3], {"steps": 2, "eot": 2}, judge_n=5, seed=3,
@@ -175,6 +183,22 @@ def test_attack_json_matches_the_python_api(run, tmp_path):
         assert all(d <= float(eps) + 1e-6 for d in rows["linf"])
     title = Image.open(tmp_path / "robust_accuracy.png").text["Title"]
     assert title.startswith("PGD: robust accuracy against eps")
+
+
+def test_attack_eps_zero_keeps_the_clean_point_and_repeats_are_refused(run, tmp_path, monkeypatch, capsys):
+    plotted = {}
+    monkeypatch.setattr(evaluate, "plot", lambda path, curves, *args, **kwargs: plotted.update(curves))
+    cli.main(["attack", str(run), "--eps", "0", "0.2", "--set", "steps=1", "--judge-n", "2", "--limit", "8",
+              "--no-progress", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "attack.json").read_text())["runs"]["rs1"]
+    robust = result["robust_accuracy"]
+    assert plotted == {"rs1 (clean)": {0.0: result["clean_accuracy"]["fraction"]},
+                       "rs1": {0.0: robust["0.0"]["fraction"], 0.2: robust["0.2"]["fraction"]}}
+    for rows in result["examples"].values():
+        assert rows["clean_correct"] == [c == lab for c, lab in zip(rows["clean_prediction"], rows["label"])]
+    with pytest.raises(SystemExit):
+        cli.main(["attack", str(tmp_path / "no-run"), "--eps", "0.1", "0.2", "0.1"])  # before any run is read
+    assert "eps 0.1 given more than once" in capsys.readouterr().err
 
 
 def test_certify_json_records_every_example(run, tmp_path):

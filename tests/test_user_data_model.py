@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -184,6 +185,15 @@ def test_eval_attack_certify_from_another_directory(runs, layout, tmp_path, monk
     cli.main(["certify", run, "--N0", "10", "--N", "50", "--limit", "8", "--out", "certify"])
     assert find(json.load(open(tmp_path / "certify" / "certify.json")), "certified_accuracy") is not None
     assert "warning" not in capsys.readouterr().err
+    # every results file says which data was tested and which model file (by hash) was run
+    model_sha256 = hashlib.sha256((home / "my_model.py").read_bytes()).hexdigest()
+    for results in ("eval/eval.json", "attack/attack.json", "certify/certify.json"):
+        report = json.load(open(tmp_path / results))
+        assert report["settings"]["data"] == {"dataset": str(home / f"{layout}.npz"), "data_root": None,
+                                              "dataset_name": layout, "dataset_sha256": sha256_of(a)}
+        record = report["runs"][layout]
+        assert (record["model"], record["model_options"]) == (f"{home / 'my_model.py'}:ResCNN", {"width": 4})
+        assert record["model_sha256"] == model_sha256
 
 
 def test_moved_data_needs_the_override(runs, tmp_path, monkeypatch, capsys):
@@ -246,20 +256,28 @@ def test_python_api_in_memory_data(runs, tmp_path, monkeypatch, capsys):
 
 
 def good_arrays():
-    return arrays("uint8", n_train=6, n_test=4)
+    return arrays("uint8", n_train=8, n_test=4)  # the first 8 hold every class
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.pop("y_test"), r"missing array\(s\) \['y_test'\]"),
-    (lambda a: a.update(x_train=a["x_train"][:, 0]), r"x_train has shape \(6, 8\); expected images"),
+    (lambda a: a.update(x_train=a["x_train"][:, 0]), r"x_train has shape \(8, 8\); expected images"),
     (lambda a: a.update(x_test=a["x_test"] / 100.0), r"x_test holds float values in \[0, 2\.55\], outside \[0, 1\]"),
     (lambda a: a.update(x_train=np.where(a["x_train"] > 200, np.nan, a["x_train"] / 255)),
      r"x_train holds \d+ NaN or infinite value"),
     (lambda a: a.update(x_train=a["x_train"].astype(np.int32)), "x_train has dtype int32"),
     (lambda a: a.update(y_train=a["y_train"].astype(np.float32)), "y_train has dtype float32; expected integer labels"),
     (lambda a: a.update(y_test=a["y_test"] - 1), "y_test holds the negative label -1"),
-    (lambda a: a.update(y_train=a["y_train"][:-1]), r"y_train has shape \(5,\); expected \(6,\)"),
+    (lambda a: a.update(y_train=a["y_train"][:-1]), r"y_train has shape \(7,\); expected \(8,\)"),
     (lambda a: a.update(x_test=a["x_test"][:, :7]), r"x_train images are \(1, 8, 8\) .* x_test images are \(1, 7, 8\)"),
+    (lambda a: a.update(x_train=np.repeat(a["x_train"][..., None], 3, -1), x_test=np.repeat(a["x_test"][..., None], 3, -1)),
+     r"x_train has shape \(8, 8, 8, 3\): channels last .* x.transpose\(0, 3, 1, 2\)"),
+    (lambda a: a.update(x_test=a["x_test"][:, :0]), r"x_test has shape \(4, 0, 8\); expected .*no axis of size 0"),
+    (lambda a: a.update(y_train=a["y_train"] + 1, y_test=a["y_test"] + 1),
+     r"y_train has no example of 1 of the classes 0\.\.3 \(e\.g\. 0\)"),  # labels from 1
+    (lambda a: a.update(y_train=np.where(a["y_train"] == 2, 10**9, a["y_train"])),  # a typo: no 1e9-class head
+     r"y_train has no example of 999999998 of the classes 0\.\.1000000000 \(e\.g\. 2, 3, 4, 5, 6\)"),
+    (lambda a: a.update(y_train=a["y_train"].astype(np.uint64) + np.uint64(2**63)), "y_train holds the label 92233720368547758\\d\\d; expected"),
     (lambda a: a.update(y_test=np.array(["a"] * 4, dtype=object)), "cannot be read as a .npz file"),
 ])
 def test_malformed_arrays_name_the_file_and_array(tmp_path, capsys, change, message):
@@ -272,6 +290,14 @@ def test_malformed_arrays_name_the_file_and_array(tmp_path, capsys, change, mess
     err = usage_error(["train", "--dataset", str(path), "--run-dir", str(tmp_path / "r"), "--no-progress"], capsys)
     assert str(path) in err
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64])
+def test_labels_of_any_integer_dtype(dtype):
+    a = good_arrays()
+    ds = data.from_arrays(**{**a, "y_train": a["y_train"].astype(dtype), "y_test": a["y_test"].astype(dtype)})
+    assert ds.y_train.dtype == torch.int64 and ds.y_train.tolist() == a["y_train"].tolist()
+    assert ds.y_test.tolist() == a["y_test"].tolist() and ds.sha256() == sha256_of(a)
 
 
 def test_missing_file_and_other_sources(tmp_path, monkeypatch):
@@ -287,15 +313,21 @@ def test_missing_file_and_other_sources(tmp_path, monkeypatch):
 @pytest.fixture
 def model_file(tmp_path):
     path = tmp_path / "my_model.py"
-    path.write_text(MODEL_SOURCE + "\n\ndef helper():\n    return 1\n")
+    path.write_text(MODEL_SOURCE + "\n\ndef helper():\n    return 1\n\n\ndef factory(num_classes):\n    return "
+                    "ResCNN(1, num_classes)\n\n\nclass Broken(ResCNN):\n    def __init__(self, **kwargs):\n"
+                    "        raise RuntimeError('boom')\n")
     return path
 
 
 @pytest.mark.parametrize("spec, options, message", [
     ("my_model", [], "model must be one of .* or a class of your own"),
     ("missing.py:ResCNN", [], r"the file .*missing\.py does not exist"),
-    ("FILE:Resnet", [], r"has no class or function 'Resnet' \(nn.Module classes there: \['Block', 'ResCNN'\]\)"),
-    ("FILE:helper", [], "built a int, not a torch.nn.Module"),
+    ("FILE:Resnet", [], r"'Resnet' in .* is nothing, not an nn.Module class \(nn.Module classes there: "
+                        r"\['Block', 'Broken', 'ResCNN'\]\)"),
+    ("FILE:helper", [], "'helper' in .* is a function, not an nn.Module class"),
+    ("FILE:factory", [], "'factory' in .* is a function, not an nn.Module class"),  # never called
+    ("FILE:Broken", [], r"Broken\(\*\*.*\) failed: RuntimeError: boom"),
+    ("os:system", [], "'system' in os is a builtin_function_or_method, not an nn.Module class"),
     ("FILE:ResCNN", ["depth=3"], r"ResCNN\(\*\*.*'depth': 3.*\) failed: .*unexpected keyword argument 'depth'"),
     ("FILE:ResCNN", ["num_classes=5"], r"to \(2, 5\); expected logits of shape \(2, 3\)"),
     ("no_such_package.models:Net", [], "cannot import module 'no_such_package.models'"),
@@ -329,3 +361,155 @@ def test_package_module_spec(model_file, monkeypatch):
                                  options={"brelu": 1.0})
     assert type(model.body).__name__ == "ResCNN" and model.body.stem.out_channels == 4
     assert not any(type(m) is torch.nn.ReLU for m in model.modules())  # BReLU replaced them all
+
+
+# ----------------------------------------------------------------------------- loading runs safely
+
+
+def train_tiny(spec, run, *options, dataset="d.npz"):
+    """One epoch of a tiny run on `dataset` (good_arrays)."""
+    argv = ["train", "--dataset", dataset, "--model", spec, "--epochs", "1", "--batch-size", "8", "--no-progress",
+            "--run-dir", run]
+    for option in options:
+        argv += ["--model-option", option]
+    cli.main(argv)
+
+
+def file_sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_config_json_never_calls_a_function(runs, tmp_path, capsys):
+    """The reviewer's repro: a run whose config.json names os:system with a command as its option
+    (and no model hash, which an attacker would drop)."""
+    _, trained = runs
+    run, marker = str(tmp_path / "evil"), tmp_path / "pwned"
+    shutil.copytree(trained["uint8"][0], run)
+    config = os.path.join(run, "config.json")
+    json.dump({**json.load(open(config)), "model": "os:system", "model_options": {"command": f"touch {marker}"},
+               "model_sha256": None}, open(config, "w"))
+    err = usage_error(["eval", run, "--n", "1", "--ns", "1", "--limit", "4"], capsys)
+    assert f"cannot rebuild the model of {config}" in err and "'system' in os is a builtin_function_or_method" in err
+    assert not marker.exists()
+    # nor from the command line
+    err = usage_error(["eval", trained["uint8"][0], "--model", "os:system", "--n", "1", "--ns", "1"], capsys)
+    assert "not an nn.Module class" in err and not marker.exists()
+
+
+def test_changed_model_file_is_refused_unless_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    np.savez("d.npz", **good_arrays())
+    (tmp_path / "net.py").write_text(MODEL_SOURCE)
+    train_tiny("net.py:ResCNN", "run", "width=2")
+    saved = json.load(open("run/config.json"))
+    original = file_sha256("net.py")
+    assert (saved["model_sha256"], saved["model_import_root"]) == (original, None)
+    (tmp_path / "net.py").write_text(MODEL_SOURCE.replace("nn.ReLU()", "nn.Sigmoid()"))
+    changed = file_sha256("net.py")
+    err = usage_error(["eval", "run", "--n", "1", "--ns", "1"], capsys)
+    assert (f"the model file {tmp_path / 'net.py'} (sha256 {changed}) is not the one the run was trained with "
+            f"(sha256 {original})") in err and "--model SPEC" in err
+    with pytest.raises(ValueError, match="is not the one the run was trained with"):
+        load_model("run")
+    model, _, _ = load_model("run", model="net.py:ResCNN")  # named: built from the file as it is now
+    assert any(isinstance(m, torch.nn.Sigmoid) for m in model.modules())
+    cli.main(["eval", "run", "--n", "1", "--ns", "1", "--model", "net.py:ResCNN"])
+    assert f"warning: run: the model file {tmp_path / 'net.py'} (sha256 {changed})" in capsys.readouterr().err
+    record = json.load(open("run/eval.json"))["runs"]["run"]
+    assert (record["model"], record["model_sha256"]) == (f"{tmp_path / 'net.py'}:ResCNN", changed)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: [], "holds an array, not the object of a run's settings"),
+    (lambda c: "{", None),  # written as text below: not JSON
+    (lambda c: {k: v for k, v in c.items() if k != "input_shape"}, r"lacks \['input_shape'\]"),
+    (lambda c: {**c, "input_shape": "abc"}, 'input_shape is "abc"; expected an array'),
+    (lambda c: {**c, "input_shape": [1, 8]}, r"input_shape is \[1, 8\]; expected \[C, H, W\]"),
+    (lambda c: {**c, "num_classes": True}, "num_classes is true; expected an integer"),
+    (lambda c: {**c, "model_options": []}, r"model_options is \[\]; expected an object"),
+    (lambda c: {**c, "defense": "nope"}, "cannot rebuild the model of .*: defense must be one of"),
+])
+def test_damaged_config_json_is_a_usage_error_naming_it(runs, tmp_path, capsys, change, message):
+    _, trained = runs
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["uint8"][0], run)
+    config = os.path.join(run, "config.json")
+    damaged = change(json.load(open(config)))
+    with open(config, "w") as f:
+        f.write(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    err = usage_error(["eval", run, "--n", "1", "--ns", "1", "--limit", "4"], capsys)
+    assert config in err and re.search(message or "is not a JSON file", err)
+
+
+LAZY_SOURCE = '''
+from torch import nn
+
+
+class LazyNet(nn.Module):
+    def __init__(self, num_classes, sizes=(4,)):
+        super().__init__()
+        if not isinstance(sizes, tuple):  # as a type-checking model does
+            raise TypeError(f"sizes must be a tuple, got {type(sizes).__name__}")
+        self.f = nn.Sequential(nn.Flatten(), nn.LazyLinear(sizes[0]), nn.ReLU(), nn.Linear(sizes[0], num_classes))
+
+    def forward(self, x):
+        return self.f(x)
+'''
+
+
+def test_lazy_modules_and_list_options_rebuild(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez("d.npz", **good_arrays())
+    (tmp_path / "lazy.py").write_text(LAZY_SOURCE)
+    train_tiny("lazy.py:LazyNet", "run", "sizes=[5]")  # a JSON list on the command line and in config.json
+    model, _, saved = load_model("run")
+    assert saved["model_options"] == {"sizes": [5]} and model.body.f[1].weight.shape == (5, 64)
+    weights = load_file("run/checkpoint/weights.safetensors")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+SIBLING = "from torch import nn\n\n\ndef head(k):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, k))\n"
+USES_SIBLING = '''
+from torch import nn
+from {source} import head
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.f = head(num_classes)
+
+    def forward(self, x):
+        return self.f(x)
+'''
+
+
+def test_sibling_imports_from_any_directory(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "nk_test_sibling.py").write_text(SIBLING)
+    (tmp_path / "models" / "net.py").write_text(USES_SIBLING.format(source="nk_test_sibling"))
+    package = tmp_path / "project" / "nk_test_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub.py").write_text(SIBLING)
+    (package / "mod.py").write_text(USES_SIBLING.format(source=".sub"))
+    (tmp_path / "work").mkdir()
+    np.savez(tmp_path / "work" / "d.npz", **good_arrays())
+    path_before = list(sys.path)
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path / "work")
+        train_tiny(str(tmp_path / "models" / "net.py") + ":Net", "file-run")  # the file's folder is not the cwd
+        m.syspath_prepend(str(tmp_path / "project"))  # as `python -m` puts the cwd there
+        m.chdir(tmp_path / "project")
+        train_tiny("nk_test_pkg.mod:Net", str(tmp_path / "work" / "pkg-run"), dataset=str(tmp_path / "work" / "d.npz"))
+    assert sys.path == path_before
+    saved = json.load(open(tmp_path / "work" / "pkg-run" / "config.json"))
+    assert saved["model"] == "nk_test_pkg.mod:Net" and saved["model_import_root"] == str(tmp_path / "project")
+    assert saved["model_sha256"] == file_sha256(package / "mod.py")
+    for name in [n for n in sys.modules if n == "nk_test_sibling" or n.split(".")[0] == "nk_test_pkg"]:
+        del sys.modules[name]  # imported again from the recorded places, not from the cache
+    monkeypatch.chdir(tmp_path)
+    for run in ("file-run", "pkg-run"):
+        cli.main(["eval", str(tmp_path / "work" / run), "--n", "1", "--ns", "1", "--limit", "4"])
+        assert sys.path == path_before
+    assert sys.modules["nk_test_pkg"].__file__ == str(package / "__init__.py")
