@@ -83,6 +83,11 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available")
+    # The library's noise comes from its streams; a user's model may also draw from torch's own
+    # generators (nn.Dropout, torch.randn): seeded too, so a command repeats with its --seed (train's
+    # runs own their generators: the Trainer seeds and checkpoints them).
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
 
 
 def _override_args(parser):

@@ -513,3 +513,23 @@ def test_sibling_imports_from_any_directory(tmp_path, monkeypatch):
         cli.main(["eval", str(tmp_path / "work" / run), "--n", "1", "--ns", "1", "--limit", "4"])
         assert sys.path == path_before
     assert sys.modules["nk_test_pkg"].__file__ == str(package / "__init__.py")
+
+
+def test_eval_of_a_model_drawing_from_torchs_generator_repeats_with_its_seed(tmp_path, monkeypatch):
+    """A user's model may draw its own noise from torch's generator: --seed seeds it, so eval repeats."""
+    monkeypatch.chdir(tmp_path)
+    np.savez("d.npz", **good_arrays())
+    noisy = "logits = self.fc(self.block(torch.relu(self.stem(x))).mean((2, 3)))\n        return logits + 3 * torch.randn_like(logits)"
+    source = MODEL_SOURCE.replace("return self.fc(self.block(torch.relu(self.stem(x))).mean((2, 3)))", noisy)
+    assert source != MODEL_SOURCE
+    (tmp_path / "net.py").write_text(source)
+    train_tiny("net.py:ResCNN", "run", "width=2")
+
+    def counts(seed):
+        cli.main(["eval", "run", "--n", "3", "--ns", "1", "3", "--seed", str(seed), "--no-progress"])
+        record = json.load(open("run/eval.json"))["runs"]["run"]
+        return [record[k]["count"] for k in ("single", "mean", "vote")]
+
+    first = counts(0)
+    assert counts(0) == first
+    assert any(counts(seed) != first for seed in (1, 2, 3))  # the noise is real: other seeds, other counts

@@ -11,18 +11,21 @@ from .common import Experiment
 PAPER = "efficient-defenses-brelu-gda.txt"
 
 
-def paper_cnn(in_channels, num_classes, filters=64):
+class PaperCNN(nn.Sequential):
     """The paper's CNN, Conv2D(64, 8x8) - Conv2D(128, 6x6) - Conv2D(128, 5x5) - Softmax(10), ReLU;
     its strides and padding are not stated, so they are cleverhans' basic CNN's (the model of the
     paper's libraries' MNIST tutorials): 8x8 stride 2 same, 6x6 stride 2 valid, 5x5 valid, which
-    takes 28x28 to 1x1. filters scales the widths (64, 128, 128)."""
-    return nn.Sequential(nn.Conv2d(in_channels, filters, 8, stride=2, padding=3), nn.ReLU(),
+    takes 28x28 to 1x1. filters scales the widths (64, 128, 128). Built as a user's own model
+    (`--model module:Class`), since no preset architecture has these layers."""
+
+    def __init__(self, in_channels, num_classes, filters=64):
+        super().__init__(nn.Conv2d(in_channels, filters, 8, stride=2, padding=3), nn.ReLU(),
                          nn.Conv2d(filters, 2 * filters, 6, stride=2), nn.ReLU(),
                          nn.Conv2d(2 * filters, 2 * filters, 5), nn.ReLU(),
                          nn.Flatten(), nn.Linear(2 * filters, num_classes))
 
 
-PAPER_CNN = f"{__name__}:paper_cnn"
+PAPER_CNN = f"{__name__}:PaperCNN"
 # label: (preset, options). BReLU without augmentation is the GDA preset with one noiseless copy
 # (the batch and an exact duplicate of it: plain training), as the presets offer BReLU through GDA.
 MODELS = {
