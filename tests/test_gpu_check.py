@@ -83,18 +83,24 @@ def test_dry_run_report_states_bandwidth_fractions(dry_run):
     assert row.split(" | ")[5:7] == [f"{gbs:.3g}", f"{gbs / copy_gbs:.0%}"]
 
 
-def test_without_a_gpu_the_run_stops_at_the_environment_check(tmp_path):
+def test_without_a_gpu_the_run_stops_at_the_environment_check_and_keeps_the_old_record(tmp_path):
+    old = tmp_path / "docs" / "benchmarks" / "gpu.json"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"a GPU run": "its figures"}')
     r = _run_script("--out", str(tmp_path), timeout=120)
     assert r.returncode == 1
-    steps = json.loads((tmp_path / "docs" / "benchmarks" / "gpu.json").read_text())["gpu_check"]["steps"]
+    assert old.read_text() == '{"a GPU run": "its figures"}'  # a failed environment check replaces nothing
+    written = r.stdout.split("  wrote ")[-1].strip()
+    steps = json.loads(open(written).read())["gpu_check"]["steps"]
     assert steps[0]["status"] == "failed" and "make gpu-check DRY_RUN=1" in steps[0]["detail"]
     assert {s["status"] for s in steps[1:]} == {"not run"}
     assert not (tmp_path / "BENCHMARKS.md").exists()  # nothing was measured
 
 
 def test_out_must_be_a_folder(tmp_path):
-    r = _run_script("--dry-run", "--out", str(tmp_path / "missing"), timeout=60)
-    assert r.returncode == 2 and f"--out '{tmp_path / 'missing'}' is not a folder" in r.stderr
+    (tmp_path / "file").write_text("")
+    r = _run_script("--dry-run", "--out", str(tmp_path / "file"), timeout=60)
+    assert r.returncode == 2 and f"--out '{tmp_path / 'file'}' is not a folder" in r.stderr
 
 
 def _section(gpu_date):

@@ -75,7 +75,9 @@ def test_report_gathers_the_latest_records(smoke_out, tmp_path):
     for e in reproduce.REGISTRY.values():
         assert f"## {e.title}" in text and e.paper_numbers.splitlines()[0] in text
     assert text.count("**Deviations.**") == len(NAMES) and "Did the paper's direction hold?" in text
-    assert reproduce.report(smoke_out, str(tmp_path / "none.md")) == []  # no default-scale record there
+    with pytest.raises(SystemExit, match="no run records of scale full or default"):  # none of that scale there
+        reproduce.report(smoke_out, str(tmp_path / "none.md"))
+    assert not (tmp_path / "none.md").exists()  # an empty report never replaces one
 
 
 def test_command_line(capsys, tmp_path):

@@ -5,7 +5,7 @@
     noisekernels reproduce --report [--out DIR] [--to REPRODUCTION.md]
 
 Default: the MNIST papers on the bundled mnist-5k (5,000 real MNIST digits) at the paper's
-architecture, with a budget a 2-core CPU runs in about half an hour; the CIFAR-10 and Fashion-MNIST
+architecture, with a budget a 2-core CPU runs in under an hour; the CIFAR-10 and Fashion-MNIST
 papers on the bundled 8x8 digits. --quick: small models on the digits for every experiment (a few
 minutes). --data DIR: the paper's dataset (MNIST, Fashion-MNIST or CIFAR-10 files in DIR) at the
 default budget; --full: the paper's dataset at the paper's scale.
@@ -89,6 +89,9 @@ def report(out=DEFAULT_OUT, to="REPRODUCTION.md", scales=("full", "default")):
     """Writes the report of the latest records under out (of the first of `scales` each experiment
     has) to `to`; returns the names included."""
     records = latest_records(out, scales)
+    if not records:  # an empty report would replace the committed one
+        raise SystemExit(f"no run records of scale {' or '.join(scales)} under {out}: run experiments first "
+                         f"(noisekernels reproduce all), or name the folder that holds them with --out")
     report_dir = os.path.dirname(os.path.abspath(to))
     os.makedirs(report_dir, exist_ok=True)
     missing = [n for n in REGISTRY if n not in records]
