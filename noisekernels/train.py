@@ -400,12 +400,9 @@ class Trainer:
         if not os.path.isfile(saved):
             raise CheckpointError(f"cannot resume {self.run_dir}: {saved} is missing")
         try:
-            with open(saved) as f:
-                old = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{saved} is not a JSON file ({e})") from None
-        if not isinstance(old, dict):
-            raise CheckpointError(f"{saved} is not a run's config (a JSON object), got {type(old).__name__}")
+            old = read_config(self.run_dir)
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume {self.run_dir}: {e}") from None
         new = json.loads(json.dumps(self._config_json()))
         free = _RESUME_FREE + (_DATA_SOURCE if old.get("dataset_sha256") == new["dataset_sha256"] else ())
         diff = [k for k in sorted(new) if k not in free and old.get(k) != new[k]]

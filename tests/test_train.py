@@ -40,6 +40,21 @@ class Killed(Exception):
     pass
 
 
+def kill_in_epoch_3(trainer):
+    """The process dies mid-epoch (3 steps an epoch), after epoch 2's checkpoint."""
+    step, calls = trainer.step, []
+
+    def dies_in_epoch_3(x, y):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 2:
+            raise Killed
+        return step(x, y)
+
+    trainer.step = dies_in_epoch_3
+    with pytest.raises(Killed):
+        trainer.fit()
+
+
 # rsd1: spike + dropout streams; gda-adv: the augmentation and attack streams and SGD momentum.
 @pytest.mark.parametrize("defense, schedule", [("rsd1", "adam"), ("gda-adv", "cw-mnist")])
 def test_killed_run_resumes_bit_for_bit(ds, tmp_path, defense, schedule):
@@ -50,18 +65,7 @@ def test_killed_run_resumes_bit_for_bit(ds, tmp_path, defense, schedule):
     Trainer(cfg, full, dataset=ds).fit()
 
     killed = str(tmp_path / "killed")
-    t = Trainer(cfg, killed, dataset=ds)
-    step, calls = t.step, []
-
-    def dies_in_epoch_3(x, y):  # the process dies mid-epoch, after epoch 2's checkpoint
-        calls.append(1)
-        if len(calls) == 2 * 3 + 2:
-            raise Killed
-        return step(x, y)
-
-    t.step = dies_in_epoch_3
-    with pytest.raises(Killed):
-        t.fit()
+    kill_in_epoch_3(Trainer(cfg, killed, dataset=ds))
     resumed = Trainer(cfg, killed, dataset=ds, resume=True)
     assert resumed.epoch == 2
     resumed.fit()
@@ -192,18 +196,7 @@ def test_a_model_drawing_from_torch_generators_resumes_bit_for_bit(ds, tmp_path,
     full = str(tmp_path / "full")
     Trainer(own_model, full, dataset=ds).fit()
     killed = str(tmp_path / "killed")
-    t = Trainer(own_model, killed, dataset=ds)
-    step, calls = t.step, []
-
-    def dies_in_epoch_3(x, y):
-        calls.append(1)
-        if len(calls) == 2 * 3 + 2:
-            raise Killed
-        return step(x, y)
-
-    t.step = dies_in_epoch_3
-    with pytest.raises(Killed):
-        t.fit()
+    kill_in_epoch_3(Trainer(own_model, killed, dataset=ds))
     torch.rand(100)  # the caller's generator moves on meanwhile
     resumed = Trainer(own_model, killed, dataset=ds, resume=True)
     assert resumed.epoch == 2
