@@ -7,7 +7,7 @@ beside each ratio: the engine's plan (extra_info "plan") and how far its result 
 loop's (different draws: a sanity check, max |p - p_loop| small, the gradients' cosine well above 0
 where the model's input gradient is more signal than noise).
 
-Attacks on three of the models (residual-rse, rs1-cnn, a2snn; rs1-cnn only in quick mode), 32
+Attacks on every zoo model (rs1-cnn only in quick mode), 32
 inputs, the models trained briefly on bench_attacks' synthetic task, against torchattacks on the
 same model object (its noise layers included): PGD 20 steps EOT 10 vs EOTPGD, APGD 20 steps EOT
 10 vs APGD(eot_iter=10), AutoAttack "rand" vs torchattacks' AutoAttack(version="rand"), whose
@@ -33,6 +33,7 @@ from noisekernels.attacks import APGD, PGD, AutoAttack
 
 MC_N, EOT_N = 50, 10
 BATCHES, ATTACK_MODELS = MODE.zoo_batches, MODE.zoo_attack_models
+assert set(ATTACK_MODELS) <= set(zoo.ZOO), f"unknown zoo models in the mode: {set(ATTACK_MODELS) - set(zoo.ZOO)}"
 ATTACK_BATCH, ATTACK_ROUNDS = MODE.zoo_attack_batch, MODE.zoo_attack_rounds
 EPS, STEPS, EOT = 0.1, 20, 10
 ALPHA = 2.5 * EPS / STEPS  # Madry's rule

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from noisekernels import cli
-from noisekernels.benchmarking import compare, report
+from noisekernels.benchmarking import compare, harness, report
 from noisekernels.benchmarking.run import BENCHMARKS
 
 sys.path.insert(0, BENCHMARKS)
@@ -130,3 +130,10 @@ def test_headline_and_report_from_a_synthetic_run(tmp_path):
     assert "| forward | cpu | eager | 1e+04 | 10.00x | 0.0 |  |  |" in text
     assert "| mc_predict | rs1 | 4 | 3.5 | 1.5 |" in text
     assert (tmp_path / "docs" / "benchmarks" / "providers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_mode_attacks_every_zoo_model():
+    import zoo
+
+    assert harness.ZOO_MODELS == tuple(zoo.ZOO)
+    assert harness.MODES["full"].zoo_attack_models == tuple(zoo.ZOO)

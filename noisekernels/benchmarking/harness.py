@@ -47,6 +47,8 @@ class Mode:
     compile_backend: str = "inductor"
 
 
+# Every model of benchmarks/zoo.py: the goal for the attacks is "on every zoo model".
+ZOO_MODELS = ("residual-rse", "rs1-cnn", "noisy-mlp", "rse", "pni", "a2snn", "gda", "weight-noise")
 MODES = {
     "smoke": Mode(4096, 1, 0, (1_000, 10_000), (1, 4), 8, memory_defenses=("rs1",),
                   memory_calls=("mc_predict",), paired_rounds=1, compile_backend="aot_eager"),
@@ -56,11 +58,11 @@ MODES = {
                   paired_rounds=3, engine_batch=25, attack_batch=50, certify_inputs=1),
     "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
                  (1, 2, 5, 10, 20, 50, 100), 100, zoo_batches=(32, 200),
-                 zoo_attack_models=("residual-rse", "rs1-cnn", "a2snn"), zoo_attack_rounds=2),
+                 zoo_attack_models=ZOO_MODELS, zoo_attack_rounds=2),
     # scripts/gpu_check.py (make gpu-check): 256 MiB tensors, far past a GPU's caches, so GB/s is
     # the memory's; the engine, attacks and certification at the full mode's sizes.
     "gpu": Mode(2**26, 20, 3, (), (), 100, certify_inputs=2, paired_rounds=5, zoo_batches=(32, 200),
-                zoo_attack_models=("residual-rse", "rs1-cnn", "a2snn"), zoo_attack_rounds=2),
+                zoo_attack_models=ZOO_MODELS, zoo_attack_rounds=2),
     # gpu_check.py --short: a rerun inside the same lease.
     "gpu-short": Mode(2**26, 5, 1, (), (), 100, certify_inputs=1, paired_rounds=3, zoo_batches=(200,)),
     # gpu_check.py --dry-run: the same steps on CPU at sizes that take seconds.
