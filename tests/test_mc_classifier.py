@@ -65,7 +65,7 @@ def test_each_forward_draws_fresh_noise_and_log_prob_is_finite_where_a_probabili
         assert not torch.allclose(first, second)
         torch.testing.assert_close(first.exp().sum(1), torch.ones(3))
         scaled = MCClassifier(nn.Sequential(model, _Scale(1e4)), N)(x)
-    assert scaled.isfinite().all() and (scaled < -100).any()  # a plain log of the mean softmax gives -inf there
+    assert scaled.isfinite().all() and (scaled < -200).any()  # exp(-200) underflows: a plain log would give -inf
 
 
 class _Scale(nn.Module):
