@@ -34,6 +34,7 @@ is tuned again.
 """
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -548,13 +549,17 @@ def _empty_batch_plan(model, x):
 
 
 def _check(model, x, n, chunk=None):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    _check_count(n, "n")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a batched tensor (B, ...)")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    if chunk is not None:
+        _check_count(chunk, "chunk")
     _check_batch_statistics(model)
+
+
+def _check_count(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _run(model, x, n, p):
@@ -590,8 +595,14 @@ def replica_logits(model, x, n, *, chunk=None):
     """The (n, B, ...) outputs of n noisy passes over x (model outputs of shape (B, ...)), run as
     the plan says (differentiable). chunk: fix the replicas per pass instead of measuring (still
     verified; same values)."""
-    grad = torch.is_grad_enabled() and x.requires_grad if isinstance(x, torch.Tensor) else False
-    return _run(model, x, n, plan(model, x, n, grad=grad, chunk=chunk))
+    return _run(model, x, n, plan(model, x, n, grad=_records_graph(model, x), chunk=chunk))
+
+
+def _records_graph(model, x):
+    """Whether autograd records this call (a gradient to the input or to a parameter): the plan's
+    memory budget then counts every saved activation, and its trials check the input gradient."""
+    return torch.is_grad_enabled() and isinstance(x, torch.Tensor) and (
+        x.requires_grad or any(p.requires_grad for p in model.parameters()))
 
 
 @torch.no_grad()
@@ -606,19 +617,20 @@ def mc_predict(model, x, n, reduce="mean", *, chunk=None):
     if reduce not in (*MODES, "none"):
         raise ValueError(f"reduce must be one of {(*MODES, 'none')}, got {reduce!r}")
     p = plan(model, x, n, chunk=chunk)
+    needs, hint = f"reduce={reduce!r}", "; use reduce='none' for other outputs"
     if reduce != "none" and p.out_shape is not None:  # known from the plan: refused before any draw
-        _check_logits(reduce, p.out_shape)
+        _check_logits(needs, p.out_shape, hint)
     logits = _run(model, x, n, p)
     if reduce == "none":
         return logits
-    _check_logits(reduce, logits.shape[1:])  # a compiled model's plan does not know its outputs
+    _check_logits(needs, logits.shape[1:], hint)  # a compiled model's plan does not know its outputs
     return replica_reduce(logits, reduce)
 
 
-def _check_logits(reduce, shape):
+def _check_logits(needs, shape, hint=""):
     if len(shape) != 2:
-        raise ValueError(f"reduce={reduce!r} needs (B, C) logits from the model, got outputs of shape "
-                         f"{tuple(shape[1:])}; use reduce='none' for other outputs")
+        raise ValueError(f"{needs} needs (B, C) logits from the model, got outputs of shape "
+                         f"{tuple(shape[1:])}{hint}")
 
 
 def decide(scores, *, votes=False):
@@ -686,4 +698,50 @@ def _scalar_loss(loss_fn, logits, y):
     return loss
 
 
-__all__ = ["NO_CLASS", "Plan", "decide", "deterministic_predict", "eot_grad", "mc_predict", "noise_off", "plan", "replica_logits"]
+OUTPUTS = ("log_prob", "prob", "logits")
+
+
+class MCClassifier(nn.Module):
+    """The MC-averaged classifier the papers deploy, as a module: forward(x) runs n noisy passes of
+    the wrapped model through the engine (batched where it verified that equals the loop) and
+    returns (B, C) scores, differentiable to the input and to the model's parameters, so tools
+    that know nothing of randomness (torchattacks, auto-attack, ART, foolbox) evaluate it as it is.
+
+    output="log_prob": the log of the mean of the n replicas' softmax (computed as logsumexp of
+    their log_softmax minus log n, finite where a probability underflows); cross-entropy on it is
+    the loss of the MC-mean prediction. "prob": that mean itself. "logits": the mean of the
+    logits, a different classifier (its argmax need not be the mean softmax's): for tools that need
+    logits.
+
+    Each forward draws fresh noise: every noise layer's stream advances by what n calls of
+    model(x) would draw, so the values equal the loop of n passes from the same stream state (save
+    and restore the streams, or their state_dict, to repeat a forward). The model is a submodule:
+    .to(), .eval() and state_dict() reach it.
+    """
+
+    def __init__(self, model, n, output="log_prob"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_count(n, "n")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.model, self.n, self.output = model, n, output
+
+    def forward(self, x):
+        p = plan(self.model, x, self.n, grad=_records_graph(self.model, x))
+        if p.out_shape is not None:  # known from the plan: refused before any draw
+            _check_logits("MCClassifier", p.out_shape)
+        logits = _run(self.model, x, self.n, p)  # (n, B, C)
+        _check_logits("MCClassifier", logits.shape[1:])  # a compiled model's plan does not know its outputs
+        if self.output == "logits":
+            return logits.mean(0)
+        if self.output == "prob":
+            return logits.softmax(-1).mean(0)
+        return torch.logsumexp(logits.log_softmax(-1), 0) - math.log(self.n)
+
+    def extra_repr(self):
+        return f"n={self.n}, output={self.output!r}"
+
+
+__all__ = ["MCClassifier", "NO_CLASS", "Plan", "decide", "deterministic_predict", "eot_grad", "mc_predict", "noise_off", "plan", "replica_logits"]
