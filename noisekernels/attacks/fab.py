@@ -26,6 +26,7 @@ from .base import Attack, _check_nonnegative, _check_positive_int
 NORMS = ("Linf", "L2")
 _TINY = 1e-12
 
+
 def _norm(d, norm):
     flat = d.flatten(1)
     return flat.abs().amax(1) if norm == "Linf" else flat.square().sum(1).sqrt()
@@ -52,8 +53,8 @@ def project(x, w, b, norm, clip):
     closest to it. The problem of auto-attack's projection_linf / projection_l2 (box [0, 1] there),
     solved as a water level: each coordinate moves toward the hyperplane until its bound."""
     lo, hi = clip
-    side = torch.where((w * x).sum(1) >= b, 1.0, -1.0).to(x.dtype)[:, None]
-    w, excess = w * side, ((w * x).sum(1) - b) * side.squeeze(1)  # now w . x >= b: lower w . x by excess
+    gap = (w * x).sum(1) - b
+    w, excess = w * torch.where(gap >= 0, 1, -1).to(w.dtype)[:, None], gap.abs()  # now: lower w . x by excess
     room = torch.where(w > 0, x - lo, hi - x)  # how far each coordinate can move in its useful direction
     if norm == "Linf":
         live = w != 0
@@ -64,7 +65,7 @@ def project(x, w, b, norm, clip):
     weight, reach = torch.where(live, weight, 0), torch.where(live, reach, 0)
     lam = _level(weight, reach, excess)[:, None]
     move = torch.minimum(lam, reach)
-    d = -w.sign() * move if norm == "Linf" else -w.sign() * w.abs() * move
+    d = -(w.sign() if norm == "Linf" else w) * move
     return torch.where(live, d, 0)
 
 
