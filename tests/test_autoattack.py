@@ -1,6 +1,6 @@
 """AutoAttack: the 'rand' version against torchattacks' AutoAttack(version='rand') at the same
 budget (APGD-CE and APGD-DLR, 10 steps, EOT 20), both judged by the same MC prediction; its log;
-the 'standard' version's stages on a deterministic model."""
+the 'standard' version's four stages (APGD-CE, APGD-T, FAB-T, Square) on a deterministic model."""
 
 import math
 
@@ -46,7 +46,7 @@ def test_standard_runs_its_stages_on_the_robust_points(capsys):
     x, y = make_data(40, 5)
     attack = AutoAttack(model, eps=0.18, version="standard", steps=10, queries=50, n_targets=3, seed=1, verbose=True)
     x_adv = attack(x, y)
-    assert [e["attack"] for e in attack.log] == ["clean", "apgd-ce", "apgd-t", "square", "final"]
+    assert [e["attack"] for e in attack.log] == ["clean", "apgd-ce", "apgd-t", "fab-t", "square", "final"]
     assert "robust accuracy after APGD-CE" in capsys.readouterr().out
     fooled = model(x_adv).argmax(1) != y
     assert torch.equal(~fooled, ~attack.success)
@@ -54,6 +54,22 @@ def test_standard_runs_its_stages_on_the_robust_points(capsys):
     ce(x, y)
     assert (~attack.success).sum() <= (~ce.success).sum() + 3  # more stages, never much weaker than the first alone
     assert ((x_adv - x).abs() <= 0.18 + 1e-6).all()
+
+
+def test_standard_fab_t_is_torchattacks_fab_t_on_the_points_the_apgds_left():
+    model = trained()
+    x, y = make_data(40, 5)
+    attack = AutoAttack(model, eps=0.18, version="standard", steps=2, queries=1, n_targets=3, seed=1)
+    x_adv = attack(x, y)
+    robust = {e["attack"]: e["robust_accuracy"] for e in attack.log}
+    assert robust["clean"] == 1 and robust["fab-t"] < robust["apgd-t"]  # FAB-T fools points both APGDs left
+    (_, ce), (_, apgd_t), (_, fab), _ = attack.stages
+    left = (~ce.success).nonzero().squeeze(1)
+    left = left[~apgd_t.success]
+    ref = torchattacks.FAB(model, eps=0.18, steps=2, n_restarts=1, multi_targeted=True, n_classes=4)(x[left], y[left])
+    fooled_ref = model(ref).argmax(1) != y[left]
+    assert (fooled_ref ^ fab.success).sum() <= 1  # equal, but for a norm that rounds to either side of eps
+    assert ((x_adv - x).abs().amax((1, 2, 3)) <= 0.18 + 1e-6).all()
 
 
 def test_rng_mode_and_arguments():
@@ -68,7 +84,7 @@ def test_rng_mode_and_arguments():
         AutoAttack(model, judge_n=1)
     with pytest.raises(ValueError, match="version must be one of"):
         AutoAttack(model, version="plus")
-    with pytest.raises(ValueError, match="norm must be 'Linf'"):
+    with pytest.raises(ValueError, match="L-inf only in this library .no L2 Square.: norm must be 'Linf'"):
         AutoAttack(model, version="standard", norm="L2")
     with pytest.raises(ValueError, match="queries and n_targets belong to version='standard'"):
         AutoAttack(model, queries=100)

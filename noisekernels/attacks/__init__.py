@@ -5,9 +5,10 @@ from .apgd import APGD
 from .autoattack import AutoAttack
 from .base import Attack
 from .cw import CW
+from .fab import FAB
 from .minimal_fgsm import MinimalFGSM
 from .multi_surrogate import MultiSurrogate, rotate_targets
 from .pgd import FGSM, PGD
 from .square import Square
 
-__all__ = ["APGD", "Attack", "AutoAttack", "CW", "FGSM", "MinimalFGSM", "MultiSurrogate", "PGD", "Square", "rotate_targets"]
+__all__ = ["APGD", "Attack", "AutoAttack", "CW", "FAB", "FGSM", "MinimalFGSM", "MultiSurrogate", "PGD", "Square", "rotate_targets"]

@@ -2,7 +2,9 @@
 
 version="rand" (randomized defenses): APGD-CE, then APGD-DLR on the points still robust, each with
 EOT 20 and one restart. version="standard" (deterministic models): APGD-CE, APGD-T (targeted DLR,
-9 target classes) and Square (5000 queries); auto-attack's FAB-T is not part of this library.
+9 target classes), FAB-T (9 target classes, its example counted only within eps) and Square (5000
+queries), auto-attack's four, each with one restart. Square is L-inf only here, so "standard" is
+L-inf only (auto-attack also runs it at L2, with an L2 Square this library does not have).
 Every stage runs on the points the previous ones left robust, as auto-attack does; a point is
 robust while the MC prediction on noise independent of the attack's draws still classifies it
 correctly ("rand" needs judge_n >= 2: never a single draw). attack.log holds each stage's robust
@@ -16,6 +18,7 @@ import time
 
 from .apgd import APGD
 from .base import Attack, _check_nonnegative, _check_positive_int
+from .fab import FAB
 from .square import Square
 
 VERSIONS = ("rand", "standard")
@@ -28,8 +31,8 @@ class AutoAttack(Attack):
     torchattacks' AutoAttack(version='rand') runs its APGDs with 10 steps: pass steps=10 here (or
     steps=100 there) when comparing the two.
     eot: draws per gradient of the "rand" APGDs (default 20). queries: Square's budget and
-    n_targets: APGD-T's target classes (default 9), both "standard" only. verbose: print each
-    stage's line.
+    n_targets: the target classes of APGD-T and FAB-T (default 9), both "standard" only; FAB-T runs
+    `steps` iterations as well. verbose: print each stage's line.
     """
 
     def __init__(self, model, eps=8 / 255, norm="Linf", version="rand", steps=100, queries=None, n_targets=None,
@@ -53,10 +56,12 @@ class AutoAttack(Attack):
                       ("apgd-dlr", APGD(model, norm=norm, steps=steps, loss="dlr", **common))]
         else:
             if norm != "Linf":
-                raise ValueError(f"version='standard' runs Square, which is L-inf here: norm must be 'Linf', got {norm!r}")
+                raise ValueError(f"version='standard' runs Square, which is L-inf only in this library (no L2 Square): "
+                                 f"norm must be 'Linf', got {norm!r}")
+            n_targets = 9 if n_targets is None else n_targets
             stages = [("apgd-ce", APGD(model, norm=norm, steps=steps, loss="ce", **common)),
-                      ("apgd-t", APGD(model, norm=norm, steps=steps, loss="dlr-targeted",
-                                      n_targets=9 if n_targets is None else n_targets, **common)),
+                      ("apgd-t", APGD(model, norm=norm, steps=steps, loss="dlr-targeted", n_targets=n_targets, **common)),
+                      ("fab-t", FAB(model, norm=norm, steps=steps, n_targets=n_targets, **common)),
                       ("square", Square(model, queries=5000 if queries is None else queries, **common))]
         for i, (_, attack) in enumerate(stages):
             attack.stream = self.stream.fork(i)  # the stages' streams come from this attack's seed

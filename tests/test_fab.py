@@ -1,0 +1,178 @@
+"""FAB: its projections equal auto-attack's (torchattacks' copy); on deterministic models at least as
+strong as torchattacks' FAB at equal steps and restarts (L-inf and L2, FAB and FAB-T, a CNN and an
+MLP); targeted runs reach the target; points stay in the clip range and scale with it; the EOT
+differences are the loop's mean over draws; runs are reproducible from the seed; bad arguments."""
+
+import functools
+
+import pytest
+import torch
+import torchattacks
+from torch import nn
+from torchattacks.attacks.fab import projection_l2, projection_linf
+
+from attack_models import CLASSES, SIZE, make_data, trained
+from loop_reference import restore, snapshot
+from noisekernels.attacks import FAB
+from noisekernels.attacks.fab import project
+
+
+@functools.lru_cache(maxsize=None)
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 32), nn.ReLU(), nn.Linear(32, CLASSES))
+    x, y = make_data(1024, 200)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def norms(d, norm):
+    flat = d.flatten(1)
+    return flat.abs().amax(1) if norm == "Linf" else flat.norm(dim=1)
+
+
+@pytest.mark.parametrize("norm,reference", [("Linf", projection_linf), ("L2", projection_l2)])
+def test_projection_equals_auto_attacks(norm, reference):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 40, generator=g, dtype=torch.float64)
+    w = torch.randn(200, 40, generator=g, dtype=torch.float64)
+    w[:, :5] = 0  # coordinates the hyperplane ignores
+    scale = torch.tensor([0.01, 0.3, 3.0, 30.0], dtype=torch.float64).repeat(50)  # near, far, out of reach
+    b = (w * x).sum(1) + scale * torch.randn(200, generator=g, dtype=torch.float64)
+    d = project(x, w, b, norm, (0.0, 1.0))
+    torch.testing.assert_close(d, reference(x, w, b), rtol=0, atol=1e-12)
+    reached = ((w * (x + d)).sum(1) - b).abs() < 1e-9
+    assert 0.2 < reached.float().mean() < 1  # both cases occur
+    # Another box: the problem on [lo, hi] is the one on [0, 1] scaled by hi - lo.
+    lo, hi = -1.0, 3.0
+    d_box = project(lo + (hi - lo) * x, w, lo * w.sum(1) + (hi - lo) * b, norm, (lo, hi))
+    torch.testing.assert_close(d_box, (hi - lo) * d, rtol=0, atol=1e-11)
+
+
+def _reference(model, x, y, norm, eps, steps, n_targets):
+    """torchattacks' FAB at budget eps: the norms of its examples, inf where it returns none (its
+    FAB-T runs the next target only on the points not fooled within eps)."""
+    kind = dict(multi_targeted=True) if n_targets else {}
+    x_ref = torchattacks.FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=1, n_classes=CLASSES, **kind)(x, y)
+    fooled = model(x_ref).argmax(1) != y
+    return torch.where(fooled, norms(x_ref - x, norm), torch.inf)
+
+
+@pytest.mark.parametrize("net,norm,n_targets", [("cnn", "Linf", None), ("cnn", "L2", None), ("cnn", "Linf", 3),
+                                                ("cnn", "L2", 3), ("mlp", "Linf", None), ("mlp", "L2", None)])
+def test_at_least_as_strong_as_torchattacks(net, norm, n_targets):
+    model = trained() if net == "cnn" else mlp()
+    x, y = make_data(32, 7)
+    unbounded = _reference(model, x, y, norm, 100.0, 10, n_targets)
+    assert unbounded.isfinite().all()
+    eps = unbounded.median().item()  # torchattacks' FAB fools about half within it: the comparison says something
+    ref = _reference(model, x, y, norm, eps, 10, n_targets)
+    attack = FAB(model, norm=norm, eps=eps, steps=10, n_targets=n_targets, seed=0)
+    x_adv = attack(x, y)
+    ours = attack.norms
+    print(f"{net} {norm} n_targets={n_targets}: median norm {ours.median():.4f} (torchattacks {eps:.4f}), "
+          f"robust at eps {(ours > eps).float().mean():.3f} (torchattacks {(ref > eps).float().mean():.3f})")
+    assert ours.median() <= eps * 1.001
+    assert (ours > eps).sum() <= (ref > eps).sum() + 1
+    # What FAB returns: the example found where its norm is within eps (judged fooled), else x.
+    within = ours <= eps
+    assert torch.equal(attack.success, within)
+    torch.testing.assert_close(norms(x_adv - x, norm)[within], ours[within])
+    assert torch.equal(x_adv[~within], x[~within])
+
+
+def test_targeted_reaches_the_target():
+    model = trained()
+    x, y = make_data(24, 3)
+    target = (y + 1) % CLASSES
+    for norm in ("Linf", "L2"):
+        attack = FAB(model, norm=norm, eps=10.0, steps=10, targeted=True, seed=0)
+        x_adv = attack(x, target)
+        assert attack.success.float().mean() >= 0.9
+        assert torch.equal(model(x_adv).argmax(1) == target, attack.success)
+        untargeted = FAB(model, norm=norm, eps=10.0, steps=10, seed=0)
+        untargeted(x, y)
+        # Reaching one given class costs at least as much as leaving y for the nearest one.
+        assert attack.norms.median() >= untargeted.norms.median()
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_points_stay_in_the_clip_range_and_scale_with_it(norm):
+    model = trained()
+    x, y = make_data(16, 9)
+    attack = FAB(model, norm=norm, eps=10.0, steps=8, restarts=2, seed=0)
+    x_adv = attack(x, y)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and (attack.norms < 10).all()
+    # The same model on inputs in [-1, 1] (clip (-1, 1)): FAB is equivariant, the norms double
+    # (up to rounding and auto-attack's absolute thresholds, which do not scale).
+    shifted = nn.Sequential(Affine(), model).eval()
+    attack2 = FAB(shifted, norm=norm, eps=20.0, steps=8, restarts=2, clip=(-1.0, 1.0), seed=0)
+    x2_adv = attack2(2 * x - 1, y)
+    assert x2_adv.min() >= -1 and x2_adv.max() <= 1
+    torch.testing.assert_close(attack2.norms.median(), 2 * attack.norms.median(), rtol=0.01, atol=0)
+
+
+class Affine(nn.Module):
+    def forward(self, x):
+        return (x + 1) / 2
+
+
+def test_eot_differences_are_the_loop_mean_and_runs_reproduce():
+    model = trained(spike=True)
+    x, y = make_data(6, 4)
+    others = torch.stack([(y + k) % CLASSES for k in (1, 2, 3)], 1)
+    attack = FAB(model, eot=5, seed=0)
+    start = snapshot(model)
+    diff, grad = attack.differences(x, y, others)
+    restore(model, start)
+    loop_diff, loop_grad = 0, 0
+    for _ in range(5):  # the loop of 5 passes over the 3 copies of x, from the same stream offsets
+        xs = x.repeat(3, 1, 1, 1).requires_grad_()
+        logits = model(xs)
+        d = logits.gather(1, others.T.reshape(-1, 1)) - logits.gather(1, y.repeat(3)[:, None])
+        loop_grad = loop_grad + torch.autograd.grad(d.sum(), xs)[0] / 5
+        loop_diff = loop_diff + d.detach().view(3, -1).T / 5
+    torch.testing.assert_close(diff, loop_diff, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, loop_grad.view(3, 6, *x.shape[1:]).transpose(0, 1), rtol=1e-4, atol=1e-6)
+
+    x, y = make_data(16, 4)
+    rng, start = torch.get_rng_state(), snapshot(model)
+    runs = []
+    for _ in range(2):
+        restore(model, start)
+        attack = FAB(model, eps=0.3, steps=4, restarts=2, eot=3, judge_n=8, seed=5)
+        runs.append((attack(x, y), attack.norms, attack.success))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0][2], runs[1][2]) and runs[0][2].any()
+    assert torch.equal(torch.get_rng_state(), rng) and not model.training
+
+
+def test_bad_arguments():
+    model = trained()
+    with pytest.raises(ValueError, match="norm must be one of"):
+        FAB(model, norm="L1")
+    with pytest.raises(ValueError, match="alpha_max must be in"):
+        FAB(model, alpha_max=1.5)
+    with pytest.raises(ValueError, match="eta .* must be >= 1"):
+        FAB(model, eta=0.9)
+    with pytest.raises(ValueError, match="beta must be in"):
+        FAB(model, beta=0.0)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        FAB(model, steps=0)
+    with pytest.raises(ValueError, match="restarts must be an int >= 1"):
+        FAB(model, restarts=1.5)
+    with pytest.raises(ValueError, match="cannot be combined with targeted=True"):
+        FAB(model, n_targets=3, targeted=True)
+    x, y = make_data(4, 0)
+    with pytest.raises(ValueError, match="n_targets=4 needs at least 5 classes, the model has 4"):
+        FAB(model, n_targets=4)(x, y)
+    attack = FAB(model, steps=1)
+    with pytest.raises(ValueError, \
+            match=r"y must hold class indices \(int64\) in \[0, 4\), got torch.int64 with \[4\]"):
+        attack(x, torch.tensor([0, 1, 4, 2]))
+    assert attack.norms is None and attack.success is None  # nothing half-updated
