@@ -9,6 +9,9 @@ sigma * Phi^-1(pA). Noise is never clipped (smoothing does not clip). A sample w
 NaN votes for no class (metrics.vote_counts): it counts against pA, never for a class, so a model
 that only returns NaN abstains everywhere.
 
+certify_sequential: the same guarantee with far fewer samples on clear inputs, each input sampled in
+growing batches until its answer is decided (a fixed schedule of looks, alpha split over them).
+
 Each chunk of samples is one fused pass: noise_add writes m noisy replicas of the B inputs
 (replica-major) from the stream, the base classifier runs once on the m*B rows, and replica_reduce
 counts the votes on the device; only the final (B, C) counts reach the host for the tests.
@@ -214,11 +217,12 @@ def certify_sequential(model, x, sigma, alpha, *, n_max=100_000, radius=None, to
     cA, disjoint from the estimation samples. Estimation: up to n_max samples, looked at on a fixed
     geometric schedule (first_look, doubling, n_max) with alpha split equally over its looks and a
     union bound over their one-sided Clopper-Pearson bounds (scipy), the adaptive sampling of
-    Horvath et al. (ICLR 2022, "Boosting Randomized Smoothing with Variance Reduced Classifiers",
-    sec. 5). The confidence sequences of the confseq package (Howard, Waudby-Smith & Ramdas) would
-    hold at every sample, but it only ships as an sdist that needs Boost and CMake to build (and pulls
-    pandas), so the bounds here are scipy's; the union bound costs a factor log2(n_max / first_look)
-    in alpha, a few percent of radius. radius=r asks whether r is certified (r, or ABSTAIN and 0);
+    Horvath et al. (ICLR 2022, "Boosting Randomized Smoothing with Variance Reduced Classifiers").
+    The confidence sequences of the confseq package (Howard, Waudby-Smith & Ramdas) would hold at
+    every sample, but it only ships as an sdist that needs Boost and CMake to build (and pulls
+    pandas), so the bounds here are scipy's; the union bound costs alpha / K at the last look instead
+    of alpha (K = 11 looks at the defaults: radius 0.934 instead of 0.953 for 100,000 samples all for
+    cA at sigma 0.25, alpha 0.001). radius=r asks whether r is certified (r, or ABSTAIN and 0);
     radius=None asks for the largest radius, up to `tolerance` (sequential_from_votes has the stopping
     rules). samples: the noisy copies each input used, the n0 selection ones included. Inputs that are
     decided leave the batch: each pass of batch_size noisy rows holds undecided inputs only."""
