@@ -1,7 +1,7 @@
 """Sequential randomized smoothing against the exact oracle of a linear base classifier: the
 smoothed classifier of f(x) = [w.x + b > 0] has pA = Phi(D / sigma) and certified radius exactly
-D, the distance to the hyperplane (Cohen et al. 2019, sec. 3.2). Hundreds of independent
-certifications of one point (copies of it in one batch draw independent noise) give the share of
+D, the distance to the hyperplane (Cohen et al. 2019: Theorem 1 is tight there). Hundreds of
+independent certifications of one point (copies of it in one batch draw independent noise) give the share of
 false certificates (wrong class or radius above D), which must stay within alpha's binomial slack,
 for both modes and for fixed-N certify as a control; a procedure that peeks at every look without
 correcting alpha fails the same check."""
@@ -68,12 +68,14 @@ def test_a_predetermined_radius_just_above_d_is_rarely_certified():
 
 
 def test_the_largest_radius_is_rarely_above_d():
+    # a tolerance met at the look of 2048 samples by some trials and not others: the stopping depends
+    # on the votes, as it does on real inputs
     pred, radius, samples = smoothing.certify_sequential(Halfplane(), point(), SIGMA, ALPHA, n_max=N_MAX,
-                                                         tolerance=0.2, first_look=FIRST_LOOK, batch_size=ROWS,
+                                                         tolerance=0.108, first_look=FIRST_LOOK, batch_size=ROWS,
                                                          stream=nk.Stream(3))
     assert false_certificates(pred, radius) <= slack()
     assert (pred == 1).all() and radius.mean() > 0.8 * D  # informative, not only valid
-    assert samples.max() < 100 + N_MAX  # the tolerance stopped them early
+    assert samples.min() < samples.max() == 100 + N_MAX
 
 
 def test_fixed_n_certify_as_a_control():
