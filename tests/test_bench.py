@@ -116,22 +116,6 @@ def test_compare_lists_the_ratios_that_fell(tmp_path, capsys):
         compare.regressions(old, new, 1.5)
 
 
-def test_headline_and_report_from_a_synthetic_run(tmp_path):
-    run = _run(10.0, 4.0, 3.0)
-    for b, impl in zip(run["benchmarks"][:3], ("noisekernels", "eager", "compile")):
-        b["extra_info"].update(section="providers", op="spike", mode="forward", device="cpu", numel=10, floor_bytes=120)
-    run["benchmarks"].append(_bench("spike-forward-cpu", "copy-floor", 0.5, section="providers", op="spike",
-                                    mode="forward", device="cpu", numel=10, floor_bytes=120))
-    assert report.headline(run) == [("spike forward (cpu) vs eager", 10.0), ("spike forward (cpu) vs compile", 4.0),
-                                    ("spike forward (cpu): copy floor / ours", 0.5),
-                                    ("bench_x/mc-n50: batched vs loop (paired)", 3.0)]
-    text = open(report.write_report(run, str(tmp_path))).read()
-    assert "| bench_x/mc-n50: batched vs loop (paired) | 3.00x |" in text
-    assert "| forward | cpu | eager | 1e+04 | 10.00x | 0.0 |  |  |" in text
-    assert "| mc_predict | rs1 | 4 | 3.5 | 1.5 |" in text
-    assert (tmp_path / "docs" / "benchmarks" / "providers.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_sequential_certification_table_from_a_synthetic_run():
     sequential = {"radii": [0.0, 0.5], "inputs": 10, "accuracy_cohen": [0.9, 0.6], "accuracy_sequential": [0.9, 0.5],
                   "accuracy_largest": [0.8, 0.4], "samples_cohen": 1100.0, "samples_sequential": 150.0,
@@ -147,3 +131,19 @@ def test_sequential_certification_table_from_a_synthetic_run():
     assert "| sequential, largest radius (tolerance 0.05) | 80 | 40 | 700 | 2.0 |" in text
     assert "certified for 9 of 10 copies with 321 samples" in text and "mode full, torch threads 1" in text
     assert report._sequential_md(_run(10.0, 4.0, 3.0)) == []
+
+
+def test_headline_and_report_from_a_synthetic_run(tmp_path):
+    run = _run(10.0, 4.0, 3.0)
+    for b, impl in zip(run["benchmarks"][:3], ("noisekernels", "eager", "compile")):
+        b["extra_info"].update(section="providers", op="spike", mode="forward", device="cpu", numel=10, floor_bytes=120)
+    run["benchmarks"].append(_bench("spike-forward-cpu", "copy-floor", 0.5, section="providers", op="spike",
+                                    mode="forward", device="cpu", numel=10, floor_bytes=120))
+    assert report.headline(run) == [("spike forward (cpu) vs eager", 10.0), ("spike forward (cpu) vs compile", 4.0),
+                                    ("spike forward (cpu): copy floor / ours", 0.5),
+                                    ("bench_x/mc-n50: batched vs loop (paired)", 3.0)]
+    text = open(report.write_report(run, str(tmp_path))).read()
+    assert "| bench_x/mc-n50: batched vs loop (paired) | 3.00x |" in text
+    assert "| forward | cpu | eager | 1e+04 | 10.00x | 0.0 |  |  |" in text
+    assert "| mc_predict | rs1 | 4 | 3.5 | 1.5 |" in text
+    assert (tmp_path / "docs" / "benchmarks" / "providers.png").read_bytes()[:4] == b"\x89PNG"
