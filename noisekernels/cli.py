@@ -430,14 +430,36 @@ def attack(p):
     return run
 
 
+def _certify_samples(args):
+    """The estimation samples per input: --N for --method cohen, --n-max for sequential (each refused with the other)."""
+    if args.radius is not None and args.tolerance is not None:
+        raise UsageError("--tolerance applies to the largest radius; --radius asks about one radius only")
+    if args.method == "cohen":
+        if args.n_max is not None:
+            raise UsageError("--n-max applies to --method sequential; --method cohen takes --N")
+        return args.n or 10000
+    if args.n is not None:
+        raise UsageError("--N is --method cohen's fixed sample count; --method sequential takes --n-max")
+    return args.n_max or 100_000
+
+
 @command("randomized-smoothing certification (Cohen et al.) of trained models (shards across torchrun ranks)")
 def certify(p):
     _models_args(p)
     p.add_argument("--sigma", type=_nonnegative_float, default=0.25, help="smoothing noise std (default 0.25)")
     # --N0 and --N as in locuslab/smoothing's certify.py (a bare --n would also clash with torchrun's flags)
     p.add_argument("--N0", dest="n0", type=_positive_int, default=100, help="selection samples (default 100)")
-    p.add_argument("--N", dest="n", type=_positive_int, default=10000, help="estimation samples (default 10000)")
+    p.add_argument("--N", dest="n", type=_positive_int, help="--method cohen: estimation samples (default 10000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--method", default="cohen", choices=("cohen", "sequential"),
+                   help="cohen (default): CERTIFY's fixed N; sequential: sampling stops once the answer is clear, "
+                        "with the same guarantee (docs/certification.md)")
+    p.add_argument("--n-max", type=_positive_int, help="--method sequential: most estimation samples per input "
+                                                        "(default 100000)")
+    p.add_argument("--radius", type=_nonnegative_float, help="--method sequential: certify this L2 radius or "
+                                                             "abstain (default: the largest radius)")
+    p.add_argument("--tolerance", type=float, help="--method sequential without --radius: stop once more samples "
+                                                   "would add at most this much radius (default 0.05)")
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="noisy copies per forward pass (default 1000)")
     _progress_args(p)
     _common(p, run_dir=False, seed="seed of the smoothing noise (one stream per batch)")
@@ -447,36 +469,49 @@ def certify(p):
         from . import distributed, evaluate
         _setup(args)
         rank, world = distributed.init()
+        n = _certify_samples(args)
         loaded, x, y, out, data = _load_runs(args)
         progress = not args.no_progress and rank == 0
-        shown = {"sigma": args.sigma, "N0": args.n0, "N": args.n, "alpha": args.alpha, "seed": args.seed}
+        if args.method == "cohen":
+            budget = {"N": n}
+        elif args.radius is None:
+            budget = {"method": "sequential", "n_max": n, "tolerance": smoothing.TOLERANCE if args.tolerance is None else args.tolerance}
+        else:
+            budget = {"method": "sequential", "n_max": n, "radius": args.radius}
+        shown = {"sigma": args.sigma, "N0": args.n0, **budget, "alpha": args.alpha, "seed": args.seed}
         results, rows = {}, []
         radii = [0.0, 0.25, 0.5, 0.75, 1.0]
         for name, run in zip(_names(loaded), loaded):
             start = time.perf_counter()
             per_example = distributed.gather(smoothing.certify_dataset(
-                run.model, x, y, args.sigma, args.n0, args.n, args.alpha, batch_size=args.batch_size, seed=args.seed,
-                progress=progress))
+                run.model, x, y, args.sigma, args.n0, n, args.alpha, method=args.method, radius=args.radius,
+                tolerance=args.tolerance, batch_size=args.batch_size, seed=args.seed, progress=progress))
             seconds = time.perf_counter() - start
             accuracy = smoothing.certified_accuracy(per_example, radii)
             abstained = int((per_example["prediction"] == smoothing.ABSTAIN).sum())
+            samples = per_example["samples"].double().mean().item() if len(y) else 0.0
             evaluate.stage_line(f"certify {name}: " + ", ".join(f"r={r:g} {_pct(a)}%" for r, a in zip(radii, accuracy))
-                                + f", {abstained} abstained ({seconds:.1f} s)", progress)
+                                + f", {abstained} abstained, {samples:.0f} samples per input ({seconds:.1f} s)", progress)
             results[name] = {**run.record, "certified_accuracy": {str(r): a.as_dict() for r, a in zip(radii, accuracy)},
-                             "abstained": abstained, "seconds": seconds,
+                             "abstained": abstained, "seconds": seconds, "mean_samples": samples,
                              "examples": {k: v.tolist() for k, v in per_example.items()}}
-            rows.append([name, run.preset.name] + [_pct(a) for a in accuracy])
+            rows.append([name, run.preset.name] + [_pct(a) for a in accuracy] + [f"{samples:.0f}"])
             if rank == 0:
                 smoothing.plot_certified_accuracy(per_example, os.path.join(out, f"certified_{name}.png"), label=name,
                                                   title=f"{name}: certified accuracy against L2 radius "
                                                         f"({len(y)} inputs)", settings=shown)
+                if args.method == "sequential":
+                    smoothing.plot_samples(per_example, os.path.join(out, f"samples_{name}.png"), label=name,
+                                           title=f"{name}: noisy samples per input", settings=shown)
         if rank != 0:
             return
-        print(evaluate.table(f"certified accuracy (%) at radius, sigma {args.sigma}, n0 {args.n0}, n {args.n}, "
-                             f"alpha {args.alpha}, {len(y)} inputs", ["model", "defense"] + [f"r={r:g}" for r in radii],
-                             rows))
-        _report(os.path.join(out, "certify.json"), _settings(args, x, data, sigma=args.sigma, n0=args.n0, n=args.n,
-                                                             alpha=args.alpha, batch_size=args.batch_size,
+        print(evaluate.table(f"certified accuracy (%) at radius, sigma {args.sigma}, n0 {args.n0}, "
+                             + ", ".join(f"{k} {v}" for k, v in budget.items())
+                             + f", alpha {args.alpha}, {len(y)} inputs",
+                             ["model", "defense"] + [f"r={r:g}" for r in radii] + ["samples"], rows))
+        _report(os.path.join(out, "certify.json"), _settings(args, x, data, sigma=args.sigma, n0=args.n0, n=n,
+                                                             alpha=args.alpha, method=args.method, radius=args.radius,
+                                                             tolerance=args.tolerance, batch_size=args.batch_size,
                                                              processes=world), results)
         print(f"wrote {os.path.join(out, 'certify.json')} and the certified-accuracy plots")
     return run

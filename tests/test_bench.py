@@ -116,6 +116,23 @@ def test_compare_lists_the_ratios_that_fell(tmp_path, capsys):
         compare.regressions(old, new, 1.5)
 
 
+def test_sequential_certification_table_from_a_synthetic_run():
+    sequential = {"radii": [0.0, 0.5], "inputs": 10, "accuracy_cohen": [0.9, 0.6], "accuracy_sequential": [0.9, 0.5],
+                  "accuracy_largest": [0.8, 0.4], "samples_cohen": 1100.0, "samples_sequential": 150.0,
+                  "samples_sequential_by_radius": [50.0, 100.0], "samples_largest": 700.0, "seconds_largest": 2.0,
+                  "seconds_cohen": 4.0, "seconds_sequential": 0.5}
+    oracle = {"certified": 9, "copies": 10, "samples": 321.0, "radius": 0.4, "seconds": 0.01}
+    run = {"benchmarks": [_bench("seq", "sequential", 1.0, sequential=sequential),
+                          _bench("oracle", "sequential", 1.0, sequential_oracle=oracle)],
+           "noisekernels": {"mode": "full"}, "machine_info": {"noisekernels": {"torch_threads": 1}}}
+    text = "\n".join(report._sequential_md(run))
+    assert "| Cohen et al.'s CERTIFY, N = 100,000 | 90 | 60 | 1100 | 4.0 |" in text
+    assert "| sequential, radius r (one run per r, 2 together) | 90 | 50 | 150 (50 + 100) | 0.5 |" in text
+    assert "| sequential, largest radius (tolerance 0.05) | 80 | 40 | 700 | 2.0 |" in text
+    assert "certified for 9 of 10 copies with 321 samples" in text and "mode full, torch threads 1" in text
+    assert report._sequential_md(_run(10.0, 4.0, 3.0)) == []
+
+
 def test_headline_and_report_from_a_synthetic_run(tmp_path):
     run = _run(10.0, 4.0, 3.0)
     for b, impl in zip(run["benchmarks"][:3], ("noisekernels", "eager", "compile")):

@@ -75,6 +75,21 @@ def test_certify(runs, capsys, tmp_path):
     assert (tmp_path / "certified_standard.png").stat().st_size > 1000
 
 
+def test_certify_sequential(runs, capsys, tmp_path):
+    cli.main(["certify", str(runs / "standard"), "--sigma", "0.25", "--N0", "10", "--method", "sequential",
+              "--radius", "0.25", "--n-max", "400", "--alpha", "0.01", "--limit", "4", "--batch-size", "200",
+              "--out", str(tmp_path)])
+    assert "method sequential, n_max 400, radius 0.25" in capsys.readouterr().out
+    report = json.loads((tmp_path / "certify.json").read_text())
+    result = report["runs"]["standard"]
+    examples = result["examples"]
+    assert set(examples["radius"]) <= {0.0, 0.25} and all(10 < s <= 410 for s in examples["samples"])
+    assert result["mean_samples"] == sum(examples["samples"]) / 4
+    assert report["settings"]["method"] == "sequential" and report["settings"]["n"] == 400
+    assert (tmp_path / "certified_standard.png").stat().st_size > 1000
+    assert (tmp_path / "samples_standard.png").stat().st_size > 1000
+
+
 def test_attack_and_certify_across_two_processes_equal_one(runs, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     common = {"attack": ["--attack", "PGD", "--eps", "0.2", "--set", "steps=2", "--set", "eot=2", "--judge-n", "3",
@@ -127,6 +142,12 @@ def test_bench(runs, capsys, tmp_path):
     (["attack", "RUN", "--attack", "Magic"], "invalid choice: 'Magic'"),
     (["eval", "/nonexistent/run"], "is not a run directory"),
     (["eval", "RUN", "--n", "0"], "--n: must be an int >= 1"),
+    (["certify", "RUN", "--n-max", "500"], "--n-max applies to --method sequential"),
+    (["certify", "RUN", "--method", "sequential", "--N", "500"], "--method sequential takes --n-max"),
+    (["certify", "RUN", "--radius", "0.5"], "radius and tolerance apply to method='sequential' only"),
+    (["certify", "RUN", "--method", "sequential", "--radius", "0.5", "--tolerance", "0.1"], "--tolerance applies to"),
+    (["certify", "RUN", "--method", "sequential", "--tolerance", "0"], "tolerance must be a finite float > 0"),
+    (["certify", "RUN", "--method", "sequential", "--radius", "-1"], "--radius: must be a number >= 0"),
     ([], "the following arguments are required"),
 ])
 def test_bad_arguments_are_clear_errors(runs, capsys, tmp_path, argv, message):

@@ -41,6 +41,7 @@ class Mode:
     zoo_attack_batch: int = 32  # inputs each zoo attack crafts
     zoo_attack_rounds: int = 1  # paired rounds of each zoo attack
     certify_n: int = 10_000  # noisy samples per certified input (bench_certify)
+    sequential_inputs: int = 100  # digits certified by both methods in bench_certify_sequential (N = 100,000)
     fit_steps: int = 60  # Adam steps that train the attacked and certified models
     # torch.compile's backend for the "compile" providers: inductor (what users get), except in the
     # smoke run, which checks agreement and the report in seconds (inductor's codegen takes minutes).
@@ -55,7 +56,7 @@ MODES = {
     # A few minutes on 2 cores: the engine, attack and certification runs at a quarter of the
     # inputs of the full mode (the issues' sizes), where their goals are stated.
     "quick": Mode(32 * 32 * 28 * 28, 5, 1, (1_000, 10_000, 100_000, 1_000_000, 10_000_000), (1, 2, 5, 10, 20, 50), 32,
-                  paired_rounds=3, engine_batch=25, attack_batch=50, certify_inputs=1),
+                  paired_rounds=3, engine_batch=25, attack_batch=50, certify_inputs=1, sequential_inputs=50),
     "full": Mode(128 * 32 * 28 * 28, 30, 3, (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
                  (1, 2, 5, 10, 20, 50, 100), 100, zoo_batches=(32, 200),
                  zoo_attack_models=ZOO_MODELS, zoo_attack_rounds=2),

@@ -302,6 +302,38 @@ def _other_md(run):
             "mode, whose sizes are the issues').", "", _table(["group", "impl", "median ms", "ratios and notes"], rows), ""]
 
 
+def _sequential_md(run):
+    """bench_certify_sequential's table: certified accuracy, samples and time of both methods."""
+    [main] = [b["extra_info"]["sequential"] for b in run["benchmarks"] if "sequential" in b["extra_info"]] or [None]
+    if main is None:
+        return []
+    radii = main["radii"]
+
+    def pct(values):
+        return [f"{100 * v:.0f}" for v in values]
+
+    rows = [["Cohen et al.'s CERTIFY, N = 100,000", *pct(main["accuracy_cohen"]), f"{main['samples_cohen']:.0f}",
+             f"{main['seconds_cohen']:.1f}"],
+            [f"sequential, radius r (one run per r, {len(radii)} together)", *pct(main["accuracy_sequential"]),
+             f"{main['samples_sequential']:.0f} (" + " + ".join(f"{v:.0f}" for v in main["samples_sequential_by_radius"])
+             + ")", f"{main['seconds_sequential']:.1f}"],
+            ["sequential, largest radius (tolerance 0.05)", *pct(main["accuracy_largest"]), f"{main['samples_largest']:.0f}",
+             f"{main['seconds_largest']:.1f}"]]
+    lines = ["## Sequential certification against CERTIFY", "",
+             "benchmarks/bench_certify_sequential.py: an MLP trained with Gaussian augmentation on the bundled digits, "
+             f"its first {main['inputs']} test digits, sigma 0.25, alpha 0.001, n0 100, n_max 100,000 (samples per input "
+             f"include the n0 selection ones; seconds: the faster of two paired rounds; mode {run['noisekernels']['mode']}, "
+             f"torch threads {run['machine_info']['noisekernels']['torch_threads']}).", "",
+             _table(["method", *(f"certified % at r={r:g}" for r in radii), "samples per input", "seconds"], rows), ""]
+    for b in run["benchmarks"]:
+        oracle = b["extra_info"].get("sequential_oracle")
+        if oracle:
+            lines += [f"Linear oracle far from the boundary (pA = 0.999): radius D/2 = {oracle['radius']:.3f} certified "
+                      f"for {oracle['certified']} of {oracle['copies']} copies with {oracle['samples']:.0f} samples on "
+                      f"average, in {oracle['seconds']:.3f} s.", ""]
+    return lines
+
+
 # ---------------------------------------------------------------- headline and the whole report
 
 def headline(run):
@@ -443,6 +475,7 @@ def write_report(run, out_dir, plot_subdir="docs/benchmarks"):
     if providers_plot:
         lines += [f"![providers against the copy floor]({plot_subdir}/providers.png)", ""]
     lines += _providers_md(run) + _scaling_md(run, plot_subdir) + _memory_md(run, plot_subdir) + _other_md(run)
+    lines += _sequential_md(run)
     lines += ["## Reproduce and compare", "",
               "```", "make bench                                   # quick mode (noisekernels bench)",
               "noisekernels bench --mode full               # full sizes and rounds",

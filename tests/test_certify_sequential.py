@@ -1,0 +1,176 @@
+"""Sequential randomized smoothing against the exact oracle of a linear base classifier: the
+smoothed classifier of f(x) = [w.x + b > 0] has pA = Phi(D / sigma) and certified radius exactly
+D, the distance to the hyperplane (Cohen et al. 2019: Theorem 1 is tight there). Hundreds of
+independent certifications of one point (copies of it in one batch draw independent noise) give the share of
+false certificates (wrong class or radius above D), which must stay within alpha's binomial slack,
+for both modes and for fixed-N certify as a control; a procedure that peeks at every look without
+correcting alpha fails the same check."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import noisekernels as nk
+from noisekernels import certify as smoothing
+from noisekernels import distributed
+
+SIGMA, ALPHA, TRIALS = 1.0, 0.1, 400  # a large alpha: false certificates are common enough to count
+P_A = 0.9
+D = SIGMA * stats.norm.ppf(P_A)  # the point's distance to the hyperplane: its exact certified radius
+N_MAX, FIRST_LOOK = 4000, 32
+ROWS = TRIALS * N_MAX  # noisy rows per pass: one pass per look
+
+
+class Halfplane(nn.Module):
+    """Class 1 where x[0] > 0 (the hyperplane x[0] = 0), class 0 elsewhere; counts the rows it sees."""
+
+    rows = 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        z = x.flatten(1)[:, :1]
+        return torch.cat([-z, z], 1)
+
+
+def point(distance=D, copies=TRIALS):
+    return torch.tensor([[distance, 0.0]]).repeat(copies, 1)
+
+
+def false_certificates(pred, radius):
+    """Certificates the oracle refutes: a class other than 1, or a radius above the distance D."""
+    issued = pred != smoothing.ABSTAIN
+    return int((issued & ((pred != 1) | (radius > D + 1e-12))).sum())
+
+
+def slack(trials=TRIALS):
+    """The most false certificates a valid procedure shows, but with probability 1e-3."""
+    return stats.binom.ppf(1 - 1e-3, trials, ALPHA)
+
+
+def test_the_schedule_doubles_up_to_n_max():
+    assert smoothing.look_schedule(32, 4000) == [32, 64, 128, 256, 512, 1024, 2048, 4000]
+    assert smoothing.look_schedule(100, 100) == [100] and smoothing.look_schedule(500, 100) == [100]
+
+
+def test_a_predetermined_radius_just_above_d_is_rarely_certified():
+    r = D * 1.01  # Phi(r / sigma) just above pA: every certificate is false, the hardest case
+    pred, radius, _ = smoothing.certify_sequential(Halfplane(), point(), SIGMA, ALPHA, n_max=N_MAX, radius=r,
+                                                   first_look=FIRST_LOOK, batch_size=ROWS, stream=nk.Stream(1))
+    assert false_certificates(pred, radius) <= slack()
+    # the same procedure certifies a radius it should, and stops early doing so
+    pred, radius, samples = smoothing.certify_sequential(Halfplane(), point(), SIGMA, ALPHA, n_max=N_MAX,
+                                                         radius=D / 2, first_look=FIRST_LOOK, batch_size=ROWS,
+                                                         stream=nk.Stream(2))
+    assert (pred == 1).float().mean() > 0.95 and false_certificates(pred, radius) == 0
+    assert samples.float().mean() < N_MAX / 4
+
+
+def test_the_largest_radius_is_rarely_above_d():
+    # a tolerance met at the look of 2048 samples by some trials and not others: the stopping depends
+    # on the votes, as it does on real inputs
+    pred, radius, samples = smoothing.certify_sequential(Halfplane(), point(), SIGMA, ALPHA, n_max=N_MAX,
+                                                         tolerance=0.108, first_look=FIRST_LOOK, batch_size=ROWS,
+                                                         stream=nk.Stream(3))
+    assert false_certificates(pred, radius) <= slack()
+    assert (pred == 1).all() and radius.mean() > 0.8 * D  # informative, not only valid
+    assert samples.min() < samples.max() == 100 + N_MAX
+
+
+def test_fixed_n_certify_as_a_control():
+    pred, radius = smoothing.certify(Halfplane(), point(), SIGMA, 100, N_MAX, ALPHA, batch_size=ROWS, stream=nk.Stream(4))
+    false = false_certificates(pred, radius)
+    assert stats.binom.ppf(1e-3, TRIALS, ALPHA) <= false <= slack()  # CERTIFY's bound is close to exact
+
+
+def naive_peeking(model, x, stream):
+    """The uncorrected procedure: pA's (1 - ALPHA) Clopper-Pearson lower bound taken afresh at every
+    look of the schedule, each with the whole alpha, and the largest radius any look gave kept."""
+    guess = smoothing.sample_counts(model, x, SIGMA, 100, stream, batch_size=ROWS).argmax(1)
+    votes, drawn = torch.zeros(len(x), dtype=torch.long), 0
+    radius = torch.zeros(len(x), dtype=torch.float64)
+    for n in smoothing.look_schedule(FIRST_LOOK, N_MAX):
+        votes += smoothing.sample_counts(model, x, SIGMA, n - drawn, stream, batch_size=ROWS).gather(1, guess[:, None]).squeeze(1)
+        drawn = n
+        low = torch.from_numpy(stats.beta.ppf(ALPHA, votes.numpy(), n - votes.numpy() + 1))
+        radius = torch.maximum(radius, SIGMA * torch.from_numpy(stats.norm.ppf(low.clamp(min=0.5).numpy())))
+    return torch.where(radius > 0, guess, smoothing.ABSTAIN), radius
+
+
+def test_the_check_catches_peeking_without_correction():
+    pred, radius = naive_peeking(Halfplane(), point(), nk.Stream(5))
+    assert false_certificates(pred, radius) > slack()
+
+
+def test_the_samples_reported_are_the_samples_drawn():
+    # inputs at several distances stop at different looks; a tag in feature 1 (indices 1000 apart,
+    # far beyond the noise) says which input each noisy row the model sees belongs to
+    distances = torch.tensor([0.05, 0.3, 0.8, 1.5, 3.0, -0.4])
+    x = torch.stack([distances, 1000.0 * torch.arange(6)], 1)
+    seen = torch.zeros(6, dtype=torch.long)
+
+    class Tagged(Halfplane):
+        def forward(self, rows):
+            nonlocal seen
+            seen += torch.bincount((rows[:, 1] / 1000).round().long(), minlength=6)
+            return super().forward(rows)
+
+    model = Tagged()
+    for radius in (0.25, None):
+        seen.zero_()
+        model.rows = 0
+        _, _, samples = smoothing.certify_sequential(model, x, SIGMA, 0.01, n_max=20_000, radius=radius, n0=50,
+                                                     first_look=64, batch_size=3000, stream=nk.Stream(6))
+        assert torch.equal(samples, seen) and model.rows == int(samples.sum())
+        assert samples.min() < samples.max() <= 50 + 20_000
+
+
+def test_one_look_is_certify():
+    x = torch.tensor([[0.2, 0.0], [0.9, 0.0], [-0.1, 0.0], [0.0, 0.0]])
+    pred, radius, samples = smoothing.certify_sequential(Halfplane(), x, SIGMA, 0.01, n_max=2000, first_look=2000,
+                                                         n0=100, stream=nk.Stream(7))
+    expected = smoothing.certify(Halfplane(), x, SIGMA, 100, 2000, 0.01, stream=nk.Stream(7))
+    assert torch.equal(pred, expected[0]) and torch.equal(radius, expected[1])
+    assert samples.tolist() == [2100] * 4 and (pred == smoothing.ABSTAIN).any() and (pred != smoothing.ABSTAIN).any()
+
+
+def test_the_dataset_and_its_shards_on_the_sequential_method():
+    x = torch.tensor([[d, 0.0] for d in (0.1, 0.5, 1.0, 2.0, -0.6, -1.5, 0.02)])
+    y = (x[:, 0] > 0).long()
+    args = (Halfplane(), x, y, SIGMA, 50, 3000, 0.01)
+    whole = smoothing.certify_dataset(*args, method="sequential", radius=0.25, inputs_per_batch=3, seed=2)
+    parts = [smoothing.certify_dataset(*args, method="sequential", radius=0.25, inputs_per_batch=3, seed=2, rank=r,
+                                       world=2) for r in (0, 1)]
+    joined = {k: torch.cat([p[k] for p in parts]) for k in whole}
+    order = joined["index"].argsort()
+    assert all(torch.equal(joined[k][order], whole[k]) for k in whole)
+    first = smoothing.certify_sequential(Halfplane(), x[:3], SIGMA, 0.01, n_max=3000, n0=50, radius=0.25,
+                                         stream=nk.Stream(distributed.batch_seed(2, 0)))
+    assert torch.equal(whole["samples"][:3], first[2]) and torch.equal(whole["radius"][:3], first[1])
+    assert set(whole["radius"].tolist()) <= {0.0, 0.25} and whole["samples"].min() < whole["samples"].max()
+
+
+def test_bad_arguments_are_clear_errors_that_draw_nothing():
+    x, stream = point(copies=2), nk.Stream(0)
+    bad = [({"radius": -0.1}, "radius must be None or a finite float >= 0"),
+           ({"radius": float("nan")}, "radius must be None or a finite float >= 0"),
+           ({"tolerance": 0.0}, "tolerance must be a finite float > 0"),
+           ({"n_max": 0}, "n_max must be an int >= 1"),
+           ({"first_look": 1.5}, "first_look must be an int >= 1"),
+           ({"n0": 0}, "n0 must be an int >= 1")]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            smoothing.certify_sequential(Halfplane(), x, SIGMA, ALPHA, stream=stream, **kwargs)
+    with pytest.raises(ValueError, match=r"alpha must be a float in \(0, 1\)"):
+        smoothing.certify_sequential(Halfplane(), x, SIGMA, 1.0, stream=stream)
+    assert int(stream.offset) == 0
+    with pytest.raises(ValueError, match="method must be 'cohen' or 'sequential'"):
+        smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA, method="seq")
+    with pytest.raises(ValueError, match="radius and tolerance apply to method='sequential'"):
+        smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA, radius=0.5)
+
+
+def test_an_empty_batch():
+    pred, radius, samples = smoothing.certify_sequential(Halfplane(), torch.zeros(0, 2), SIGMA, ALPHA, stream=0)
+    assert pred.shape == radius.shape == samples.shape == (0,)
