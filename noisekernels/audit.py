@@ -218,7 +218,10 @@ class _Auditor:
         self.judge_n, self.judgements = judge_n, judgements
         self.streams, self.forks = Stream(seed).to(x.device), itertools.count()
         self.pooled, self.every = {}, {}  # attack -> per input: pooled judgement correct, every judgement correct
-        self.figures, self.stochastic, self.eot = {}, True, 1
+        self.figures = {}  # attack -> its robust accuracy (pooled judgement)
+        self.stochastic, self.eot = True, 1  # what checks 1 and 2 find; later checks follow them
+        self.eot_curve, self.steps_curve = {}, {}  # robust accuracy against EOT (check 2), steps (check 3)
+        self.robust = self.worst = None  # the two figures (check 9)
 
     def _judge(self, x_adv):
         """(pooled judgement correct, every judgement correct) per input, on fresh noise."""
@@ -389,13 +392,15 @@ class _Auditor:
         worst = pooled & torch.stack(list(self.every.values())).all(0)
         self.robust = Proportion(int(pooled.sum()), len(self.y))
         self.worst = Proportion(int(worst.sum()), len(self.y))
-        numbers = {"robust_accuracy": self.robust, "robust_accuracy_worst": self.worst, "judgements": self.judgements,
-                   "judge_n": self.judge_n, "attacks": attacks}
-        if _below(self.worst, self.robust):
-            return Check("final judgement", "warn", numbers, "Some inputs survive only by the luck of a draw (one "
-                         "judgement of several fooled): report the worst-case figure, or a larger judge_n.")
+        numbers = {"robust_accuracy": self.robust, "robust_accuracy_worst": self.worst,
+                   "random_escapes": Proportion(int((pooled & ~worst).sum()), len(self.y)),
+                   "judgements": self.judgements, "judge_n": self.judge_n, "attacks": attacks}
+        if self.worst < self.robust.interval()[0]:
+            return Check("final judgement", "warn", numbers, "The worst-case figure lies below the pooled figure's "
+                         "interval: more inputs survive only by the luck of a draw (some judgement fooled) than the "
+                         "sampling error covers; report the worst-case figure beside the pooled one.")
         return Check("final judgement", "pass", numbers, f"Every example was judged {self.judgements} times on fresh "
-                     "noise; the worst-case figure agrees with the pooled one.")
+                     "noise; the worst-case figure lies within the pooled figure's interval.")
 
 
 def _check_clip(clip):
