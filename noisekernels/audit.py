@@ -51,6 +51,7 @@ ZERO_GRADIENT_FAIL = 0.1
 # Check 5: a share of inputs the unbounded attack leaves robust up to this warns (judging noise near the
 # decision boundary, too few steps); above it fails.
 UNBOUNDED_FEW = 0.01
+RANDOMNESS_PASSES = 8  # check 1: passes compared (AutoAttack's check_randomized compares two)
 
 
 @dataclasses.dataclass
@@ -223,7 +224,7 @@ class _Auditor:
         self.eot_curve, self.steps_curve = {}, {}  # robust accuracy against EOT (check 2), steps (check 3)
         self.robust = self.worst = None  # the two figures (check 9)
 
-    def _judge(self, x_adv):
+    def judge(self, x_adv):
         """(pooled judgement correct, every judgement correct) per input, on fresh noise."""
         probs = torch.stack([ensemble.mc_predict(self.model, x_adv, self.judge_n) for _ in range(self.judgements)])
         every = (torch.stack([ensemble.decide(p) for p in probs]) == self.y).all(0)
@@ -232,7 +233,7 @@ class _Auditor:
     def record(self, name, x_adv, pool=True):
         """Judges x_adv; returns its robust accuracy (clean and attacked correct, pooled). Examples at
         the budget eps join the pool that robust_accuracy and robust_accuracy_worst take the worst of."""
-        pooled, every = self._judge(x_adv)
+        pooled, every = self.judge(x_adv)
         robust = pooled & self.pooled["clean"]
         if pool:
             self.pooled[name], self.every[name] = pooled, every
@@ -253,7 +254,7 @@ class _Auditor:
 
     # ---- the checks --------------------------------------------------------------------------
 
-    def randomness(self, passes=8):
+    def randomness(self, passes=RANDOMNESS_PASSES):
         outs = ensemble.mc_predict(self.model, self.x, passes, reduce="none")
         differs = (outs != outs[:1]).flatten(2).any(2)  # (passes, B)
         active, inactive = _active_noise(self.model)
@@ -439,7 +440,7 @@ def audit(model, x, y, eps, norm="Linf", *, steps=10, eot_cap=16, queries=100, j
     auditor = _Auditor(model, x.detach(), y, eps, norm, steps, eot_cap, queries, judge_n, judgements, clip, seed)
     checks, seconds = [], {}
     with distributed.reseeded(model, seed, 0):
-        auditor.pooled["clean"], auditor.every["clean"] = auditor._judge(auditor.x)
+        auditor.pooled["clean"], auditor.every["clean"] = auditor.judge(auditor.x)
         for step in (auditor.randomness, auditor.eot_sufficiency, auditor.iteration_sufficiency,
                      auditor.fixed_randomness, auditor.unbounded, auditor.black_box, auditor.zero_gradients,
                      auditor.transfer, auditor.final_judgement):
