@@ -115,13 +115,14 @@ class Report:
         """The report as a markdown page (plots: image paths, relative to the page, shown at its end)."""
         s = self.settings
         lines = [f"# {title}", "",
-                 f"{s['inputs']} inputs, {s['norm']} eps {s['eps']:g}, seed {s['seed']}; APGD {s['steps']} steps, EOT up "
-                 f"to {s['eot_cap']}, Square {s['queries']} queries; every example judged {s['judgements']} times by "
-                 f"the MC mean of {s['judge_n']} fresh passes. Figures with 95% Clopper-Pearson intervals.", "",
+                 f"{s['inputs']} inputs, {s['norm']} eps {s['eps']:g}, seed {s['seed']}; APGD {s['steps']} steps, "
+                 f"EOT up to {s['eot_cap']}, Square {s['queries']} queries; every example judged {s['judgements']} "
+                 f"times by the MC mean of {s['judge_n']} fresh passes. Figures with 95% Clopper-Pearson intervals.", "",
                  "| figure | value |", "|---|---|",
                  f"| clean accuracy | {_shown(self.clean_accuracy)} |",
                  f"| robust accuracy (pooled MC judgement, worst over attacks) | {_shown(self.robust_accuracy)} |",
-                 f"| robust accuracy, worst case (every judgement, every attack) | {_shown(self.robust_accuracy_worst)} |",
+                 "| robust accuracy, worst case (every judgement, every attack) | "
+                 f"{_shown(self.robust_accuracy_worst)} |",
                  "", "| # | check | verdict | numbers | meaning |", "|---|---|---|---|---|"]
         for i, c in enumerate(self.checks, 1):
             numbers = "; ".join(f"{k}: {_shown(v)}" for k, v in c.numbers.items())
@@ -266,9 +267,10 @@ class _Auditor:
                    "inputs_whose_outputs_differ": int(differs.any(0).sum()), "active_noise_layers": active,
                    "inactive_noise_layers": inactive, "torch_generators": torch_rng, "protocol": protocol}
         if torch_rng:
-            return Check("randomness", "warn", numbers, "The forward draws from torch's own generators (nn.Dropout in "
-                         "training mode, torch.randn): noise the library cannot reproduce per replica or from the audit's "
-                         "seed; use the library's noise layers, or model.eval() if it should be off at test time.")
+            return Check("randomness", "warn", numbers, "The forward draws from torch's own generators (nn.Dropout "
+                         "in training mode, torch.randn): noise the library cannot reproduce per replica or from the "
+                         "audit's seed; use the library's noise layers, or model.eval() if it should be off at test "
+                         "time.")
         if self.stochastic:
             return Check("randomness", "pass", numbers, "The prediction is stochastic, all of its noise from the "
                          "library's streams: the audit attacks with EOT and judges by MC predictions on fresh noise.")
@@ -290,8 +292,9 @@ class _Auditor:
         if not self.stochastic:
             return Check("EOT sufficiency", "pass", numbers, "Deterministic model: one draw is the exact gradient.")
         if eot > 1 and _agree(curve[eot // 2], curve[eot]):
-            return Check("EOT sufficiency", "pass", numbers, f"Robust accuracy at EOT {eot // 2} and {eot} agree within "
-                         f"their intervals: more samples per gradient would not change the estimate; the audit uses EOT {eot}.")
+            return Check("EOT sufficiency", "pass", numbers, f"Robust accuracy at EOT {eot // 2} and {eot} agree "
+                         "within their intervals: more samples per gradient would not change the estimate; the audit "
+                         f"uses EOT {eot}.")
         return Check("EOT sufficiency", "warn", numbers, f"Robust accuracy still changes between the last EOT values at "
                      f"the cap of {self.eot_cap}: the gradient estimate is too noisy and the figure is an overestimate; "
                      "raise eot_cap (--eot-cap) until two doublings agree.")
@@ -301,8 +304,9 @@ class _Auditor:
         self.steps_curve = {self.steps: base, 2 * self.steps: doubled}
         numbers = {"robust_accuracy_by_steps": self.steps_curve, "eot": self.eot}
         if _below(doubled, base):
-            return Check("iteration sufficiency", "warn", numbers, f"Doubling the iterations to {2 * self.steps} lowered "
-                         "robust accuracy beyond the interval: the attack had not converged; raise steps (--steps).")
+            return Check("iteration sufficiency", "warn", numbers, f"Doubling the iterations to {2 * self.steps} "
+                         "lowered robust accuracy beyond the interval: the attack had not converged; raise steps "
+                         "(--steps).")
         return Check("iteration sufficiency", "pass", numbers, f"Doubling the iterations to {2 * self.steps} does not "
                      "lower robust accuracy beyond the interval.")
 
@@ -324,9 +328,9 @@ class _Auditor:
             return Check("fixed randomness", "warn", numbers, "With the noise fixed the attack succeeds less often than "
                          "on the noisy model: something other than randomness (masked or saturated gradients) stops it; "
                          "see checks 5 and 7.")
-        return Check("fixed randomness", "pass", numbers, "With the noise fixed the attack succeeds at least as often as "
-                     "on the noisy model, as it should; re-enabling the noise on its examples shows what the randomness "
-                     "buys.")
+        return Check("fixed randomness", "pass", numbers, "With the noise fixed the attack succeeds at least as often "
+                     "as on the noisy model, as it should; re-enabling the noise on its examples shows what the "
+                     "randomness buys.")
 
     def unbounded(self):
         lo, hi = self.clip
@@ -356,8 +360,9 @@ class _Auditor:
         black = self.record(f"Square EOT {self.eot}, {self.queries} queries", attack.perturb(self.x, self.y))
         numbers = {"robust_accuracy_square": black, "robust_accuracy_white_box": white}
         if _below(black, white):
-            return Check("white-box beats black-box", "fail", numbers, "A black-box attack beats the gradient attack beyond "
-                         "the interval: the gradients are uninformative (masked or too noisy); raise EOT, use BPDA.")
+            return Check("white-box beats black-box", "fail", numbers, "A black-box attack beats the gradient attack "
+                         "beyond the interval: the gradients are uninformative (masked or too noisy); raise EOT, use "
+                         "BPDA.")
         return Check("white-box beats black-box", "pass", numbers, "The black-box Square attack does not beat APGD-EOT "
                      "beyond the interval.")
 
@@ -383,9 +388,11 @@ class _Auditor:
         white = min(self.steps_curve.values())
         numbers = {"robust_accuracy_transfer": transferred, "robust_accuracy_white_box": white}
         if _below(transferred, white):
-            return Check("transfer", "fail", numbers, "Examples crafted on the noise-free twin beat the white-box attack "
-                         "beyond the interval: the noisy model's gradients are uninformative; raise EOT, check masking.")
-        return Check("transfer", "pass", numbers, "Examples from the noise-free twin are no stronger than white-box ones.")
+            return Check("transfer", "fail", numbers, "Examples crafted on the noise-free twin beat the white-box "
+                         "attack beyond the interval: the noisy model's gradients are uninformative; raise EOT, check "
+                         "masking.")
+        return Check("transfer", "pass", numbers, "Examples from the noise-free twin are no stronger than white-box "
+                     "ones.")
 
     def final_judgement(self):
         attacks = [name for name in self.pooled if name != "clean"]

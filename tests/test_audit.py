@@ -116,7 +116,8 @@ def test_a_deterministic_model_is_reported_deterministic():
     report = audit(Template().eval(), x, y, 0.1, **BUDGET)
     randomness = report.checks[0]
     assert randomness.verdict == "pass" and randomness.numbers["protocol"].startswith("deterministic")
-    assert randomness.numbers["passes_differing_from_the_first"] == 0 and randomness.numbers["active_noise_layers"] == []
+    assert randomness.numbers["passes_differing_from_the_first"] == 0
+    assert randomness.numbers["active_noise_layers"] == []
     assert list(report.curves["eot"]) == [1] and report.settings["eot_chosen"] == 1
     # an exact model: every judgement agrees, so the two figures are one
     assert report.robust_accuracy.count == report.robust_accuracy_worst.count
