@@ -1,4 +1,4 @@
-"""`noisekernels train | eval | attack | certify | bench | demo | reproduce` (also `python -m noisekernels ...`).
+"""`noisekernels train | eval | attack | certify | audit | bench | demo | reproduce` (also `python -m noisekernels ...`).
 
 Each subcommand is one function registered with @command: it declares its arguments on the
 parser it is given and returns the function that runs them, so adding a subcommand is one small
@@ -514,6 +514,46 @@ def certify(p):
                                                              tolerance=args.tolerance, batch_size=args.batch_size,
                                                              processes=world), results)
         print(f"wrote {os.path.join(out, 'certify.json')} and the certified-accuracy plots")
+    return run
+
+
+@command("the adaptive-evaluation checklist of a trained model (Carlini et al. 2019, AutoAttack's checks): "
+         "audit.json, audit.md and plots")
+def audit(p):
+    p.add_argument("run", help="run directory of a trained model (noisekernels train --run-dir)")
+    p.add_argument("--eps", type=_nonnegative_float, required=True, help="the perturbation budget (> 0)")
+    p.add_argument("--norm", default="Linf", choices=("Linf", "L2"), help="default Linf")
+    p.add_argument("--limit", type=_positive_int, help="audit the first LIMIT test inputs (default: all)")
+    p.add_argument("--out", help="where audit.json, audit.md and the plots go (default: the run directory)")
+    p.add_argument("--steps", type=_positive_int, default=10, help="APGD iterations (check 3 doubles them; default 10)")
+    p.add_argument("--eot-cap", type=_positive_int, default=16, help="the largest EOT of the doubling (default 16)")
+    p.add_argument("--queries", type=_positive_int, default=100, help="Square's queries (default 100)")
+    p.add_argument("--judge-n", type=_positive_int, default=20, help="MC passes of one judgement (default 20)")
+    p.add_argument("--judgements", type=_positive_int, default=3,
+                   help="independent judgements of every example, >= 3 (default 3)")
+    _override_args(p)
+    _common(p, run_dir=False, seed="seed of the attacks' streams and of the model's noise during the audit")
+
+    def run(args):
+        from .audit import audit as run_audit
+        _setup(args)
+        if args.eps == 0:
+            raise UsageError("--eps must be > 0")
+        args.runs = [args.run]
+        loaded, x, y, out, data = _load_runs(args)
+        (name,), (trained,) = _names(loaded), loaded
+        report = run_audit(trained.model, x, y, args.eps, args.norm, steps=args.steps, eot_cap=args.eot_cap,
+                           queries=args.queries, judge_n=args.judge_n, judgements=args.judgements, seed=args.seed)
+        plots = report.plot(out)
+        with open(os.path.join(out, "audit.md"), "w") as f:
+            f.write(report.to_markdown(f"Audit of {name} ({trained.preset.name})", map(os.path.basename, plots)))
+        _report(os.path.join(out, "audit.json"), _settings(args, x, data, **report.settings),
+                {name: {**trained.record, **report.to_json()}})
+        for check in report.checks:
+            print(f"{check.verdict:>4}  {check.name}")
+        print(f"robust accuracy {_pct(report.robust_accuracy)}% (worst case {_pct(report.robust_accuracy_worst)}%) "
+              f"of {len(y)} inputs at {args.norm} eps {args.eps:g}")
+        print(f"wrote {os.path.join(out, 'audit.json')}, audit.md and {', '.join(map(os.path.basename, plots))}")
     return run
 
 

@@ -1,7 +1,8 @@
 """The main job (`noisekernels demo`): train standard, RS-1, RSE, A2SNN, PNI-Adv and GDA+BReLU on
 the bundled digits (or `--dataset mnist-5k`, 5,000 real MNIST digits: about 25 minutes), print per model its clean accuracy (noise off, one pass, MC mean, vote) and its
 robust accuracy under PGD-EOT at three eps judged by the MC mean on independent noise, write the
-plots, and time the MC/EOT engine against the loop of n passes.
+plots, time the MC/EOT engine against the loop of n passes, and end by auditing RSE
+(noisekernels.audit: the adaptive-evaluation checklist) into audit.md.
 
 The figures are whatever the run measures; nothing is tuned toward a paper's claim. Trained models
 are kept in the run directory, so running the demo again evaluates them without retraining.
@@ -15,6 +16,7 @@ import torch
 
 from . import data, evaluate
 from .attacks.base import JUDGE_N
+from .audit import audit
 from .train import TrainConfig, Trainer, has_checkpoint
 
 SMALL_CNN = {"widths": (16, 32), "dense": 128}
@@ -30,6 +32,7 @@ MODELS = [
     ("gda-brelu", "gda", "mnist-cnn", SMALL_CNN, {"brelu": 1.0}),
 ]
 EPS = (0.05, 0.1, 0.2)
+AUDITED, AUDIT_EPS = "rse", 0.1  # the defense the demo ends by auditing (noisekernels audit)
 
 
 @dataclasses.dataclass
@@ -42,9 +45,12 @@ class Settings:
     eot: int = 10
     timing_n: int = 20
     timing_batch: int = 200
+    audit_inputs: int = 200  # the audit of AUDITED at eps AUDIT_EPS, on the first test inputs
+    audit_budget: dict = dataclasses.field(default_factory=dict)  # audit()'s defaults, or these
 
 
-QUICK = Settings(epochs=1, test_inputs=48, n=4, judge_n=4, pgd_steps=2, eot=2, timing_n=4, timing_batch=32)
+QUICK = Settings(epochs=1, test_inputs=48, n=4, judge_n=4, pgd_steps=2, eot=2, timing_n=4, timing_batch=32,
+                 audit_inputs=16, audit_budget={"steps": 2, "eot_cap": 2, "queries": 5, "judge_n": 2})
 
 
 def run_demo(run_dir, *, quick=False, epochs=None, seed=0, device="cpu", progress=True, dataset="digits"):
@@ -96,11 +102,28 @@ def run_demo(run_dir, *, quick=False, epochs=None, seed=0, device="cpu", progres
     timing = {label: evaluate.engine_timing(model, xt, yt, s.timing_n) for label, (model, _) in trained.items()}
     print()
     print(evaluate.timing_table(timing, len(yt)))
+    report = _audit(trained[AUDITED][0], ds, s, seed, device, run_dir)
     evaluate.write_json(os.path.join(run_dir, "demo.json"), {"settings": {**dataclasses.asdict(s), "dataset": dataset},
                                                              "results": results,
-                                                             "timing": timing})
-    print(f"\nwrote {run_dir}/demo.json, robust_accuracy.png, accuracy_vs_n.png; total {time.perf_counter() - started:.1f} s")
+                                                             "timing": timing, "audit": report.to_json()})
+    print(f"\nwrote {run_dir}/demo.json, robust_accuracy.png, accuracy_vs_n.png, audit.md and its plots; total "
+          f"{time.perf_counter() - started:.1f} s")
     return results
+
+
+def _audit(model, ds, s, seed, device, run_dir):
+    """The checklist of noisekernels.audit on the AUDITED defense: printed, and written to audit.md
+    with its plots."""
+    x, y = ds.x_test[:s.audit_inputs].to(device), ds.y_test[:s.audit_inputs].to(device)
+    start = time.perf_counter()
+    report = audit(model, x, y, AUDIT_EPS, seed=seed, **s.audit_budget)
+    plots = report.plot(run_dir)
+    with open(os.path.join(run_dir, "audit.md"), "w") as f:
+        f.write(report.to_markdown(f"Audit of {AUDITED} (demo)", [os.path.basename(p) for p in plots]))
+    print(f"\naudit of {AUDITED} at L-inf eps {AUDIT_EPS:g} on {len(y)} inputs ({time.perf_counter() - start:.1f} s): "
+          + ", ".join(f"{c.name} {c.verdict}" for c in report.checks))
+    print(f"  robust accuracy {_pct(report.robust_accuracy)} (worst case {_pct(report.robust_accuracy_worst)})")
+    return report
 
 
 def _pct(v):

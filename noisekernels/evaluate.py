@@ -326,9 +326,10 @@ def titled(ax, title, settings):
     ax.set_title(text, fontsize=9)
 
 
-def plot(path, curves, xlabel, ylabel, title, *, settings=None, xlog=False):
+def plot(path, curves, xlabel, ylabel, title, *, settings=None, xlog=False, xticks=None):
     """One line per name of curves {name: {x: y}} into a PNG, titled with the settings; where the
-    values are metrics.Proportions, their 95% Clopper-Pearson intervals as bands."""
+    values are metrics.Proportions, their 95% Clopper-Pearson intervals as bands. xticks: label
+    exactly these x values."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -343,6 +344,9 @@ def plot(path, curves, xlabel, ylabel, title, *, settings=None, xlog=False):
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
     if xlog:
         ax.set_xscale("log")
+    if xticks is not None:  # a log axis would label its minor ticks too (2x10^0, ...)
+        ax.set_xticks(list(xticks), [f"{v:g}" for v in xticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
     titled(ax, title, settings)
     ax.grid(alpha=0.3)

@@ -163,9 +163,9 @@ def test_bad_arguments_are_clear_errors(runs, capsys, tmp_path, argv, message):
 def test_module_entry_point_and_help(capsys):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     out = subprocess.run([sys.executable, "-m", "noisekernels", "--help"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "attack", "certify", "bench", "demo",
-                                                                  "reproduce"))
-    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "certify": "--sigma", "bench": "--batch",
+    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "attack", "certify", "audit", "bench",
+                                                                  "demo", "reproduce"))
+    expected = {"train": "--defense", "eval": "--ns", "attack": "--judge-n", "certify": "--sigma", "audit": "--eot-cap", "bench": "--batch",
                 "demo": "--quick", "reproduce": "--report"}
     assert set(cli.COMMANDS) == set(expected)
     for name, flag in expected.items():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from noisekernels import cli
-from noisekernels.demo import EPS, MODELS
+from noisekernels.demo import AUDITED, EPS, MODELS
 
 
 def check(run, out, n_models=len(MODELS)):
@@ -24,8 +24,13 @@ def check(run, out, n_models=len(MODELS)):
     assert timing["a2snn"]["plan"].startswith("MC shared") and timing["pni-adv"]["plan"] == "MC loop, EOT loop"
     # no noise at test time: one pass, not a "speed-up" over a loop of identical passes
     assert [k for k, t in timing.items() if not t["noise"]] == ["standard", "gda-brelu"]
-    for name in ("robust_accuracy.png", "accuracy_vs_n.png"):
+    for name in ("robust_accuracy.png", "accuracy_vs_n.png", "audit_eot.png", "audit_steps.png"):
         assert (run / name).stat().st_size > 1000
+    # it ends by auditing one defense: nine checks, the worst-case figure never above the pooled one
+    audit = report["audit"]
+    assert len(audit["checks"]) == 9 and f"# Audit of {AUDITED}" in (run / "audit.md").read_text()
+    assert audit["robust_accuracy_worst"]["count"] <= audit["robust_accuracy"]["count"]
+    assert audit["checks"][0]["numbers"]["protocol"].startswith("randomized")
     return report
 
 

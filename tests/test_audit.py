@@ -1,0 +1,222 @@
+"""`noisekernels audit` on models with known answers: a gradient-masking model (input quantisation,
+zero gradient) is flagged by the zero-gradient and unbounded checks; a deterministic model is
+reported deterministic; a model whose single-draw gradient is mostly noise is flagged by the EOT
+check until the cap lets EOT grow large enough; the worst-case figure is never above the pooled one;
+the intervals cover the true value in a simulation; a seed reproduces a report; the command line on
+a tiny trained run; bad arguments."""
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import noisekernels as nk
+from noisekernels import cli
+from noisekernels.audit import VERDICTS, audit
+from noisekernels.metrics import Proportion
+from noisekernels.random import normal, uniform
+from noisekernels.stream import Stream
+
+CLASSES, SIDE = 4, 8
+BUDGET = dict(steps=5, queries=10, judge_n=2)  # small: the models are linear, their answers clear
+
+
+@pytest.fixture(autouse=True)
+def one_thread(threads):
+    threads(1)
+
+
+def _templates():
+    return torch.where(uniform((CLASSES, SIDE * SIDE), stream=Stream(0)) < 0.5, -1.0, 1.0)
+
+
+def _data(n, seed=1):
+    """8x8 images 0.5 + r * (the label's +-1 template), r uniform in [0.05, 0.15]: an L-inf attack of
+    eps needs about r <= eps on a linear template classifier, so robust accuracy spreads over eps."""
+    stream = Stream(seed)
+    y = (uniform((n,), stream=stream) * CLASSES).long().clamp(max=CLASSES - 1)
+    r = 0.05 + 0.1 * uniform((n, 1), stream=stream)
+    return (0.5 + r * _templates()[y]).view(n, 1, SIDE, SIDE), y
+
+
+class Template(nn.Module):
+    """Deterministic: logits are the correlation with each class's template."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", _templates())
+
+    def forward(self, x):
+        return (x.flatten(1) - 0.5) @ self.w.T
+
+
+class Quantised(Template):
+    """Gradient masking: the input rounded to 1/32 (round has zero gradient everywhere)."""
+
+    def forward(self, x):
+        return super().forward((x * 32).round() / 32)
+
+
+class Dropped(Template):
+    """Noise from torch's own generator: nn.Dropout left in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return super().forward(self.dropout(x))
+
+
+class GradientNoise(Template):
+    """The template classifier's logits (plus a trace of noise, so passes differ) with a gradient
+    that carries a noise term of std `scale` per pixel per draw and no value: one draw's gradient
+    is mostly noise, the EOT mean over n draws has its noise shrunk by sqrt(n)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.noise = nk.nn.GaussianNoise(scale, mc=True)
+        self.register_buffer("v", normal((CLASSES, SIDE * SIDE), stream=Stream(2)))
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        zeta = self.noise(torch.zeros_like(flat))
+        wobble = (flat * zeta) @ self.v.T
+        return (flat - 0.5) @ self.w.T + (wobble - wobble.detach()) + 1e-3 * zeta[:, :CLASSES]
+
+
+def _verdicts(report):
+    return {c.name: c.verdict for c in report.checks}
+
+
+def _check_figures(report):
+    assert all(c.verdict in VERDICTS for c in report.checks) and len(report.checks) == 9
+    assert report.robust_accuracy_worst.count <= report.robust_accuracy.count <= report.clean_accuracy.count
+    for p in (report.clean_accuracy, report.robust_accuracy, report.robust_accuracy_worst, *report.attacks.values()):
+        assert p.total == report.settings["inputs"]
+
+
+def test_gradient_masking_is_flagged_by_zero_gradient_and_unbounded_checks():
+    x, y = _data(200)
+    report = audit(Quantised().eval(), x, y, 0.15, **BUDGET)
+    _check_figures(report)
+    verdicts = _verdicts(report)
+    assert verdicts["zero gradients"] == "fail" and verdicts["unbounded attack"] == "fail"
+    assert report.checks[6].numbers["inputs_with_zero_gradient"] == 1.0
+    # the same classifier without the rounding: every attack has a gradient and succeeds
+    clear = audit(Template().eval(), x, y, 0.15, **BUDGET)
+    assert _verdicts(clear)["zero gradients"] == _verdicts(clear)["unbounded attack"] == "pass"
+    assert clear.robust_accuracy == 0.0 and report.robust_accuracy > 0.5
+
+
+def test_a_deterministic_model_is_reported_deterministic():
+    x, y = _data(100)
+    report = audit(Template().eval(), x, y, 0.1, **BUDGET)
+    randomness = report.checks[0]
+    assert randomness.verdict == "pass" and randomness.numbers["protocol"].startswith("deterministic")
+    assert randomness.numbers["passes_differing_from_the_first"] == 0
+    assert randomness.numbers["active_noise_layers"] == []
+    assert list(report.curves["eot"]) == [1] and report.settings["eot_chosen"] == 1
+    # an exact model: every judgement agrees, so the two figures are one
+    assert report.robust_accuracy.count == report.robust_accuracy_worst.count
+    noisy = audit(Dropped().train(), x, y, 0.1, **BUDGET).checks[0]
+    assert noisy.verdict == "warn" and noisy.numbers["torch_generators"] is True
+
+
+def test_eot_check_flags_a_noisy_gradient_until_eot_is_large_enough():
+    x, y = _data(400)
+    model = GradientNoise(2.0).eval()
+    for cap in (2, 4):  # robust accuracy still falls at the cap
+        capped = audit(model, x, y, 0.15, eot_cap=cap, **BUDGET)
+        assert _verdicts(capped)["EOT sufficiency"] == "warn" and max(capped.curves["eot"]) == cap
+        _check_figures(capped)
+    report = audit(model, x, y, 0.15, eot_cap=64, **BUDGET)
+    _check_figures(report)
+    curve = report.curves["eot"]
+    assert _verdicts(report)["EOT sufficiency"] == "pass" and report.settings["eot_chosen"] >= 8
+    assert curve[1] > curve[report.settings["eot_chosen"]] + 0.2  # one draw over-rated the model by far
+
+
+def test_one_seed_reproduces_a_report_and_another_seed_differs():
+    x, y = _data(100)
+    model = GradientNoise(2.0).eval()
+    runs = [audit(model, x, y, 0.15, seed=seed, **BUDGET).to_json() for seed in (3, 3, 4)]
+    for r in runs:
+        r.pop("seconds")  # the only part a rerun changes
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert json.loads(json.dumps(runs[0])) == runs[0]  # plain JSON
+
+
+def test_clopper_pearson_intervals_cover_the_true_value_in_a_simulation():
+    """Binomial counts simulated from the library's uniforms: the 95% intervals the report gives
+    (Proportion.interval) cover the true proportion at least 95% of the time (they are exact, so
+    conservative), up to the simulation's own error."""
+    trials, total = 4000, 60
+    for p in (0.05, 0.3, 0.5):
+        counts = (uniform((trials, total), stream=Stream(7)) < p).sum(1)
+        covers = {c: lo <= p <= hi for c in counts.unique().tolist() for lo, hi in [Proportion(c, total).interval()]}
+        coverage = sum(covers[c] for c in counts.tolist()) / trials
+        assert coverage >= 0.95 - 0.01, (p, coverage)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    before = torch.get_num_threads()
+    cli.main(["train", "--defense", "rs1", "--model", "mnist-cnn", "--model-option", "widths=[4,8]", "--model-option",
+              "dense=16", "--epochs", "1", "--batch-size", "128", "--no-progress", "--run-dir", str(root / "rs1"),
+              "--threads", "1"])
+    torch.set_num_threads(before)
+    return root / "rs1"
+
+
+def test_cli_writes_the_report_and_plots(run_dir, tmp_path, capsys):
+    out = tmp_path / "audit"
+    cli.main(["audit", str(run_dir), "--eps", "0.1", "--limit", "24", "--out", str(out), "--steps", "3",
+              "--eot-cap", "2", "--queries", "5", "--judge-n", "3"])
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "audit.json").read_text())
+    assert set(saved) == {"settings", "versions", "runs"} and saved["settings"]["eps"] == 0.1
+    report = saved["runs"]["rs1"]
+    assert report["defense"] == "rs1" and [c["name"] for c in report["checks"]][0] == "randomness"
+    assert report["checks"][0]["numbers"]["active_noise_layers"] == ["body.0.random_spike"]
+    worst, mean = report["robust_accuracy_worst"], report["robust_accuracy"]
+    assert worst["count"] <= mean["count"] and mean["total"] == 24 and len(mean["ci95"]) == 2
+    page = (out / "audit.md").read_text()
+    assert page.startswith("# Audit of rs1 (rs1)") and page.count("| **") == 9
+    for name in ("audit_eot.png", "audit_steps.png"):
+        assert (out / name).stat().st_size > 1000 and f"({name})" in page
+    assert "robust accuracy" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eps", "0"], "--eps must be > 0"),
+    (["--eps", "-1"], "--eps: must be a number >= 0"),
+    ([], "the following arguments are required: --eps"),
+    (["--eps", "0.1", "--judgements", "2"], "judgements must be an int >= 3, got 2"),
+    (["--eps", "0.1", "--norm", "L3"], "invalid choice: 'L3'"),
+])
+def test_cli_bad_arguments_are_usage_errors(run_dir, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", str(run_dir), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eps": 0.0}, "eps must be > 0"),
+    ({"eps": float("nan")}, "eps must be a finite float >= 0"),
+    ({"norm": "L3"}, "norm must be one of"),
+    ({"judgements": 2}, "judgements must be an int >= 3"),
+    ({"eot_cap": 0}, "eot_cap must be an int >= 1"),
+    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"clip": (1.0, 0.0)}, "clip must be finite (lo, hi) with lo < hi"),
+    ({"clip": (0.0, 0.5)}, "x must lie in clip (0.0, 0.5)"),
+    ({"y": torch.zeros(3, dtype=torch.long)}, "y must be integer labels, one per input (8)"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, message):
+    x, y = _data(8)
+    args = {"model": Template(), "x": x, "y": y, "eps": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        audit(**args)
