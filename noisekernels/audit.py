@@ -28,6 +28,7 @@ from a stream forked from `seed`, and the model's noise streams are reseeded fro
 (and put back after), so an audit is reproducible from its seed.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -42,7 +43,7 @@ from .attacks.base import _check_nonnegative, _check_positive_int
 from .defenses import NOISE_LAYERS
 from .metrics import Proportion
 from .replicas import noise_off
-from .stream import Sandbox, Stream
+from .stream import Sandbox, Stream, derive_seed
 
 VERDICTS = ("pass", "warn", "fail")
 NORMS = ("Linf", "L2")
@@ -52,6 +53,7 @@ ZERO_GRADIENT_FAIL = 0.1
 # decision boundary, too few steps); above it fails.
 UNBOUNDED_FEW = 0.01
 RANDOMNESS_PASSES = 8  # check 1: passes compared (AutoAttack's check_randomized compares two)
+_FROZEN_SUBSTREAM = 2**63  # check 4's frozen draw: this sub-stream of every noise stream
 
 
 @dataclasses.dataclass
@@ -176,26 +178,33 @@ def _draws_from_torch(model, x):
 
 
 class _FixedNoise(torch.nn.Module):
-    """The model with every noise stream held at the state it had when this was made: each pass
-    draws the same counters (module docstring), and the streams themselves never move."""
+    """The model with its noise frozen to one draw per input of one batch shape: every pass draws the
+    same counters, from a sub-stream of each noise stream that the model's own passes never reach,
+    so the streams do not move and no later judgement sees the draw the attack worked on. Noise is
+    drawn per element (module docstring), so only a batch of the frozen shape keeps each input's
+    draw: other shapes (a subset of the batch) are refused."""
 
-    def __init__(self, model):
+    def __init__(self, model, shape):
         super().__init__()
-        self.model = model
+        self.model, self.shape = model, tuple(shape)
         self.streams = [m for m in model.modules() if isinstance(m, Stream)]
-        self.saved = [s.offset.clone() for s in self.streams]
+        self.frozen = [derive_seed(s.seed, _FROZEN_SUBSTREAM) for s in self.streams]
 
     def forward(self, x):
-        current = [s.offset.clone() for s in self.streams]
-        with torch.no_grad():
-            for s, offset in zip(self.streams, self.saved):
-                s.offset.copy_(offset)
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"the noise is frozen for batches of shape {self.shape}, got {tuple(x.shape)}")
+        saved = [(s.seed.clone(), s.offset.clone()) for s in self.streams]
         try:
-            with Sandbox():  # draws on private copies of the offsets, first met at the saved state
+            with torch.no_grad():
+                for s, seed in zip(self.streams, self.frozen):
+                    s.seed.copy_(seed)
+                    s.offset.zero_()
+            with Sandbox():  # draws on private copies of the offsets, first met at the frozen state
                 return self.model(x)
         finally:
             with torch.no_grad():
-                for s, offset in zip(self.streams, current):
+                for s, (seed, offset) in zip(self.streams, saved):
+                    s.seed.copy_(seed)
                     s.offset.copy_(offset)
 
 
@@ -231,6 +240,22 @@ class _Auditor:
         every = (torch.stack([ensemble.decide(p) for p in probs]) == self.y).all(0)
         return ensemble.decide(probs.mean(0)) == self.y, every
 
+    def judge_clean(self):
+        """Judges the clean inputs, after checking the labels against the model's classes; refuses a
+        batch with no input classified correctly, on which every check would pass with nothing tested."""
+        with Sandbox(), torch.no_grad():  # moves no stream
+            out = self.model(self.x)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise ValueError(f"the model must return (B, C) logits, got {getattr(out, 'shape', type(out).__name__)}")
+        classes, y = out.shape[1], self.y
+        if y.min() < 0 or y.max() >= classes:
+            raise ValueError(f"y must hold class indices in [0, {classes}) (the model has {classes} classes), got "
+                             f"labels in [{int(y.min())}, {int(y.max())}]")
+        self.pooled["clean"], self.every["clean"] = self.judge(self.x)
+        if not self.pooled["clean"].any():
+            raise ValueError(f"no input is classified correctly clean (0 of {len(y)} by the pooled MC judgement): "
+                             "nothing to attack; audit inputs the model gets right, or check the model (NaN outputs?)")
+
     def record(self, name, x_adv, pool=True):
         """Judges x_adv; returns its robust accuracy (clean and attacked correct, pooled). Examples at
         the budget eps join the pool that robust_accuracy and robust_accuracy_worst take the worst of."""
@@ -241,16 +266,19 @@ class _Auditor:
         self.figures[name] = Proportion(int(robust.sum()), len(self.y))
         return self.figures[name]
 
-    def apgd(self, model, eot, steps, eps=None, judge_n=None):
+    def apgd(self, model, eot, steps, eps=None):
+        """APGD-CE's examples on model: one run over every input, none left out by the attack's own
+        clean judgement (a lucky draw there would leave an input unattacked and count it robust)."""
         attack = APGD(model, norm=self.norm, eps=self.eps if eps is None else eps, steps=steps, loss="ce", eot=eot,
-                      judge_n=judge_n or self.judge_n, clip=self.clip, seed=0)
+                      clip=self.clip, seed=0)
         attack.stream = self.streams.fork(next(self.forks))
-        return attack
+        x_best, adversarial, x_best_adv = attack.run_once(self.x, self.y)
+        return torch.where(adversarial.view(-1, *[1] * (self.x.dim() - 1)), x_best_adv, x_best)
 
     def white_box(self, eot, steps):
         name = f"APGD-CE EOT {eot}, {steps} steps"
         if name not in self.figures:
-            self.record(name, self.apgd(self.model, eot, steps).perturb(self.x, self.y))
+            self.record(name, self.apgd(self.model, eot, steps))
         return self.figures[name]
 
     # ---- the checks --------------------------------------------------------------------------
@@ -313,10 +341,8 @@ class _Auditor:
     def fixed_randomness(self):
         if not self.stochastic:
             return Check("fixed randomness", "pass", {}, "Deterministic model: its randomness is already fixed.")
-        fixed = _FixedNoise(self.model)
-        attack = self.apgd(fixed, eot=1, steps=self.steps, judge_n=1)  # one pass is the fixed model's prediction
-        x_best, adversarial, x_best_adv = attack.run_once(self.x, self.y)  # every input at its own row
-        x_adv = torch.where(adversarial.view(-1, *[1] * (self.x.dim() - 1)), x_best_adv, x_best)
+        fixed = _FixedNoise(self.model, self.x.shape)
+        x_adv = self.apgd(fixed, eot=1, steps=self.steps)  # one pass is the fixed model's prediction
         with torch.no_grad():
             on_fixed = ((ensemble.decide(fixed(self.x)) == self.y) & (ensemble.decide(fixed(x_adv)) == self.y))
         fixed_acc = Proportion(int(on_fixed.sum()), len(self.y))
@@ -336,7 +362,7 @@ class _Auditor:
         lo, hi = self.clip
         size = hi - lo if self.norm == "Linf" else (hi - lo) * math.sqrt(self.x[0].numel())
         acc = self.record(f"APGD-CE EOT {self.eot}, {self.steps} steps, unbounded eps {size:g}",
-                          self.apgd(self.model, self.eot, self.steps, eps=size).perturb(self.x, self.y), pool=False)
+                          self.apgd(self.model, self.eot, self.steps, eps=size), pool=False)
         numbers = {"eps": size, "robust_accuracy": acc}
         if not acc.count:
             return Check("unbounded attack", "pass", numbers, "At eps covering the whole input range robust accuracy "
@@ -369,22 +395,23 @@ class _Auditor:
     def zero_gradients(self):
         def summed_ce(logits, y):  # per-input gradients: each row's loss depends on its own input
             return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-        grad, _ = ensemble.eot_grad(self.model, summed_ce, self.x, self.y, self.eot)
-        zero = grad.flatten(1).eq(0).all(1)
-        share = Proportion(int(zero.sum()), len(self.y))
-        numbers = {"inputs_with_zero_gradient": share, "eot": self.eot}
+        grad = ensemble.eot_grad(self.model, summed_ce, self.x, self.y, self.eot)[0].flatten(1)
+        zero, nonfinite = grad.eq(0).all(1), ~grad.isfinite().all(1)
+        share = Proportion(int((zero | nonfinite).sum()), len(self.y))
+        numbers = {"inputs_with_zero_gradient": Proportion(int(zero.sum()), len(self.y)),
+                   "inputs_with_nonfinite_gradient": Proportion(int(nonfinite.sum()), len(self.y)), "eot": self.eot}
         if not share.count:
-            return Check("zero gradients", "pass", numbers, "Every input has a non-zero EOT gradient.")
+            return Check("zero gradients", "pass", numbers, "Every input has a non-zero, finite EOT gradient.")
         verdict = "fail" if share > ZERO_GRADIENT_FAIL else "warn"
-        return Check("zero gradients", verdict, numbers, "Inputs with an all-zero EOT gradient give gradient attacks "
-                     "nothing to follow: a non-differentiable layer (attack it with BPDA: a differentiable stand-in in "
-                     "the backward) or a saturated loss (use the DLR loss).")
+        return Check("zero gradients", verdict, numbers, "Inputs with an all-zero (or NaN, infinite) EOT gradient give "
+                     "gradient attacks nothing to follow: a non-differentiable layer (attack it with BPDA: a "
+                     "differentiable stand-in in the backward), a saturated loss (use the DLR loss) or overflow.")
 
     def transfer(self):
         if not self.stochastic:
             return Check("transfer", "pass", {}, "Deterministic model: it is its own noise-free twin.")
-        attack = self.apgd(_NoiseFree(self.model), eot=1, steps=self.steps, judge_n=1)
-        transferred = self.record("APGD-CE on the noise-free twin", attack.perturb(self.x, self.y))
+        x_adv = self.apgd(_NoiseFree(self.model), eot=1, steps=self.steps)
+        transferred = self.record("APGD-CE on the noise-free twin", x_adv)
         white = min(self.steps_curve.values())
         numbers = {"robust_accuracy_transfer": transferred, "robust_accuracy_white_box": white}
         if _below(transferred, white):
@@ -409,6 +436,19 @@ class _Auditor:
                          "sampling error covers; report the worst-case figure beside the pooled one.")
         return Check("final judgement", "pass", numbers, f"Every example was judged {self.judgements} times on fresh "
                      "noise; the worst-case figure lies within the pooled figure's interval.")
+
+
+@contextlib.contextmanager
+def _torch_generators_seeded(seed, device):
+    """torch's generators seeded with `seed` meanwhile, the caller's put back after: a model that draws
+    from them (nn.Dropout in training mode) repeats with the audit's seed and moves nothing outside."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _check_clip(clip):
@@ -437,17 +477,19 @@ def audit(model, x, y, eps, norm="Linf", *, steps=10, eot_cap=16, queries=100, j
     _check_positive_int(seed, "seed", minimum=0)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 or not len(x):
         raise ValueError("x must be a non-empty floating batch (B, ...)")
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.is_floating_point():
+    if (not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.is_floating_point() or y.is_complex()
+            or y.dtype == torch.bool):
         raise ValueError(f"y must be integer labels, one per input ({x.shape[0]})")
     clip = _check_clip(clip)
-    if x.min() < clip[0] or x.max() > clip[1]:
-        raise ValueError(f"x must lie in clip {clip}, got values in [{x.min():g}, {x.max():g}]")
+    if not (x.isfinite().all() and x.min() >= clip[0] and x.max() <= clip[1]):
+        raise ValueError(f"x must be finite and lie in clip {clip}, got values in [{x.min():g}, {x.max():g}]")
     settings = {"eps": eps, "norm": norm, "inputs": len(y), "steps": steps, "eot_cap": eot_cap, "queries": queries,
                 "judge_n": judge_n, "judgements": judgements, "clip": list(clip), "seed": seed}
-    auditor = _Auditor(model, x.detach(), y, eps, norm, steps, eot_cap, queries, judge_n, judgements, clip, seed)
+    auditor = _Auditor(model, x.detach(), y.long(), eps, norm, steps, eot_cap, queries, judge_n, judgements, clip,
+                       seed)
     checks, seconds = [], {}
-    with distributed.reseeded(model, seed, 0):
-        auditor.pooled["clean"], auditor.every["clean"] = auditor.judge(auditor.x)
+    with _torch_generators_seeded(seed, x.device), distributed.reseeded(model, seed, 0):
+        auditor.judge_clean()
         for step in (auditor.randomness, auditor.eot_sufficiency, auditor.iteration_sufficiency,
                      auditor.fixed_randomness, auditor.unbounded, auditor.black_box, auditor.zero_gradients,
                      auditor.transfer, auditor.final_judgement):

@@ -14,7 +14,7 @@ from torch import nn
 
 import noisekernels as nk
 from noisekernels import cli
-from noisekernels.audit import VERDICTS, audit
+from noisekernels.audit import VERDICTS, _FixedNoise, audit
 from noisekernels.metrics import Proportion
 from noisekernels.random import normal, uniform
 from noisekernels.stream import Stream
@@ -87,6 +87,24 @@ class GradientNoise(Template):
         return (flat - 0.5) @ self.w.T + (wobble - wobble.detach()) + 1e-3 * zeta[:, :CLASSES]
 
 
+class NoisyTemplate(Template):
+    """The template classifier on its input plus Gaussian noise of std sigma (a library stream)."""
+
+    def __init__(self, sigma):
+        super().__init__()
+        self.noise = nk.nn.GaussianNoise(sigma, mc=True)
+
+    def forward(self, x):
+        return super().forward(self.noise(x))
+
+
+class NaNGradient(Template):
+    """Finite logits, a NaN input gradient: d sqrt(u)/du is inf at u = 0, times du/dx = 0."""
+
+    def forward(self, x):
+        return super().forward(x) + (0 * x.flatten(1)[:, :1]).sqrt()
+
+
 def _verdicts(report):
     return {c.name: c.verdict for c in report.checks}
 
@@ -139,6 +157,63 @@ def test_eot_check_flags_a_noisy_gradient_until_eot_is_large_enough():
     assert curve[1] > curve[report.settings["eot_chosen"]] + 0.2  # one draw over-rated the model by far
 
 
+def test_fixed_noise_is_one_frozen_draw_that_no_later_pass_of_the_model_sees():
+    """Check 4's model repeats one draw, on counters the model's own passes (the judgements of its
+    examples) never reach, moves no stream, and refuses a batch whose rows would get other draws."""
+    x, _ = _data(6)
+    model = NoisyTemplate(0.5).eval()
+    stream = model.noise.stream
+    before = stream.seed.clone(), stream.offset.clone()
+    fixed = _FixedNoise(model, x.shape)
+    with torch.no_grad():
+        frozen = fixed(x)
+        assert torch.equal(fixed(x), frozen)
+        assert torch.equal(stream.seed, before[0]) and torch.equal(stream.offset, before[1])
+        later = nk.ensemble.mc_predict(model, x, 4, reduce="none")  # what judgements draw next
+    assert not any(torch.equal(later[r], frozen) for r in range(4))
+    with pytest.raises(ValueError, match=r"frozen for batches of shape \(6, 1, 8, 8\), got \(2, 1, 8, 8\)"):
+        fixed(x[:2])
+    offset = stream.offset.clone()
+    model.w = None  # the model's own pass now raises: the streams are put back all the same
+    with pytest.raises(AttributeError):
+        fixed(x)
+    assert torch.equal(stream.seed, before[0]) and torch.equal(stream.offset, offset)
+
+
+def test_every_input_is_attacked_whatever_the_attacks_own_clean_judgement_says():
+    """Inputs near the boundary of a noisy differentiable model, labelled by its MC decision: an
+    attack allowed the whole input range fools every one. An attack that first screens the inputs
+    by its own clean MC judgement leaves some it misjudges unattacked, and the audit then counted
+    them robust (a lucky draw: 'unbounded attack' failed on a model with nothing masked)."""
+    x, _ = _data(100)
+    model = NoisyTemplate(0.3).eval()
+    with torch.no_grad():
+        y = nk.ensemble.mc_predict(model, x, 200).argmax(1)
+    report = audit(model, x, y, 0.01, steps=2, eot_cap=1, queries=2, judge_n=2)
+    unbounded = report.checks[4]
+    assert unbounded.numbers["robust_accuracy"].count == 0 and unbounded.verdict == "pass"
+
+
+def test_a_nan_gradient_is_flagged_like_a_zero_one():
+    x, y = _data(40)
+    check = audit(NaNGradient().eval(), x, y, 0.1, **BUDGET).checks[6]
+    assert check.name == "zero gradients" and check.verdict == "fail"
+    assert check.numbers["inputs_with_nonfinite_gradient"] == 1.0 and check.numbers["inputs_with_zero_gradient"] == 0
+
+
+def test_torch_generator_noise_repeats_with_the_seed_and_the_callers_generator_is_untouched():
+    x, _ = _data(40)
+    model = Dropped().train()
+    y = model.eval()(x).argmax(1)
+    model.train()
+    state = torch.get_rng_state()
+    runs = [audit(model, x, y, 0.05, seed=5, **BUDGET).to_json() for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    for r in runs:
+        r.pop("seconds")
+    assert runs[0] == runs[1]
+
+
 def test_one_seed_reproduces_a_report_and_another_seed_differs():
     x, y = _data(100)
     model = GradientNoise(2.0).eval()
@@ -166,8 +241,8 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     before = torch.get_num_threads()
     cli.main(["train", "--defense", "rs1", "--model", "mnist-cnn", "--model-option", "widths=[4,8]", "--model-option",
-              "dense=16", "--epochs", "1", "--batch-size", "128", "--no-progress", "--run-dir", str(root / "rs1"),
-              "--threads", "1"])
+              "dense=16", "--epochs", "2", "--batch-size", "32", "--lr", "0.01", "--no-progress", "--run-dir",
+              str(root / "rs1"), "--threads", "1"])
     torch.set_num_threads(before)
     return root / "rs1"
 
@@ -183,6 +258,7 @@ def test_cli_writes_the_report_and_plots(run_dir, tmp_path, capsys):
     assert report["defense"] == "rs1" and [c["name"] for c in report["checks"]][0] == "randomness"
     assert report["checks"][0]["numbers"]["active_noise_layers"] == ["body.0.random_spike"]
     worst, mean = report["robust_accuracy_worst"], report["robust_accuracy"]
+    assert report["clean_accuracy"]["count"] > 0  # a model that classifies nothing is refused, not audited
     assert worst["count"] <= mean["count"] and mean["total"] == 24 and len(mean["ci95"]) == 2
     page = (out / "audit.md").read_text()
     assert page.startswith("# Audit of rs1 (rs1)") and page.count("| **") == 9
@@ -212,8 +288,14 @@ def test_cli_bad_arguments_are_usage_errors(run_dir, capsys, argv, message):
     ({"eot_cap": 0}, "eot_cap must be an int >= 1"),
     ({"seed": -1}, "seed must be an int >= 0"),
     ({"clip": (1.0, 0.0)}, "clip must be finite (lo, hi) with lo < hi"),
-    ({"clip": (0.0, 0.5)}, "x must lie in clip (0.0, 0.5)"),
+    ({"clip": (0.0, 0.5)}, "x must be finite and lie in clip (0.0, 0.5)"),
     ({"y": torch.zeros(3, dtype=torch.long)}, "y must be integer labels, one per input (8)"),
+    ({"y": torch.zeros(8, dtype=torch.bool)}, "y must be integer labels, one per input (8)"),
+    ({"y": torch.full((8,), CLASSES)}, f"y must hold class indices in [0, {CLASSES}) (the model has {CLASSES} classes), "
+                                       f"got labels in [{CLASSES}, {CLASSES}]"),
+    ({"y": torch.full((8,), -1)}, "y must hold class indices in [0, 4)"),
+    ({"x": torch.full((8, 1, SIDE, SIDE), float("nan"))}, "x must be finite and lie in clip (0.0, 1.0)"),
+    ({"y": (Template()(_data(8)[0]).argmax(1) + 1) % CLASSES}, "no input is classified correctly clean (0 of 8"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, message):
     x, y = _data(8)
