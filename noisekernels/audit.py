@@ -8,24 +8,27 @@ attack, 6. white-box beats black-box, 7. zero gradients, 8. transfer from the no
 9. final judgement without random escape. Each is a Check: a verdict (pass / warn / fail), the
 numbers behind it and one sentence on what it means and what to do.
 
-Judging: every adversarial batch at the budget eps is judged by `judgements` (>= 3) independent MC
-predictions of `judge_n` passes each, on noise no attack saw. An attack's figure (and
+Judging: every APGD attack is one run over every input (none left out by the attack's own clean
+judgement, whose lucky draw would leave an input unattacked). Every adversarial batch at the budget
+eps is judged by `judgements` (>= 3) independent MC predictions of `judge_n` passes each, on noise
+no attack saw. An attack's figure (and
 `robust_accuracy`) pools them: the argmax of the mean over all judgements * judge_n passes.
 `robust_accuracy` counts an input robust when the pooled judgement classifies it correctly clean
 and under every attack; `robust_accuracy_worst` only when every single judgement does too (AutoAttack's
 per-example worst over attacks, with no lucky draw to escape by), so it is never above the other.
 Both are metrics.Proportions with 95% Clopper-Pearson intervals; "agree" below means intervals overlap.
 
-Fixed randomness (check 4): the model with every noise stream held at one saved state, so each pass
-draws the same counters. Noise is drawn per element of a batch (ARCHITECTURE.md section 2), so row i
-of a batch sees one frozen draw at every pass; the check attacks and judges every input at its own
-row of the full batch (a batch-wide statistic, such as Random Spiking's min/max, still follows the
-batch's contents).
+Fixed randomness (check 4): every pass of the model draws the same counters of a sub-stream of each
+noise stream, one the model's own passes (the judgements) never reach. Noise is drawn per element of
+a batch (ARCHITECTURE.md section 2), so row i of a batch sees one frozen draw at every pass; the check
+attacks and judges every input at its own row of the full batch (a batch-wide statistic, such as
+Random Spiking's min/max, still follows the batch's contents).
 
 Budget: the defaults (10 APGD steps, EOT doubling up to 16, 100 Square queries, 3 judgements of 20
 passes) audit 200 digits in seconds to minutes on a CPU; every argument grows it. Every attack draws
 from a stream forked from `seed`, and the model's noise streams are reseeded from it for the audit
-(and put back after), so an audit is reproducible from its seed.
+(and put back after), as are torch's own generators (nn.Dropout), so an audit is reproducible from its
+seed.
 """
 
 import contextlib
@@ -323,6 +326,9 @@ class _Auditor:
             return Check("EOT sufficiency", "pass", numbers, f"Robust accuracy at EOT {eot // 2} and {eot} agree "
                          "within their intervals: more samples per gradient would not change the estimate; the audit "
                          f"uses EOT {eot}.")
+        if eot == 1:
+            return Check("EOT sufficiency", "warn", numbers, "Only EOT 1 ran (eot_cap 1): whether more samples per "
+                         "gradient lower robust accuracy is untested; raise eot_cap (--eot-cap) to at least 2.")
         return Check("EOT sufficiency", "warn", numbers, f"Robust accuracy still changes between the last EOT values at "
                      f"the cap of {self.eot_cap}: the gradient estimate is too noisy and the figure is an overestimate; "
                      "raise eot_cap (--eot-cap) until two doublings agree.")

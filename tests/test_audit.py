@@ -150,6 +150,8 @@ def test_eot_check_flags_a_noisy_gradient_until_eot_is_large_enough():
         capped = audit(model, x, y, 0.15, eot_cap=cap, **BUDGET)
         assert _verdicts(capped)["EOT sufficiency"] == "warn" and max(capped.curves["eot"]) == cap
         _check_figures(capped)
+    untested = audit(model, x[:40], y[:40], 0.15, eot_cap=1, **BUDGET).checks[1]  # nothing compared: no claim of change
+    assert untested.verdict == "warn" and "untested" in untested.meaning and "still changes" not in untested.meaning
     report = audit(model, x, y, 0.15, eot_cap=64, **BUDGET)
     _check_figures(report)
     curve = report.curves["eot"]
