@@ -244,20 +244,14 @@ class _Auditor:
         return ensemble.decide(probs.mean(0)) == self.y, every
 
     def judge_clean(self):
-        """Judges the clean inputs, after checking the labels against the model's classes; refuses a
-        batch with no input classified correctly, on which every check would pass with nothing tested."""
-        with Sandbox(), torch.no_grad():  # moves no stream
-            out = self.model(self.x)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise ValueError(f"the model must return (B, C) logits, got {getattr(out, 'shape', type(out).__name__)}")
-        classes, y = out.shape[1], self.y
-        if y.min() < 0 or y.max() >= classes:
-            raise ValueError(f"y must hold class indices in [0, {classes}) (the model has {classes} classes), got "
-                             f"labels in [{int(y.min())}, {int(y.max())}]")
+        """Judges the clean inputs; refuses a batch with no input classified correctly, on which every
+        check would pass with nothing tested."""
+        _check_labels(self.model, self.x, self.y)
         self.pooled["clean"], self.every["clean"] = self.judge(self.x)
         if not self.pooled["clean"].any():
-            raise ValueError(f"no input is classified correctly clean (0 of {len(y)} by the pooled MC judgement): "
-                             "nothing to attack; audit inputs the model gets right, or check the model (NaN outputs?)")
+            raise ValueError(f"no input is classified correctly clean (0 of {len(self.y)} by the pooled MC "
+                             "judgement): nothing to attack; audit inputs the model gets right, or check the model "
+                             "(NaN outputs?)")
 
     def record(self, name, x_adv, pool=True):
         """Judges x_adv; returns its robust accuracy (clean and attacked correct, pooled). Examples at
@@ -269,7 +263,7 @@ class _Auditor:
         self.figures[name] = Proportion(int(robust.sum()), len(self.y))
         return self.figures[name]
 
-    def apgd(self, model, eot, steps, eps=None):
+    def apgd_examples(self, model, eot, steps, eps=None):
         """APGD-CE's examples on model: one run over every input, none left out by the attack's own
         clean judgement (a lucky draw there would leave an input unattacked and count it robust)."""
         attack = APGD(model, norm=self.norm, eps=self.eps if eps is None else eps, steps=steps, loss="ce", eot=eot,
@@ -281,7 +275,7 @@ class _Auditor:
     def white_box(self, eot, steps):
         name = f"APGD-CE EOT {eot}, {steps} steps"
         if name not in self.figures:
-            self.record(name, self.apgd(self.model, eot, steps))
+            self.record(name, self.apgd_examples(self.model, eot, steps))
         return self.figures[name]
 
     # ---- the checks --------------------------------------------------------------------------
@@ -348,7 +342,7 @@ class _Auditor:
         if not self.stochastic:
             return Check("fixed randomness", "pass", {}, "Deterministic model: its randomness is already fixed.")
         fixed = _FixedNoise(self.model, self.x.shape)
-        x_adv = self.apgd(fixed, eot=1, steps=self.steps)  # one pass is the fixed model's prediction
+        x_adv = self.apgd_examples(fixed, eot=1, steps=self.steps)  # one pass is the fixed model's prediction
         with torch.no_grad():
             on_fixed = ((ensemble.decide(fixed(self.x)) == self.y) & (ensemble.decide(fixed(x_adv)) == self.y))
         fixed_acc = Proportion(int(on_fixed.sum()), len(self.y))
@@ -368,7 +362,7 @@ class _Auditor:
         lo, hi = self.clip
         size = hi - lo if self.norm == "Linf" else (hi - lo) * math.sqrt(self.x[0].numel())
         acc = self.record(f"APGD-CE EOT {self.eot}, {self.steps} steps, unbounded eps {size:g}",
-                          self.apgd(self.model, self.eot, self.steps, eps=size), pool=False)
+                          self.apgd_examples(self.model, self.eot, self.steps, eps=size), pool=False)
         numbers = {"eps": size, "robust_accuracy": acc}
         if not acc.count:
             return Check("unbounded attack", "pass", numbers, "At eps covering the whole input range robust accuracy "
@@ -416,7 +410,7 @@ class _Auditor:
     def transfer(self):
         if not self.stochastic:
             return Check("transfer", "pass", {}, "Deterministic model: it is its own noise-free twin.")
-        x_adv = self.apgd(_NoiseFree(self.model), eot=1, steps=self.steps)
+        x_adv = self.apgd_examples(_NoiseFree(self.model), eot=1, steps=self.steps)
         transferred = self.record("APGD-CE on the noise-free twin", x_adv)
         white = min(self.steps_curve.values())
         numbers = {"robust_accuracy_transfer": transferred, "robust_accuracy_white_box": white}
@@ -455,6 +449,18 @@ def _torch_generators_seeded(seed, device):
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+def _check_labels(model, x, y):
+    """The labels against the model's classes, found by one pass that moves no stream."""
+    with Sandbox(), torch.no_grad():
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"the model must return (B, C) logits, got {getattr(out, 'shape', type(out).__name__)}")
+    classes = out.shape[1]
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"y must hold class indices in [0, {classes}) (the model has {classes} classes), got labels "
+                         f"in [{int(y.min())}, {int(y.max())}]")
 
 
 def _check_clip(clip):
