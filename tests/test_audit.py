@@ -2,8 +2,9 @@
 zero gradient) is flagged by the zero-gradient and unbounded checks; a deterministic model is
 reported deterministic; a model whose single-draw gradient is mostly noise is flagged by the EOT
 check until the cap lets EOT grow large enough; the worst-case figure is never above the pooled one;
-the intervals cover the true value in a simulation; a seed reproduces a report; the command line on
-a tiny trained run; bad arguments."""
+the intervals cover the true value in a simulation; check 4's frozen draw is never seen by a later
+pass; every input is attacked; a NaN gradient is flagged; a seed reproduces a report (torch's
+generators too); the command line on a tiny trained run; bad arguments."""
 
 import json
 import re
