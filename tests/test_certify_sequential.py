@@ -54,6 +54,38 @@ def test_the_schedule_doubles_up_to_n_max():
     assert smoothing.look_schedule(100, 100) == [100] and smoothing.look_schedule(500, 100) == [100]
 
 
+def all_votes(active, m):
+    """A sampler whose every sample votes for the guess: the lower bound after n of them is exactly
+    share ** (1 / n) (Clopper-Pearson with n successes), an oracle that needs no beta quantile."""
+    return torch.full((len(active),), m, dtype=torch.long)
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_every_look_spends_exactly_alpha_over_k(k):
+    # K = 8 looks (32, 64, ..., 2048, 4000); a pA needed just below look k's bound at alpha / 8 is
+    # certified there, one just above it at the next look (a larger share, alpha / 7 for instance,
+    # certifies it at look k; a smaller one not even the first); above the last look's bound even
+    # n_max samples all for cA fall short, which the first look already shows (ABSTAIN)
+    looks, share = [32, 64, 128, 256, 512, 1024, 2048, 4000], ALPHA / 8
+    for exponent, stop in ((0.995, looks[k]), (1.005, looks[k + 1] if k < 7 else None)):
+        radius = SIGMA * stats.norm.ppf(share ** (1 / (exponent * looks[k])))
+        pred, granted, drawn = smoothing.sequential_from_votes(all_votes, torch.ones(1, dtype=torch.long), SIGMA,
+                                                               ALPHA, n_max=N_MAX, radius=radius, first_look=FIRST_LOOK)
+        if stop is None:
+            assert (pred.tolist(), granted.tolist(), drawn.tolist()) == ([smoothing.ABSTAIN], [0.0], [FIRST_LOOK])
+        else:
+            assert (pred.tolist(), granted.tolist(), drawn.tolist()) == ([1], [radius], [stop])
+
+
+def test_the_largest_radius_is_the_bound_of_alpha_over_k_at_the_look_it_stops():
+    share = ALPHA / 8
+    for tolerance, stop in ((100.0, FIRST_LOOK), (1e-9, N_MAX)):  # stops at once; never stops before n_max
+        pred, radius, drawn = smoothing.sequential_from_votes(all_votes, torch.ones(1, dtype=torch.long), SIGMA, ALPHA,
+                                                              n_max=N_MAX, tolerance=tolerance, first_look=FIRST_LOOK)
+        assert pred.tolist() == [1] and drawn.tolist() == [stop]
+        assert radius.item() == pytest.approx(SIGMA * stats.norm.ppf(share ** (1 / stop)), rel=1e-9)
+
+
 def test_a_predetermined_radius_just_above_d_is_rarely_certified():
     r = D * 1.01  # Phi(r / sigma) just above pA: every certificate is false, the hardest case
     pred, radius, _ = smoothing.certify_sequential(Halfplane(), point(), SIGMA, ALPHA, n_max=N_MAX, radius=r,
