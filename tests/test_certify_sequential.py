@@ -190,7 +190,8 @@ def test_bad_arguments_are_clear_errors_that_draw_nothing():
            ({"tolerance": 0.0}, "tolerance must be a finite float > 0"),
            ({"n_max": 0}, "n_max must be an int >= 1"),
            ({"first_look": 1.5}, "first_look must be an int >= 1"),
-           ({"n0": 0}, "n0 must be an int >= 1")]
+           ({"n0": 0}, "n0 must be an int >= 1"),
+           ({"radius": 0.5, "tolerance": 0.1}, r"tolerance applies to radius=None \(the largest radius\) only")]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             smoothing.certify_sequential(Halfplane(), x, SIGMA, ALPHA, stream=stream, **kwargs)
@@ -201,6 +202,12 @@ def test_bad_arguments_are_clear_errors_that_draw_nothing():
         smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA, method="seq")
     with pytest.raises(ValueError, match="radius and tolerance apply to method='sequential'"):
         smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA, radius=0.5)
+    with pytest.raises(ValueError, match=r"tolerance applies to radius=None \(the largest radius\) only"):
+        smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA,
+                                  method="sequential", radius=0.5, tolerance=0.1)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):  # certify_dataset's n, whichever the method
+        smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 0, ALPHA,
+                                  method="sequential")
 
 
 def test_an_empty_batch():
