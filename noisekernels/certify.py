@@ -117,6 +117,8 @@ def upper_confidence_bound(n_a, n, alpha):
 def look_schedule(first_look, n_max):
     """The estimation sample counts at which certify_sequential looks: first_look, doubling, ending
     at n_max (fixed in advance, so the union bound over its looks is set before any sample)."""
+    _check_int(first_look, "first_look")
+    _check_int(n_max, "n_max")
     looks = [min(first_look, n_max)]
     while looks[-1] < n_max:
         looks.append(min(2 * looks[-1], n_max))
@@ -156,10 +158,20 @@ def _check_tolerance(tolerance, radius):
 
 
 def _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look):
-    _check_int(n_max, "n_max")
-    _check_int(first_look, "first_look")
+    """The checked (alpha, sigma, radius, tolerance, looks) of a sequential certification."""
+    looks = look_schedule(first_look, n_max)
     radius = _check_radius(radius)
-    return _check_alpha(alpha), check_scale_value(sigma, "sigma"), radius, _check_tolerance(tolerance, radius)
+    return _check_alpha(alpha), check_scale_value(sigma, "sigma"), radius, _check_tolerance(tolerance, radius), looks
+
+
+def _new_votes(draw, active, m):
+    """draw's votes for the guess of the active inputs, m new samples each (checked: a wrong count would
+    bias the bounds silently)."""
+    votes = draw(torch.from_numpy(active), m).cpu().numpy()
+    if votes.shape != active.shape or not ((votes >= 0) & (votes <= m)).all():
+        raise ValueError(f"draw(active, m) must return one count in [0, m] per active input ({len(active)} inputs, "
+                         f"m={m}), got {np.array2string(votes, threshold=8)}")
+    return votes.astype(np.float64)
 
 
 def _stop_at_radius(low, best, radius, sigma):
@@ -193,15 +205,14 @@ def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=No
       bound (ABSTAIN and 0 below 1/2) by at most `tolerance` (L2 units; None: TOLERANCE, refused
       beside a radius);
     and at the look at n_max in any case."""
-    alpha, sigma, radius, tolerance = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
-    looks = look_schedule(first_look, n_max)
+    alpha, sigma, radius, tolerance, looks = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
     share = alpha / len(looks)
     guess = guess.cpu().numpy()
     votes, drawn = np.zeros(len(guess)), np.zeros(len(guess), dtype=np.int64)
     pred, radii = np.full(len(guess), ABSTAIN), np.zeros(len(guess))
     active, previous = np.arange(len(guess)), 0
     for n in looks:
-        votes[active] += draw(torch.from_numpy(active), n - previous).cpu().numpy()
+        votes[active] += _new_votes(draw, active, n - previous)
         drawn[active], previous = n, n
         low = lower_confidence_bound(votes[active], n, share)
         best = lower_confidence_bound(upper_confidence_bound(votes[active], n, share) * n_max, n_max, share)

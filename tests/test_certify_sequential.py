@@ -52,6 +52,19 @@ def slack(trials=TRIALS):
 def test_the_schedule_doubles_up_to_n_max():
     assert smoothing.look_schedule(32, 4000) == [32, 64, 128, 256, 512, 1024, 2048, 4000]
     assert smoothing.look_schedule(100, 100) == [100] and smoothing.look_schedule(500, 100) == [100]
+    for first_look, n_max, name in ((0, 100, "first_look"), (-5, 100, "first_look"), (1.5, 100, "first_look"),
+                                    (10, 0, "n_max")):  # the first two used to loop forever
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            smoothing.look_schedule(first_look, n_max)
+
+
+def test_a_sampler_returning_impossible_votes_is_a_clear_error():
+    guess = torch.zeros(2, dtype=torch.long)
+    for draw in (lambda active, m: torch.full((len(active),), m + 1),  # more votes than samples: used to abstain
+                 lambda active, m: torch.full((len(active),), -1),
+                 lambda active, m: torch.zeros(len(active) + 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"draw\(active, m\) must return one count in \[0, m\] per active input"):
+            smoothing.sequential_from_votes(draw, guess, SIGMA, ALPHA, n_max=400)
 
 
 def all_votes(active, m):
