@@ -244,8 +244,8 @@ def certify_sequential(model, x, sigma, alpha, *, n_max=100_000, radius=None, to
     of alpha (K = 11 looks at the defaults: radius 0.934 instead of 0.953 for 100,000 samples all for
     cA at sigma 0.25, alpha 0.001). radius=r asks whether r is certified (r, or ABSTAIN and 0);
     radius=None asks for the largest radius, up to `tolerance` (default TOLERANCE; sequential_from_votes
-    has the stopping rules). samples: the noisy copies each input used, the n0 selection ones included. Inputs that are
-    decided leave the batch: each pass of batch_size noisy rows holds undecided inputs only."""
+    has the stopping rules). samples: the noisy copies each input used, the n0 selection ones included.
+    Inputs that are decided leave the batch: each pass of batch_size noisy rows holds undecided inputs only."""
     _check_int(n0, "n0")
     _check_int(batch_size, "batch_size")
     _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
