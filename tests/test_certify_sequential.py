@@ -171,6 +171,17 @@ def test_the_samples_reported_are_the_samples_drawn():
         assert samples.min() < samples.max() <= 50 + 20_000
 
 
+def test_inputs_leaving_the_batch_keep_their_own_guess():
+    # inputs leave at different looks (at +-3 first for radius 0.5, at +-0.8 first for the largest): each
+    # remaining input must still be judged against its own class (its side of the halfplane)
+    x = torch.tensor([[3.0, 0.0], [0.8, 0.0], [-0.8, 0.0], [-3.0, 0.0]])
+    for radius in (0.5, None):
+        pred, granted, samples = smoothing.certify_sequential(Halfplane(), x, SIGMA, 0.01, n_max=20_000, radius=radius,
+                                                              stream=nk.Stream(8))
+        assert pred.tolist() == [1, 1, 0, 0] and samples.min() < samples.max()  # leaving at different looks
+        assert (granted <= torch.tensor([3.0, 0.8, 0.8, 3.0], dtype=torch.float64)).all()
+
+
 def test_one_look_is_certify():
     x = torch.tensor([[0.2, 0.0], [0.9, 0.0], [-0.1, 0.0], [0.0, 0.0]])
     pred, radius, samples = smoothing.certify_sequential(Halfplane(), x, SIGMA, 0.01, n_max=2000, first_look=2000,
