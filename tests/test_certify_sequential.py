@@ -90,13 +90,35 @@ def test_every_look_spends_exactly_alpha_over_k(k):
             assert (pred.tolist(), granted.tolist(), drawn.tolist()) == ([1], [radius], [stop])
 
 
-def test_the_largest_radius_is_the_bound_of_alpha_over_k_at_the_look_it_stops():
-    share = ALPHA / 8
-    for tolerance, stop in ((100.0, FIRST_LOOK), (1e-9, N_MAX)):  # stops at once; never stops before n_max
-        pred, radius, drawn = smoothing.sequential_from_votes(all_votes, torch.ones(1, dtype=torch.long), SIGMA, ALPHA,
-                                                              n_max=N_MAX, tolerance=tolerance, first_look=FIRST_LOOK)
-        assert pred.tolist() == [1] and drawn.tolist() == [stop]
-        assert radius.item() == pytest.approx(SIGMA * stats.norm.ppf(share ** (1 / stop)), rel=1e-9)
+@pytest.mark.parametrize("k", range(8))
+def test_the_largest_radius_stops_at_the_first_look_within_tolerance(k):
+    # all votes for cA: the upper bound is 1, so n_max more samples give at most the radius of share ** (1 / n_max);
+    # a tolerance between the gaps left at looks k - 1 and k stops at look k, with the radius of its bound
+    looks, share = [32, 64, 128, 256, 512, 1024, 2048, 4000], ALPHA / 8
+    gaps = [SIGMA * (stats.norm.ppf(share ** (1 / N_MAX)) - stats.norm.ppf(share ** (1 / n))) for n in looks]
+    tolerance = (gaps[k] + gaps[k - 1]) / 2 if k else 2 * gaps[0]
+    pred, radius, drawn = smoothing.sequential_from_votes(all_votes, torch.ones(1, dtype=torch.long), SIGMA, ALPHA,
+                                                          n_max=N_MAX, tolerance=tolerance, first_look=FIRST_LOOK)
+    assert pred.tolist() == [1] and drawn.tolist() == [looks[k]]
+    assert radius.item() == pytest.approx(SIGMA * stats.norm.ppf(share ** (1 / looks[k])), rel=1e-9)
+
+
+def test_the_upper_bound_is_clopper_pearsons():
+    for n_a, n, alpha in ((0, 10, 0.05), (3, 10, 0.05), (10, 10, 0.05), (450, 1000, 0.001), (999, 1000, 0.1)):
+        exact = stats.binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").high
+        assert float(smoothing.upper_confidence_bound(n_a, n, alpha)) == pytest.approx(exact, rel=1e-9)
+
+
+def test_a_radius_is_given_up_only_once_the_upper_bound_rules_it_out():
+    # 45% of the votes for cA: radius 0 is out of reach, but after 32 samples pA's upper bound is still
+    # well above 1/2 (n_max samples there would certify it), so sampling goes on until it is not
+    def votes_45(active, m):
+        return torch.full((len(active),), m * 45 // 100, dtype=torch.long)
+
+    assert stats.binomtest(32 * 45 // 100, 32).proportion_ci(1 - 2 * ALPHA / 8, method="exact").high > 0.6
+    pred, radius, drawn = smoothing.sequential_from_votes(votes_45, torch.ones(1, dtype=torch.long), SIGMA, ALPHA,
+                                                          n_max=N_MAX, radius=0.0, first_look=FIRST_LOOK)
+    assert pred.tolist() == [smoothing.ABSTAIN] and radius.tolist() == [0.0] and FIRST_LOOK < drawn.item() < N_MAX
 
 
 def test_a_predetermined_radius_just_above_d_is_rarely_certified():
