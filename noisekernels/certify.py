@@ -182,10 +182,13 @@ def _stop_at_radius(low, best, radius, sigma):
 
 
 def _stop_at_largest(low, best, sigma, tolerance):
-    """(certified, decided, radius granted) at a look for the largest radius."""
+    """(certified, decided, radius granted) at a look for the largest radius. An abstention is decided
+    only once n_max samples could not certify either: turning it into a certificate changes the answer,
+    however small the radius."""
     certified = low >= 0.5
     granted = np.where(certified, _radius_of(low, sigma), 0.0)
-    return certified, _radius_of(best, sigma) - granted <= tolerance, granted
+    settled = certified | (best < 0.5)
+    return certified, settled & (_radius_of(best, sigma) - granted <= tolerance), granted
 
 
 def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=None, tolerance=None, first_look=100):
@@ -202,8 +205,8 @@ def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=No
       bound is so low that n_max samples at that proportion would not certify r (ABSTAIN, 0;
       abstaining is always correct, so this rule needs no share of alpha);
     - radius=None: n_max samples at the upper bound's proportion would raise the radius of the lower
-      bound (ABSTAIN and 0 below 1/2) by at most `tolerance` (L2 units; None: TOLERANCE, refused
-      beside a radius);
+      bound by at most `tolerance` (L2 units; None: TOLERANCE, refused beside a radius), and, where
+      that bound is below 1/2, would not certify either (ABSTAIN, 0);
     and at the look at n_max in any case."""
     alpha, sigma, radius, tolerance, looks = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
     share = alpha / len(looks)

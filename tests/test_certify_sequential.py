@@ -103,6 +103,26 @@ def test_the_largest_radius_stops_at_the_first_look_within_tolerance(k):
     assert radius.item() == pytest.approx(SIGMA * stats.norm.ppf(share ** (1 / looks[k])), rel=1e-9)
 
 
+def test_the_largest_radius_does_not_abstain_where_n_max_samples_certify():
+    # 53% of the votes for cA: a certificate of a radius below the tolerance, reached after ~2,000 samples;
+    # it used to stop at 256 samples and abstain, the abstention's radius 0 being within the tolerance,
+    # though the certificate is the answer (certified accuracy at radius 0 counts it)
+    def share_of_votes(percent):
+        return lambda active, m: torch.full((len(active),), m * percent // 100, dtype=torch.long)
+
+    sigma, looks = SIGMA / 4, [32, 64, 128, 256, 512, 1024, 2048, 4000]
+    pred, radius, drawn = smoothing.sequential_from_votes(share_of_votes(53), torch.ones(1, dtype=torch.long), sigma,
+                                                          ALPHA, n_max=N_MAX, first_look=FIRST_LOOK)
+    votes = sum(m * 53 // 100 for m in np.diff([0] + looks[:looks.index(drawn.item()) + 1]))
+    exact = stats.binomtest(votes, drawn.item()).proportion_ci(confidence_level=1 - 2 * ALPHA / 8, method="exact").low
+    assert pred.tolist() == [1] and radius.item() == pytest.approx(sigma * stats.norm.ppf(exact), rel=1e-6)
+    assert 0 < radius.item() < smoothing.TOLERANCE
+    # 45%: even n_max samples would abstain, which the upper bound shows before n_max
+    pred, radius, drawn = smoothing.sequential_from_votes(share_of_votes(45), torch.ones(1, dtype=torch.long), sigma,
+                                                          ALPHA, n_max=N_MAX, first_look=FIRST_LOOK)
+    assert pred.tolist() == [smoothing.ABSTAIN] and radius.tolist() == [0.0] and drawn.item() < N_MAX
+
+
 def test_the_upper_bound_is_clopper_pearsons():
     for n_a, n, alpha in ((0, 10, 0.05), (3, 10, 0.05), (10, 10, 0.05), (450, 1000, 0.001), (999, 1000, 0.1)):
         exact = stats.binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").high
