@@ -276,6 +276,18 @@ def test_bad_arguments_are_clear_errors_that_draw_nothing():
                                   method="sequential")
 
 
+def test_a_model_of_nan_logits_abstains_at_the_first_look():
+    class Nan(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 2), float("nan"))
+
+    for radius in (0.0, None):  # its samples vote for no class, so pA's upper bound rules out any certificate
+        pred, granted, samples = smoothing.certify_sequential(Nan(), point(copies=3), SIGMA, ALPHA, radius=radius,
+                                                              stream=0)
+        assert pred.tolist() == [smoothing.ABSTAIN] * 3 and granted.tolist() == [0.0] * 3
+        assert samples.tolist() == [100 + 100] * 3  # n0 and the first look, at the defaults
+
+
 def test_an_empty_batch():
     pred, radius, samples = smoothing.certify_sequential(Halfplane(), torch.zeros(0, 2), SIGMA, ALPHA, stream=0)
     assert pred.shape == radius.shape == samples.shape == (0,)
