@@ -117,6 +117,8 @@ def upper_confidence_bound(n_a, n, alpha):
 def look_schedule(first_look, n_max):
     """The estimation sample counts at which certify_sequential looks: first_look, doubling, ending
     at n_max (fixed in advance, so the union bound over its looks is set before any sample)."""
+    _check_int(first_look, "first_look")
+    _check_int(n_max, "n_max")
     looks = [min(first_look, n_max)]
     while looks[-1] < n_max:
         looks.append(min(2 * looks[-1], n_max))
@@ -142,16 +144,34 @@ def _check_radius(radius):
     return None if radius is None else float(radius)
 
 
-def _check_tolerance(tolerance):
+def _check_tolerance(tolerance, radius):
+    """The tolerance of the largest-radius mode (None: TOLERANCE); refused beside a radius, which it
+    would not change."""
+    if tolerance is None:
+        return TOLERANCE
+    if radius is not None:
+        raise ValueError(f"tolerance applies to radius=None (the largest radius) only; radius={radius!r} asks "
+                         f"about one radius, got tolerance={tolerance!r}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < float("inf"):
         raise ValueError(f"tolerance must be a finite float > 0, got {tolerance!r}")
     return float(tolerance)
 
 
 def _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look):
-    _check_int(n_max, "n_max")
-    _check_int(first_look, "first_look")
-    return _check_alpha(alpha), check_scale_value(sigma, "sigma"), _check_radius(radius), _check_tolerance(tolerance)
+    """The checked (alpha, sigma, radius, tolerance, looks) of a sequential certification."""
+    looks = look_schedule(first_look, n_max)
+    radius = _check_radius(radius)
+    return _check_alpha(alpha), check_scale_value(sigma, "sigma"), radius, _check_tolerance(tolerance, radius), looks
+
+
+def _new_votes(draw, active, m):
+    """draw's votes for the guess of the active inputs, m new samples each (checked: a wrong count would
+    bias the bounds silently)."""
+    votes = draw(torch.from_numpy(active), m).cpu().numpy()
+    if votes.shape != active.shape or not ((votes >= 0) & (votes <= m)).all():
+        raise ValueError(f"draw(active, m) must return one count in [0, m] per active input ({len(active)} inputs, "
+                         f"m={m}), got {np.array2string(votes, threshold=8)}")
+    return votes.astype(np.float64)
 
 
 def _stop_at_radius(low, best, radius, sigma):
@@ -162,13 +182,16 @@ def _stop_at_radius(low, best, radius, sigma):
 
 
 def _stop_at_largest(low, best, sigma, tolerance):
-    """(certified, decided, radius granted) at a look for the largest radius."""
+    """(certified, decided, radius granted) at a look for the largest radius. An abstention is decided
+    only once n_max samples could not certify either: turning it into a certificate changes the answer,
+    however small the radius."""
     certified = low >= 0.5
     granted = np.where(certified, _radius_of(low, sigma), 0.0)
-    return certified, _radius_of(best, sigma) - granted <= tolerance, granted
+    settled = certified | (best < 0.5)
+    return certified, settled & (_radius_of(best, sigma) - granted <= tolerance), granted
 
 
-def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=None, tolerance=TOLERANCE, first_look=100):
+def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=None, tolerance=None, first_look=100):
     """The sequential decision of certify_sequential on votes: draw(active, m) returns, for the
     inputs indexed by the int64 tensor `active`, how many of m new noisy samples voted for their
     guessed class (guess, a (B,) tensor); it is called at each look with the undecided inputs
@@ -182,17 +205,17 @@ def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=No
       bound is so low that n_max samples at that proportion would not certify r (ABSTAIN, 0;
       abstaining is always correct, so this rule needs no share of alpha);
     - radius=None: n_max samples at the upper bound's proportion would raise the radius of the lower
-      bound (ABSTAIN and 0 below 1/2) by at most `tolerance` (L2 units);
+      bound by at most `tolerance` (L2 units; None: TOLERANCE, refused beside a radius), and, where
+      that bound is below 1/2, would not certify either (ABSTAIN, 0);
     and at the look at n_max in any case."""
-    alpha, sigma, radius, tolerance = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
-    looks = look_schedule(first_look, n_max)
+    alpha, sigma, radius, tolerance, looks = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
     share = alpha / len(looks)
     guess = guess.cpu().numpy()
     votes, drawn = np.zeros(len(guess)), np.zeros(len(guess), dtype=np.int64)
     pred, radii = np.full(len(guess), ABSTAIN), np.zeros(len(guess))
     active, previous = np.arange(len(guess)), 0
     for n in looks:
-        votes[active] += draw(torch.from_numpy(active), n - previous).cpu().numpy()
+        votes[active] += _new_votes(draw, active, n - previous)
         drawn[active], previous = n, n
         low = lower_confidence_bound(votes[active], n, share)
         best = lower_confidence_bound(upper_confidence_bound(votes[active], n, share) * n_max, n_max, share)
@@ -207,7 +230,7 @@ def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=No
     return torch.from_numpy(pred), torch.from_numpy(radii), torch.from_numpy(drawn)
 
 
-def certify_sequential(model, x, sigma, alpha, *, n_max=100_000, radius=None, tolerance=TOLERANCE, n0=100, first_look=100,
+def certify_sequential(model, x, sigma, alpha, *, n_max=100_000, radius=None, tolerance=None, n0=100, first_look=100,
                        batch_size=1000, stream=None):
     """Sequential randomized smoothing: (prediction, certified L2 radius, samples) of each input of x
     (B, ...), sampling only until the answer is clear instead of Cohen et al.'s fixed n.
@@ -223,9 +246,9 @@ def certify_sequential(model, x, sigma, alpha, *, n_max=100_000, radius=None, to
     pandas), so the bounds here are scipy's; the union bound costs alpha / K at the last look instead
     of alpha (K = 11 looks at the defaults: radius 0.934 instead of 0.953 for 100,000 samples all for
     cA at sigma 0.25, alpha 0.001). radius=r asks whether r is certified (r, or ABSTAIN and 0);
-    radius=None asks for the largest radius, up to `tolerance` (sequential_from_votes has the stopping
-    rules). samples: the noisy copies each input used, the n0 selection ones included. Inputs that are
-    decided leave the batch: each pass of batch_size noisy rows holds undecided inputs only."""
+    radius=None asks for the largest radius, up to `tolerance` (default TOLERANCE; sequential_from_votes
+    has the stopping rules). samples: the noisy copies each input used, the n0 selection ones included.
+    Inputs that are decided leave the batch: each pass of batch_size noisy rows holds undecided inputs only."""
     _check_int(n0, "n0")
     _check_int(batch_size, "batch_size")
     _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
@@ -269,18 +292,16 @@ def _certifier(method, sigma, n0, n, alpha, batch_size, radius, tolerance):
     """certify_dataset's per-batch call: (model, x, stream) -> (prediction, radius, samples)."""
     if method not in METHODS:
         raise ValueError(f"method must be 'cohen' or 'sequential', got {method!r}")
+    _check_int(n0, "n0")
+    _check_int(n, "n")
     if method == "cohen":
         if radius is not None or tolerance is not None:
             raise ValueError("radius and tolerance apply to method='sequential' only")
-        _check_int(n0, "n0")
-        _check_int(n, "n")
 
         def cohen(model, x, stream):
             pred, radii = certify(model, x, sigma, n0, n, alpha, batch_size=batch_size, stream=stream)
             return pred, radii, torch.full_like(pred, n0 + n)
         return cohen
-    tolerance = TOLERANCE if tolerance is None else tolerance
-    _check_int(n0, "n0")
     _check_sequential(alpha, sigma, n, radius, tolerance, 1)
     return lambda model, x, stream: certify_sequential(model, x, sigma, alpha, n_max=n, radius=radius,
                                                        tolerance=tolerance, n0=n0, batch_size=batch_size, stream=stream)

@@ -430,17 +430,24 @@ def attack(p):
     return run
 
 
-def _certify_samples(args):
-    """The estimation samples per input: --N for --method cohen, --n-max for sequential (each refused with the other)."""
+def _certify_budget(args):
+    """(estimation samples per input, the settings shown and recorded) as they will run, defaults filled
+    in: --N for --method cohen; --n-max with --radius or --tolerance for sequential. A flag of the other
+    method is refused."""
+    from .certify import TOLERANCE
     if args.radius is not None and args.tolerance is not None:
         raise UsageError("--tolerance applies to the largest radius; --radius asks about one radius only")
     if args.method == "cohen":
-        if args.n_max is not None:
-            raise UsageError("--n-max applies to --method sequential; --method cohen takes --N")
-        return args.n or 10000
+        for flag, value in (("--n-max", args.n_max), ("--radius", args.radius), ("--tolerance", args.tolerance)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --method sequential; --method cohen takes --N")
+        return args.n or 10000, {"N": args.n or 10000}
     if args.n is not None:
         raise UsageError("--N is --method cohen's fixed sample count; --method sequential takes --n-max")
-    return args.n_max or 100_000
+    n_max = args.n_max or 100_000
+    if args.radius is None:
+        return n_max, {"method": "sequential", "n_max": n_max, "tolerance": TOLERANCE if args.tolerance is None else args.tolerance}
+    return n_max, {"method": "sequential", "n_max": n_max, "radius": args.radius}
 
 
 @command("randomized-smoothing certification (Cohen et al.) of trained models (shards across torchrun ranks)")
@@ -469,15 +476,9 @@ def certify(p):
         from . import distributed, evaluate
         _setup(args)
         rank, world = distributed.init()
-        n = _certify_samples(args)
+        n, budget = _certify_budget(args)
         loaded, x, y, out, data = _load_runs(args)
         progress = not args.no_progress and rank == 0
-        if args.method == "cohen":
-            budget = {"N": n}
-        elif args.radius is None:
-            budget = {"method": "sequential", "n_max": n, "tolerance": smoothing.TOLERANCE if args.tolerance is None else args.tolerance}
-        else:
-            budget = {"method": "sequential", "n_max": n, "radius": args.radius}
         shown = {"sigma": args.sigma, "N0": args.n0, **budget, "alpha": args.alpha, "seed": args.seed}
         results, rows = {}, []
         radii = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -485,7 +486,7 @@ def certify(p):
             start = time.perf_counter()
             per_example = distributed.gather(smoothing.certify_dataset(
                 run.model, x, y, args.sigma, args.n0, n, args.alpha, method=args.method, radius=args.radius,
-                tolerance=args.tolerance, batch_size=args.batch_size, seed=args.seed, progress=progress))
+                tolerance=budget.get("tolerance"), batch_size=args.batch_size, seed=args.seed, progress=progress))
             seconds = time.perf_counter() - start
             accuracy = smoothing.certified_accuracy(per_example, radii)
             abstained = int((per_example["prediction"] == smoothing.ABSTAIN).sum())
@@ -511,7 +512,7 @@ def certify(p):
                              ["model", "defense"] + [f"r={r:g}" for r in radii] + ["samples"], rows))
         _report(os.path.join(out, "certify.json"), _settings(args, x, data, sigma=args.sigma, n0=args.n0, n=n,
                                                              alpha=args.alpha, method=args.method, radius=args.radius,
-                                                             tolerance=args.tolerance, batch_size=args.batch_size,
+                                                             tolerance=budget.get("tolerance"), batch_size=args.batch_size,
                                                              processes=world), results)
         print(f"wrote {os.path.join(out, 'certify.json')} and the certified-accuracy plots")
     return run

@@ -52,6 +52,93 @@ def slack(trials=TRIALS):
 def test_the_schedule_doubles_up_to_n_max():
     assert smoothing.look_schedule(32, 4000) == [32, 64, 128, 256, 512, 1024, 2048, 4000]
     assert smoothing.look_schedule(100, 100) == [100] and smoothing.look_schedule(500, 100) == [100]
+    for first_look, n_max, name in ((0, 100, "first_look"), (-5, 100, "first_look"), (1.5, 100, "first_look"),
+                                    (10, 0, "n_max")):  # the first two used to loop forever
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            smoothing.look_schedule(first_look, n_max)
+
+
+def test_a_sampler_returning_impossible_votes_is_a_clear_error():
+    guess = torch.zeros(2, dtype=torch.long)
+    for draw in (lambda active, m: torch.full((len(active),), m + 1),  # more votes than samples: used to abstain
+                 lambda active, m: torch.full((len(active),), -1),
+                 lambda active, m: torch.zeros(len(active) + 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"draw\(active, m\) must return one count in \[0, m\] per active input"):
+            smoothing.sequential_from_votes(draw, guess, SIGMA, ALPHA, n_max=400)
+
+
+def all_votes(active, m):
+    """A sampler whose every sample votes for the guess: the lower bound after n of them is exactly
+    share ** (1 / n) (Clopper-Pearson with n successes), an oracle that needs no beta quantile."""
+    return torch.full((len(active),), m, dtype=torch.long)
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_every_look_spends_exactly_alpha_over_k(k):
+    # K = 8 looks (32, 64, ..., 2048, 4000); a pA needed just below look k's bound at alpha / 8 is
+    # certified there, one just above it at the next look (a larger share, alpha / 7 for instance,
+    # certifies it at look k; a smaller one not even the first); above the last look's bound even
+    # n_max samples all for cA fall short, which the first look already shows (ABSTAIN)
+    looks, share = [32, 64, 128, 256, 512, 1024, 2048, 4000], ALPHA / 8
+    for exponent, stop in ((0.995, looks[k]), (1.005, looks[k + 1] if k < 7 else None)):
+        radius = SIGMA * stats.norm.ppf(share ** (1 / (exponent * looks[k])))
+        pred, granted, drawn = smoothing.sequential_from_votes(all_votes, torch.ones(1, dtype=torch.long), SIGMA,
+                                                               ALPHA, n_max=N_MAX, radius=radius, first_look=FIRST_LOOK)
+        if stop is None:
+            assert (pred.tolist(), granted.tolist(), drawn.tolist()) == ([smoothing.ABSTAIN], [0.0], [FIRST_LOOK])
+        else:
+            assert (pred.tolist(), granted.tolist(), drawn.tolist()) == ([1], [radius], [stop])
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_the_largest_radius_stops_at_the_first_look_within_tolerance(k):
+    # all votes for cA: the upper bound is 1, so n_max more samples give at most the radius of share ** (1 / n_max);
+    # a tolerance between the gaps left at looks k - 1 and k stops at look k, with the radius of its bound
+    looks, share = [32, 64, 128, 256, 512, 1024, 2048, 4000], ALPHA / 8
+    gaps = [SIGMA * (stats.norm.ppf(share ** (1 / N_MAX)) - stats.norm.ppf(share ** (1 / n))) for n in looks]
+    tolerance = (gaps[k] + gaps[k - 1]) / 2 if k else 2 * gaps[0]
+    pred, radius, drawn = smoothing.sequential_from_votes(all_votes, torch.ones(1, dtype=torch.long), SIGMA, ALPHA,
+                                                          n_max=N_MAX, tolerance=tolerance, first_look=FIRST_LOOK)
+    assert pred.tolist() == [1] and drawn.tolist() == [looks[k]]
+    assert radius.item() == pytest.approx(SIGMA * stats.norm.ppf(share ** (1 / looks[k])), rel=1e-9)
+
+
+def test_the_largest_radius_does_not_abstain_where_n_max_samples_certify():
+    # 53% of the votes for cA: a certificate of a radius below the tolerance, reached after ~2,000 samples;
+    # it used to stop at 256 samples and abstain, the abstention's radius 0 being within the tolerance,
+    # though the certificate is the answer (certified accuracy at radius 0 counts it)
+    def share_of_votes(percent):
+        return lambda active, m: torch.full((len(active),), m * percent // 100, dtype=torch.long)
+
+    sigma, looks = SIGMA / 4, [32, 64, 128, 256, 512, 1024, 2048, 4000]
+    pred, radius, drawn = smoothing.sequential_from_votes(share_of_votes(53), torch.ones(1, dtype=torch.long), sigma,
+                                                          ALPHA, n_max=N_MAX, first_look=FIRST_LOOK)
+    votes = sum(m * 53 // 100 for m in np.diff([0] + looks[:looks.index(drawn.item()) + 1]))
+    exact = stats.binomtest(votes, drawn.item()).proportion_ci(confidence_level=1 - 2 * ALPHA / 8, method="exact").low
+    assert pred.tolist() == [1] and radius.item() == pytest.approx(sigma * stats.norm.ppf(exact), rel=1e-6)
+    assert 0 < radius.item() < smoothing.TOLERANCE
+    # 45%: even n_max samples would abstain, which the upper bound shows before n_max
+    pred, radius, drawn = smoothing.sequential_from_votes(share_of_votes(45), torch.ones(1, dtype=torch.long), sigma,
+                                                          ALPHA, n_max=N_MAX, first_look=FIRST_LOOK)
+    assert pred.tolist() == [smoothing.ABSTAIN] and radius.tolist() == [0.0] and drawn.item() < N_MAX
+
+
+def test_the_upper_bound_is_clopper_pearsons():
+    for n_a, n, alpha in ((0, 10, 0.05), (3, 10, 0.05), (10, 10, 0.05), (450, 1000, 0.001), (999, 1000, 0.1)):
+        exact = stats.binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").high
+        assert float(smoothing.upper_confidence_bound(n_a, n, alpha)) == pytest.approx(exact, rel=1e-9)
+
+
+def test_a_radius_is_given_up_only_once_the_upper_bound_rules_it_out():
+    # 45% of the votes for cA: radius 0 is out of reach, but after 32 samples pA's upper bound is still
+    # well above 1/2 (n_max samples there would certify it), so sampling goes on until it is not
+    def votes_45(active, m):
+        return torch.full((len(active),), m * 45 // 100, dtype=torch.long)
+
+    assert stats.binomtest(32 * 45 // 100, 32).proportion_ci(1 - 2 * ALPHA / 8, method="exact").high > 0.6
+    pred, radius, drawn = smoothing.sequential_from_votes(votes_45, torch.ones(1, dtype=torch.long), SIGMA, ALPHA,
+                                                          n_max=N_MAX, radius=0.0, first_look=FIRST_LOOK)
+    assert pred.tolist() == [smoothing.ABSTAIN] and radius.tolist() == [0.0] and FIRST_LOOK < drawn.item() < N_MAX
 
 
 def test_a_predetermined_radius_just_above_d_is_rarely_certified():
@@ -126,6 +213,17 @@ def test_the_samples_reported_are_the_samples_drawn():
         assert samples.min() < samples.max() <= 50 + 20_000
 
 
+def test_inputs_leaving_the_batch_keep_their_own_guess():
+    # inputs leave at different looks (at +-3 first for radius 0.5, at +-0.8 first for the largest): each
+    # remaining input must still be judged against its own class (its side of the halfplane)
+    x = torch.tensor([[3.0, 0.0], [0.8, 0.0], [-0.8, 0.0], [-3.0, 0.0]])
+    for radius in (0.5, None):
+        pred, granted, samples = smoothing.certify_sequential(Halfplane(), x, SIGMA, 0.01, n_max=20_000, radius=radius,
+                                                              stream=nk.Stream(8))
+        assert pred.tolist() == [1, 1, 0, 0] and samples.min() < samples.max()  # leaving at different looks
+        assert (granted <= torch.tensor([3.0, 0.8, 0.8, 3.0], dtype=torch.float64)).all()
+
+
 def test_one_look_is_certify():
     x = torch.tensor([[0.2, 0.0], [0.9, 0.0], [-0.1, 0.0], [0.0, 0.0]])
     pred, radius, samples = smoothing.certify_sequential(Halfplane(), x, SIGMA, 0.01, n_max=2000, first_look=2000,
@@ -158,7 +256,8 @@ def test_bad_arguments_are_clear_errors_that_draw_nothing():
            ({"tolerance": 0.0}, "tolerance must be a finite float > 0"),
            ({"n_max": 0}, "n_max must be an int >= 1"),
            ({"first_look": 1.5}, "first_look must be an int >= 1"),
-           ({"n0": 0}, "n0 must be an int >= 1")]
+           ({"n0": 0}, "n0 must be an int >= 1"),
+           ({"radius": 0.5, "tolerance": 0.1}, r"tolerance applies to radius=None \(the largest radius\) only")]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             smoothing.certify_sequential(Halfplane(), x, SIGMA, ALPHA, stream=stream, **kwargs)
@@ -169,6 +268,24 @@ def test_bad_arguments_are_clear_errors_that_draw_nothing():
         smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA, method="seq")
     with pytest.raises(ValueError, match="radius and tolerance apply to method='sequential'"):
         smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA, radius=0.5)
+    with pytest.raises(ValueError, match=r"tolerance applies to radius=None \(the largest radius\) only"):
+        smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 100, ALPHA,
+                                  method="sequential", radius=0.5, tolerance=0.1)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):  # certify_dataset's n, whichever the method
+        smoothing.certify_dataset(Halfplane(), x, torch.ones(2, dtype=torch.long), SIGMA, 10, 0, ALPHA,
+                                  method="sequential")
+
+
+def test_a_model_of_nan_logits_abstains_at_the_first_look():
+    class Nan(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 2), float("nan"))
+
+    for radius in (0.0, None):  # its samples vote for no class, so pA's upper bound rules out any certificate
+        pred, granted, samples = smoothing.certify_sequential(Nan(), point(copies=3), SIGMA, ALPHA, radius=radius,
+                                                              stream=0)
+        assert pred.tolist() == [smoothing.ABSTAIN] * 3 and granted.tolist() == [0.0] * 3
+        assert samples.tolist() == [100 + 100] * 3  # n0 and the first look, at the defaults
 
 
 def test_an_empty_batch():

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from noisekernels import certify as smoothing
 from noisekernels import cli
 
 TINY = ["--model", "mnist-cnn", "--model-option", "widths=[4,8]", "--model-option", "dense=16"]
@@ -90,6 +91,14 @@ def test_certify_sequential(runs, capsys, tmp_path):
     assert (tmp_path / "samples_standard.png").stat().st_size > 1000
 
 
+def test_certify_sequential_records_the_tolerance_it_used(runs, capsys, tmp_path):
+    cli.main(["certify", str(runs / "standard"), "--N0", "10", "--method", "sequential", "--n-max", "200", "--limit", "2",
+              "--out", str(tmp_path)])
+    assert f"method sequential, n_max 200, tolerance {smoothing.TOLERANCE}" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "certify.json").read_text())["settings"]
+    assert (settings["tolerance"], settings["radius"], settings["n"]) == (smoothing.TOLERANCE, None, 200)
+
+
 def test_attack_and_certify_across_two_processes_equal_one(runs, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     common = {"attack": ["--attack", "PGD", "--eps", "0.2", "--set", "steps=2", "--set", "eot=2", "--judge-n", "3",
@@ -144,7 +153,8 @@ def test_bench(runs, capsys, tmp_path):
     (["eval", "RUN", "--n", "0"], "--n: must be an int >= 1"),
     (["certify", "RUN", "--n-max", "500"], "--n-max applies to --method sequential"),
     (["certify", "RUN", "--method", "sequential", "--N", "500"], "--method sequential takes --n-max"),
-    (["certify", "RUN", "--radius", "0.5"], "radius and tolerance apply to method='sequential' only"),
+    (["certify", "RUN", "--radius", "0.5"], "--radius applies to --method sequential"),
+    (["certify", "RUN", "--tolerance", "0.1"], "--tolerance applies to --method sequential"),
     (["certify", "RUN", "--method", "sequential", "--radius", "0.5", "--tolerance", "0.1"], "--tolerance applies to"),
     (["certify", "RUN", "--method", "sequential", "--tolerance", "0"], "tolerance must be a finite float > 0"),
     (["certify", "RUN", "--method", "sequential", "--radius", "-1"], "--radius: must be a number >= 0"),
