@@ -87,6 +87,7 @@ def test_certify_sequential(runs, capsys, tmp_path):
     assert set(examples["radius"]) <= {0.0, 0.25} and all(10 < s <= 410 for s in examples["samples"])
     assert result["mean_samples"] == sum(examples["samples"]) / 4
     assert report["settings"]["method"] == "sequential" and report["settings"]["n"] == 400
+    assert list(result["certified_accuracy"]) == ["0.25"]  # a run at one radius answers for that radius only
     assert (tmp_path / "certified_standard.png").stat().st_size > 1000
     assert (tmp_path / "samples_standard.png").stat().st_size > 1000
 
