@@ -11,9 +11,10 @@ import torchattacks
 from torch import nn
 from torchattacks.attacks.fab import projection_l2, projection_linf
 
+import noisekernels as nk
 from attack_models import CLASSES, SIZE, make_data, trained
 from loop_reference import restore, snapshot
-from noisekernels.attacks import FAB
+from noisekernels.attacks import APGD, FAB
 from noisekernels.attacks.fab import project
 
 
@@ -176,3 +177,29 @@ def test_bad_arguments():
             match=r"y must hold class indices \(int64\) in \[0, 4\), got torch.int64 with \[4\]"):
         attack(x, torch.tensor([0, 1, 4, 2]))
     assert attack.norms is None and attack.success is None  # nothing half-updated
+
+
+class VoteAndMeanDisagree(nn.Module):
+    """Four classes: class 0 wins about 70% of the draws by a hair, class 1 the rest by a mile, so
+    the vote says 0 and the mean softmax ranks 1 first (as a noisy model near a boundary can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = nk.nn.GaussianNoise(1.0, seed=3)
+
+    def forward(self, x):
+        h = self.noise(x).flatten(1)[:, :1]
+        return torch.cat([0.05 + 0 * h, 50 * torch.relu(h - 0.5), -10 + 0 * h, -10 + 0 * h], 1)
+
+
+@pytest.mark.parametrize("kind", ["fab-t", "apgd-t"])
+def test_targets_are_the_likeliest_classes_other_than_y(kind):
+    model, x, y = VoteAndMeanDisagree().eval(), torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    probs = nk.ensemble.mc_predict(model, x, 100)
+    assert (probs.argmax(1) == 1).all()  # y (0) ranks second in the mean: the 2nd most likely class is y itself
+    options = dict(eps=0.1, steps=1, n_targets=1, judge="vote", seed=0)
+    attack = FAB(model, **options) if kind == "fab-t" else APGD(model, loss="dlr-targeted", **options)
+    targets, run_once = [], attack.run_once
+    attack.run_once = lambda xs, ys, columns, **kw: targets.append(columns.flatten()) or run_once(xs, ys, columns, **kw)
+    attack(x, y)
+    assert len(targets) == 1 and torch.equal(targets[0], torch.ones(4, dtype=torch.long))

@@ -36,6 +36,18 @@ def _check_nonnegative(value, name):
     return float(value)
 
 
+def likely_targets(probs, y, n_targets):
+    """APGD-T's and FAB-T's target classes, (B, n_targets): per input, the n_targets classes other
+    than y that the clean MC mean prediction probs (B, C) ranks highest, most likely first. Where y
+    ranks first these are auto-attack's 2nd .. (n_targets+1)-th classes; on a noisy model (or with
+    judge="vote") the judgement that kept an input robust need not rank y first, and y is no target."""
+    classes = probs.shape[1]
+    if n_targets + 1 > classes:
+        raise ValueError(f"n_targets={n_targets} needs at least {n_targets + 1} classes, the model has {classes}")
+    ranked = probs.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True, stable=True)
+    return ranked[:, :n_targets]
+
+
 def attack_stream(seed):
     """The attack's Stream: from `seed`, or, with seed=None, from torch's default generator without
     advancing it (torch.manual_seed still reproduces the run)."""
