@@ -87,6 +87,44 @@ def test_at_least_as_strong_as_torchattacks(net, norm, n_targets):
     assert torch.equal(x_adv[~within], x[~within])
 
 
+@functools.lru_cache(maxsize=None)
+def ten_classes():
+    """Not the 4-class fixtures: a 10-class MLP on 20 features labelled by a random linear map, and
+    64 of its inputs."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2000, 20, generator=g)
+    y = (x @ torch.randn(20, 10, generator=g)).argmax(1)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), x[:64], y[:64]
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_equals_torchattacks_with_one_restart_on_a_ten_class_model(norm):
+    model, x, y = ten_classes()
+    ref = torchattacks.FAB(model, norm=norm, eps=100.0, steps=10, n_restarts=1, n_classes=10)(x, y)
+    attack = FAB(model, norm=norm, eps=100.0, steps=10, seed=0)
+    attack(x, y)
+    # Both start at x and take the same steps: the same minimal norms, but where float32 rounding (our
+    # batches have other shapes) flips a decision at a point within 1e-3 of a boundary.
+    close = torch.isclose(attack.norms, norms(ref - x, norm), rtol=1e-3, atol=1e-5)
+    assert close.sum() >= len(x) - 2
+    # FAB-T over all 9 other classes at an eps that leaves points to the later targets.
+    eps = attack.norms.median().item()
+    ref = torchattacks.FAB(model, norm=norm, eps=eps, steps=10, n_restarts=1, n_classes=10, multi_targeted=True)(x, y)
+    fooled_ref = (model(ref).argmax(1) != y) & (norms(ref - x, norm) <= eps)
+    fab_t = FAB(model, norm=norm, eps=eps, steps=10, n_targets=9, seed=0)
+    fab_t(x, y)
+    assert 0.2 < fooled_ref.float().mean() < 0.9
+    assert (fooled_ref ^ fab_t.success).sum() <= 1  # equal, but for a norm that rounds to either side of eps
+
+
 def test_targeted_reaches_the_target():
     model = trained()
     x, y = make_data(24, 3)
@@ -170,8 +208,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="cannot be combined with targeted=True"):
         FAB(model, n_targets=3, targeted=True)
     x, y = make_data(4, 0)
+    noisy = trained(spike=True)
+    start = snapshot(noisy)
     with pytest.raises(ValueError, match="n_targets=4 needs at least 5 classes, the model has 4"):
-        FAB(model, n_targets=4)(x, y)
+        FAB(noisy, n_targets=4)(x, y)
+    assert all(map(torch.equal, snapshot(noisy), start))  # refused before any draw
     attack = FAB(model, steps=1)
     with pytest.raises(ValueError, \
             match=r"y must hold class indices \(int64\) in \[0, 4\), got torch.int64 with \[4\]"):

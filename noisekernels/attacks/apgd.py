@@ -173,6 +173,14 @@ class APGD(Attack):
                 grad = torch.where(_per_sample(reduce, x), grad_best, grad)
         return x_best, adversarial, x_best_adv
 
+    def class_needs(self):
+        # DLR divides by the gap between the 1st and 3rd logits; its targeted form uses the 4th.
+        if self.loss_name == "dlr":
+            return [(3, "loss='dlr'")]
+        if self.loss_name == "dlr-targeted":
+            return [(4, "loss='dlr-targeted'"), (self.n_targets + 1, f"n_targets={self.n_targets}")]
+        return []
+
     def forward(self, x, y):
         x_adv = x.clone()
         robust = ~self.succeeded(x, y)

@@ -112,6 +112,9 @@ class FAB(Attack):
         self.n_targets = n_targets
         self.norms = None
 
+    def class_needs(self):
+        return [] if self.n_targets is None else [(self.n_targets + 1, f"n_targets={self.n_targets}")]
+
     def differences(self, x, own, others):
         """Per row and column k: the mean over self.eot draws of f_{others[:, k]} - f_own at x, (B, K),
         and its gradient, (B, K, ...): one engine call over the K copies of x."""
