@@ -125,6 +125,14 @@ def test_equals_torchattacks_with_one_restart_on_a_ten_class_model(norm):
     assert (fooled_ref ^ fab_t.success).sum() <= 1  # equal, but for a norm that rounds to either side of eps
 
 
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_random_starts_lie_at_half_eps_as_auto_attacks(norm):
+    x = torch.full((8, 1, SIZE, SIZE), 0.5)  # inside the range: no clipping
+    starts = [FAB(trained(), norm=norm, eps=0.2, seed=0)._start(x) for _ in range(2)]
+    torch.testing.assert_close(norms(starts[0] - x, norm), torch.full((8,), 0.1))
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0][0], starts[0][1])  # seeded, fresh per input
+
+
 def test_targeted_reaches_the_target():
     model = trained()
     x, y = make_data(24, 3)

@@ -77,7 +77,8 @@ class FAB(Attack):
     classes other than y most likely under the clean MC prediction (success is then any
     misclassification, as in auto-attack). targeted=True (y holds targets): each step crosses the
     boundary between the target and the class whose linearized boundary is farthest on the wrong
-    side. The first restart starts at x, later ones at a random point of the eps / 2 ball.
+    side. The first restart starts at x, later ones at a random point at distance eps / 2
+    from x (on the sphere, not inside the ball: auto-attack's start).
 
     A minimal-norm attack: attack.norms holds, per input, the norm of the smallest adversarial
     perturbation found (0 where x itself is not robust, inf where none was found); the returned
