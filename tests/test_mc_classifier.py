@@ -3,6 +3,7 @@ in its values and its gradients, collapses to one pass on a deterministic model,
 torchattacks' PGD and APGD unchanged, draws disjoint noise in two threads, and refuses bad
 arguments before any draw."""
 
+import copy
 import threading
 
 import pytest
@@ -135,6 +136,21 @@ def test_the_model_is_a_submodule():
     assert set(clf.state_dict()) == {f"model.{k}" for k in model.state_dict()}
     assert "n=4, output='log_prob'" in repr(clf)
     assert clf.to(torch.float64).model.fc.weight.dtype == torch.float64
+
+
+def test_a_state_dict_round_trip_repeats_a_forward():
+    clf, x = MCClassifier(_model("rs1"), 4), torch.rand(3, 1, 28, 28)
+    state = copy.deepcopy(clf.state_dict())  # weights and every noise layer's stream position
+    with torch.no_grad():
+        first = clf(x)
+        torch.manual_seed(1)
+        other = MCClassifier(MODELS["rs1"]().eval(), 4)  # another seed: other weights and streams
+        assert not torch.allclose(other(x), first)
+        other.load_state_dict(state)
+        torch.testing.assert_close(other(x), first)
+        clf.load_state_dict(state)
+        torch.testing.assert_close(clf(x), first)
+        assert not torch.allclose(clf(x), first)  # and on from there: fresh noise
 
 
 @pytest.mark.parametrize("tool", ["PGD", "APGD"])
