@@ -715,7 +715,8 @@ class MCClassifier(nn.Module):
 
     Each forward draws fresh noise: every noise layer's stream advances by what n calls of
     model(x) would draw, so the values equal the loop of n passes from the same stream state (save
-    and restore the streams, or their state_dict, to repeat a forward). The model is a submodule:
+    and restore the streams, or their state_dict, to repeat a forward). Calls from several threads
+    never share a counter, but their passes may interleave: each then equals no single loop. The model is a submodule:
     .to(), .eval() and state_dict() reach it.
     """
 

@@ -133,3 +133,6 @@ def test_bad_arguments():
         APGD(model, rho=2.0)
     with pytest.raises(ValueError, match="n_targets=9 needs at least 10 classes, the model has 4"):
         APGD(model, loss="dlr-targeted", steps=2)(*make_data(4, 1))
+    two, (x, y) = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 2)).eval(), make_data(4, 1)
+    with pytest.raises(ValueError, match="loss='dlr' needs at least 3 classes, the model has 2"):
+        APGD(two, loss="dlr", steps=2)(x, y % 2)

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 import torchattacks
+from torch import nn
 
 import noisekernels as nk
 from attack_models import make_data, trained
+from loop_reference import snapshot
 from noisekernels.attacks import APGD, AutoAttack
 
 
@@ -88,3 +90,18 @@ def test_rng_mode_and_arguments():
         AutoAttack(model, version="standard", norm="L2")
     with pytest.raises(ValueError, match="queries and n_targets belong to version='standard'"):
         AutoAttack(model, queries=100)
+
+
+def test_too_few_classes_are_refused_before_any_stage_or_draw():
+    model = trained(spike=True)
+    x, y = make_data(8, 1)
+    start = snapshot(model)
+    attack = AutoAttack(model, eps=0.2, version="standard", steps=2, queries=1, seed=0)  # n_targets: auto-attack's 9
+    with pytest.raises(ValueError,
+                       match="AutoAttack's apgd-t stage: n_targets=9 needs at least 10 classes, the model has 4"):
+        attack(x, y)
+    assert attack.log == [] and all(map(torch.equal, snapshot(model), start))
+    two = nn.Sequential(nn.Flatten(), nn.Linear(144, 2)).eval()
+    with pytest.raises(ValueError,
+                       match="AutoAttack's apgd-dlr stage: loss='dlr' needs at least 3 classes, the model has 2"):
+        AutoAttack(two, eps=0.2, steps=2, seed=0)(x, y % 2)

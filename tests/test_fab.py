@@ -11,9 +11,10 @@ import torchattacks
 from torch import nn
 from torchattacks.attacks.fab import projection_l2, projection_linf
 
+import noisekernels as nk
 from attack_models import CLASSES, SIZE, make_data, trained
 from loop_reference import restore, snapshot
-from noisekernels.attacks import FAB
+from noisekernels.attacks import APGD, FAB
 from noisekernels.attacks.fab import project
 
 
@@ -86,6 +87,52 @@ def test_at_least_as_strong_as_torchattacks(net, norm, n_targets):
     assert torch.equal(x_adv[~within], x[~within])
 
 
+@functools.lru_cache(maxsize=None)
+def ten_classes():
+    """Not the 4-class fixtures: a 10-class MLP on 20 features labelled by a random linear map, and
+    64 of its inputs."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2000, 20, generator=g)
+    y = (x @ torch.randn(20, 10, generator=g)).argmax(1)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), x[:64], y[:64]
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_equals_torchattacks_with_one_restart_on_a_ten_class_model(norm):
+    model, x, y = ten_classes()
+    ref = torchattacks.FAB(model, norm=norm, eps=100.0, steps=10, n_restarts=1, n_classes=10)(x, y)
+    attack = FAB(model, norm=norm, eps=100.0, steps=10, seed=0)
+    attack(x, y)
+    # Both start at x and take the same steps: the same minimal norms, but where float32 rounding (our
+    # batches have other shapes) flips a decision at a point within 1e-3 of a boundary.
+    close = torch.isclose(attack.norms, norms(ref - x, norm), rtol=1e-3, atol=1e-5)
+    assert close.sum() >= len(x) - 2
+    # FAB-T over all 9 other classes at an eps that leaves points to the later targets.
+    eps = attack.norms.median().item()
+    ref = torchattacks.FAB(model, norm=norm, eps=eps, steps=10, n_restarts=1, n_classes=10, multi_targeted=True)(x, y)
+    fooled_ref = (model(ref).argmax(1) != y) & (norms(ref - x, norm) <= eps)
+    fab_t = FAB(model, norm=norm, eps=eps, steps=10, n_targets=9, seed=0)
+    fab_t(x, y)
+    assert 0.2 < fooled_ref.float().mean() < 0.9
+    assert (fooled_ref ^ fab_t.success).sum() <= 1  # equal, but for a norm that rounds to either side of eps
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_random_starts_lie_at_half_eps_as_auto_attacks(norm):
+    x = torch.full((8, 1, SIZE, SIZE), 0.5)  # inside the range: no clipping
+    starts = [FAB(trained(), norm=norm, eps=0.2, seed=0)._start(x) for _ in range(2)]
+    torch.testing.assert_close(norms(starts[0] - x, norm), torch.full((8,), 0.1))
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0][0], starts[0][1])  # seeded, fresh per input
+
+
 def test_targeted_reaches_the_target():
     model = trained()
     x, y = make_data(24, 3)
@@ -143,13 +190,18 @@ def test_eot_differences_are_the_loop_mean_and_runs_reproduce():
     x, y = make_data(16, 4)
     rng, start = torch.get_rng_state(), snapshot(model)
     runs = []
-    for _ in range(2):
-        restore(model, start)
-        attack = FAB(model, eps=0.3, steps=4, restarts=2, eot=3, judge_n=8, seed=5)
-        runs.append((attack(x, y), attack.norms, attack.success))
+    model.train()  # the attack leaves the mode as it finds it (SmallNet's layers act the same in both)
+    try:
+        for _ in range(2):
+            restore(model, start)
+            attack = FAB(model, eps=0.3, steps=4, restarts=2, eot=3, judge_n=8, seed=5)
+            runs.append((attack(x, y), attack.norms, attack.success))
+        assert model.training
+    finally:
+        model.eval()
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert torch.equal(runs[0][2], runs[1][2]) and runs[0][2].any()
-    assert torch.equal(torch.get_rng_state(), rng) and not model.training
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_bad_arguments():
@@ -169,10 +221,39 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="cannot be combined with targeted=True"):
         FAB(model, n_targets=3, targeted=True)
     x, y = make_data(4, 0)
+    noisy = trained(spike=True)
+    start = snapshot(noisy)
     with pytest.raises(ValueError, match="n_targets=4 needs at least 5 classes, the model has 4"):
-        FAB(model, n_targets=4)(x, y)
+        FAB(noisy, n_targets=4)(x, y)
+    assert all(map(torch.equal, snapshot(noisy), start))  # refused before any draw
     attack = FAB(model, steps=1)
     with pytest.raises(ValueError, \
             match=r"y must hold class indices \(int64\) in \[0, 4\), got torch.int64 with \[4\]"):
         attack(x, torch.tensor([0, 1, 4, 2]))
     assert attack.norms is None and attack.success is None  # nothing half-updated
+
+
+class VoteAndMeanDisagree(nn.Module):
+    """Four classes: class 0 wins about 70% of the draws by a hair, class 1 the rest by a mile, so
+    the vote says 0 and the mean softmax ranks 1 first (as a noisy model near a boundary can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = nk.nn.GaussianNoise(1.0, seed=3)
+
+    def forward(self, x):
+        h = self.noise(x).flatten(1)[:, :1]
+        return torch.cat([0.05 + 0 * h, 50 * torch.relu(h - 0.5), -10 + 0 * h, -10 + 0 * h], 1)
+
+
+@pytest.mark.parametrize("kind", ["fab-t", "apgd-t"])
+def test_targets_are_the_likeliest_classes_other_than_y(kind):
+    model, x, y = VoteAndMeanDisagree().eval(), torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    probs = nk.ensemble.mc_predict(model, x, 100)
+    assert (probs.argmax(1) == 1).all()  # y (0) ranks second in the mean: the 2nd most likely class is y itself
+    options = dict(eps=0.1, steps=1, n_targets=1, judge="vote", seed=0)
+    attack = FAB(model, **options) if kind == "fab-t" else APGD(model, loss="dlr-targeted", **options)
+    targets, run_once = [], attack.run_once
+    attack.run_once = lambda xs, ys, columns, **kw: targets.append(columns.flatten()) or run_once(xs, ys, columns, **kw)
+    attack(x, y)
+    assert len(targets) == 1 and torch.equal(targets[0], torch.ones(4, dtype=torch.long))

@@ -1,6 +1,10 @@
 """MCClassifier: the MC-averaged classifier as a module equals the loop of n passes (same streams)
 in its values and its gradients, collapses to one pass on a deterministic model, runs inside
-torchattacks' PGD unchanged, and refuses bad arguments before any draw."""
+torchattacks' PGD and APGD unchanged, draws disjoint noise in two threads, and refuses bad
+arguments before any draw."""
+
+import copy
+import threading
 
 import pytest
 import torch
@@ -77,6 +81,33 @@ class _Scale(nn.Module):
         return x * self.factor
 
 
+@pytest.mark.parametrize("name", ["rs1", "weight-noise"])
+def test_two_threads_draw_disjoint_noise_and_advance_the_streams_as_two_calls(name):
+    model, x = _model(name), torch.rand(4, 1, 28, 28)
+    clf = MCClassifier(model, N)
+    start = snapshot(model)
+    with torch.no_grad():
+        clf(x), clf(x)
+    two_calls = snapshot(model)
+    restore(model, start)
+    scores, ready = [None, None], threading.Barrier(2)
+
+    def call(i):
+        ready.wait()
+        with torch.no_grad():
+            scores[i] = clf(x)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(map(torch.equal, snapshot(model), two_calls))
+    assert not torch.allclose(scores[0], scores[1])  # no counter handed out twice
+    for s in scores:
+        torch.testing.assert_close(s.exp().sum(1), torch.ones(4))
+
+
 def test_a_deterministic_model_runs_one_pass():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
@@ -107,12 +138,31 @@ def test_the_model_is_a_submodule():
     assert clf.to(torch.float64).model.fc.weight.dtype == torch.float64
 
 
-def test_torchattacks_pgd_runs_unchanged_and_lowers_accuracy():
+def test_a_state_dict_round_trip_repeats_a_forward():
+    clf, x = MCClassifier(_model("rs1"), 4), torch.rand(3, 1, 28, 28)
+    state = copy.deepcopy(clf.state_dict())  # weights and every noise layer's stream position
+    with torch.no_grad():
+        first = clf(x)
+        torch.manual_seed(1)
+        other = MCClassifier(MODELS["rs1"]().eval(), 4)  # another seed: other weights and streams
+        assert not torch.allclose(other(x), first)
+        other.load_state_dict(state)
+        torch.testing.assert_close(other(x), first)
+        clf.load_state_dict(state)
+        torch.testing.assert_close(clf(x), first)
+        assert not torch.allclose(clf(x), first)  # and on from there: fresh noise
+
+
+@pytest.mark.parametrize("tool", ["PGD", "APGD"])
+def test_torchattacks_runs_unchanged_and_lowers_accuracy(tool):
     model = trained(spike=True)
     x, y = make_data(64, 7)
     clf = MCClassifier(model, 8)
     start = snapshot(model)
-    x_adv = torchattacks.PGD(clf, eps=0.25, alpha=0.05, steps=10, random_start=False)(x, y)
+    if tool == "PGD":
+        x_adv = torchattacks.PGD(clf, eps=0.25, alpha=0.05, steps=10, random_start=False)(x, y)
+    else:
+        x_adv = torchattacks.APGD(clf, eps=0.25, steps=10, n_restarts=1)(x, y)
     assert not any(map(torch.equal, snapshot(model), start))  # the attack drew through the model's streams
     assert (x_adv - x).abs().max() <= 0.25 + 1e-6
     clean = nk.metrics.accuracy(model, x, y, n=32)

@@ -5,8 +5,8 @@ w_j = p_j * steps (p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03
 step size halves and the iterate goes back to the best point when fewer than rho of the steps since
 the last checkpoint raised the loss, or when the step was not reduced last time and the best loss
 did not improve since. Losses: cross-entropy ("ce"), the difference of logits ratio ("dlr"), and the
-targeted DLR of APGD-T ("dlr-targeted": each input is attacked toward its 2nd, 3rd, ... most likely
-class in turn). With eot > 1 the gradient and the per-input loss are means over eot noise draws,
+targeted DLR of APGD-T ("dlr-targeted": each input is attacked toward its most likely classes other
+than y in turn). With eot > 1 the gradient and the per-input loss are means over eot noise draws,
 all from one batched pass. Inside a run a point counts as adversarial when the mean prediction of
 those draws is wrong; between runs (restarts, targets) the attack's MC prediction decides which
 points are still robust; what the attack returns is judged by the base's MC prediction on noise
@@ -17,7 +17,7 @@ import torch
 
 from .. import ensemble
 from ..random import normal, uniform
-from .base import Attack, _check_nonnegative, _check_positive_int
+from .base import Attack, _check_nonnegative, _check_positive_int, likely_targets
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -60,7 +60,7 @@ class APGD(Attack):
     """APGD(model, norm="Linf", eps=8/255, steps=100, loss="ce", restarts=1, eot=1, seed=None)(x, y).
 
     rho: the checkpoint's fraction of loss-raising steps. n_targets: target classes of
-    "dlr-targeted" (the 2nd .. (n_targets+1)-th most likely, as APGD-T). targeted=True (y holds
+    "dlr-targeted" (the n_targets most likely classes other than y, as APGD-T). targeted=True (y holds
     targets) is supported with loss="ce". Restarts (and targets) run on the points still robust.
     """
 
@@ -173,24 +173,28 @@ class APGD(Attack):
                 grad = torch.where(_per_sample(reduce, x), grad_best, grad)
         return x_best, adversarial, x_best_adv
 
+    def class_needs(self):
+        # DLR divides by the gap between the 1st and 3rd logits; its targeted form uses the 4th.
+        if self.loss_name == "dlr":
+            return [(3, "loss='dlr'")]
+        if self.loss_name == "dlr-targeted":
+            return [(4, "loss='dlr-targeted'"), (self.n_targets + 1, f"n_targets={self.n_targets}")]
+        return []
+
     def forward(self, x, y):
         x_adv = x.clone()
         robust = ~self.succeeded(x, y)
-        ranks, order = [None], None
+        ranks, targets = [None], None
         if self.loss_name == "dlr-targeted":
-            # APGD-T's targets: the 2nd, 3rd, ... most likely classes of the clean MC mean prediction.
-            probs = ensemble.mc_predict(self.model, x, self.judge_n)
-            if self.n_targets + 1 > probs.shape[1]:
-                raise ValueError(f"n_targets={self.n_targets} needs at least {self.n_targets + 1} classes, "
-                                 f"the model has {probs.shape[1]}")
-            ranks, order = range(1, self.n_targets + 1), probs.argsort(dim=1, descending=True, stable=True)
+            targets = likely_targets(ensemble.mc_predict(self.model, x, self.judge_n), y, self.n_targets)
+            ranks = range(self.n_targets)
         runs = [(rank, r) for rank in ranks for r in range(self.restarts)]
         for i, (rank, _) in enumerate(runs):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             xs, ys = x[idx], y[idx]
-            target = None if rank is None else order[idx, rank]
+            target = None if rank is None else targets[idx, rank]
             x_best, adversarial, x_best_adv = self.run_once(xs, ys, target)
             found = torch.where(_per_sample(adversarial, xs), x_best_adv, x_best)
             x_adv[idx] = found

@@ -68,6 +68,10 @@ class AutoAttack(Attack):
         self.stages = stages
         self.log, self.robust_accuracy, self._start = [], None, None
 
+    def class_needs(self):
+        return [(needed, f"AutoAttack's {name} stage: {what}") for name, attack in self.stages
+                for needed, what in attack.class_needs()]
+
     def _note(self, name, robust, start):
         entry = {"attack": name, "robust_accuracy": robust.float().mean().item(), "seconds": time.perf_counter() - start}
         self.log.append(entry)

@@ -36,6 +36,24 @@ def _check_nonnegative(value, name):
     return float(value)
 
 
+def check_classes(classes, needs):
+    """Refuses a model with `classes` outputs where an entry (fewest classes, what needs them) of
+    needs asks for more."""
+    for needed, what in needs:
+        if classes < needed:
+            raise ValueError(f"{what} needs at least {needed} classes, the model has {classes}")
+
+
+def likely_targets(probs, y, n_targets):
+    """APGD-T's and FAB-T's target classes, (B, n_targets): per input, the n_targets classes other
+    than y that the clean MC mean prediction probs (B, C) ranks highest, most likely first. Where y
+    ranks first these are auto-attack's 2nd .. (n_targets+1)-th classes; on a noisy model (or with
+    judge="vote") the judgement that kept an input robust need not rank y first, and y is no target."""
+    check_classes(probs.shape[1], [(n_targets + 1, f"n_targets={n_targets}")])
+    ranked = probs.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True, stable=True)
+    return ranked[:, :n_targets]
+
+
 def attack_stream(seed):
     """The attack's Stream: from `seed`, or, with seed=None, from torch's default generator without
     advancing it (torch.manual_seed still reproduces the run)."""
@@ -109,7 +127,22 @@ class Attack(abc.ABC):
             raise TypeError("x must be a floating tensor")
         if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
             raise ValueError(f"y must be a tensor of x's batch size {x.shape[0]}")
-        return self.forward(x.detach(), y.detach())
+        x, y = x.detach(), y.detach()
+        self._refuse_too_few_classes(x)
+        return self.forward(x, y)
+
+    def class_needs(self):
+        """[(fewest classes, what needs them)] of this attack's losses and targets."""
+        return []
+
+    def _refuse_too_few_classes(self, x):
+        """Before any draw (and before an AutoAttack's first stage): the class count comes from the
+        engine's plan for the judging prediction, tuned without drawing and reused by it. A compiled
+        model's plan does not know its outputs: likely_targets refuses it once its outputs are known."""
+        needs = self.class_needs()
+        shape = ensemble.plan(self.model, x, self.judge_n).out_shape if needs else None
+        if shape is not None and len(shape) == 2:
+            check_classes(shape[1], needs)
 
     def __call__(self, x, y):
         """The adversarial batch; attack.success then holds the independent MC verdict on it."""

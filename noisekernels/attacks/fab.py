@@ -7,7 +7,7 @@ original input onto it (within the input range), and moves to a mix of the two p
 toward the original (weight alpha <= alpha_max on the original's projection, overshoot eta). A
 point found adversarial is kept if it is the closest so far, and the iterate goes back toward the
 input by a factor beta. FAB-T (n_targets: AutoAttack's 'standard' version) uses the single
-difference f_t - f_y toward each of the 2nd .. (n_targets+1)-th most likely classes in turn.
+difference f_t - f_y toward each of the n_targets most likely classes other than y in turn.
 
 With eot > 1, each class difference and its gradient are means over eot noise draws of that
 difference (the same draws for f_j and f_y), all differences of a batch in one engine call; inside
@@ -21,7 +21,7 @@ import torch
 from .. import ensemble
 from ..random import normal, uniform
 from .apgd import _per_sample
-from .base import Attack, _check_nonnegative, _check_positive_int
+from .base import Attack, _check_nonnegative, _check_positive_int, likely_targets
 
 NORMS = ("Linf", "L2")
 _TINY = 1e-12
@@ -73,11 +73,12 @@ class FAB(Attack):
     """FAB(model, norm="Linf", eps=8/255, steps=100, restarts=1, eot=1, seed=None)(x, y).
 
     alpha_max, eta, beta: the paper's bias toward the input, overshoot and backward step
-    (auto-attack's 0.1, 1.05, 0.9). n_targets: None for FAB, an int for FAB-T over the 2nd ..
-    (n_targets+1)-th most likely classes of the clean MC prediction (success is then any
+    (auto-attack's 0.1, 1.05, 0.9). n_targets: None for FAB, an int for FAB-T over the n_targets
+    classes other than y most likely under the clean MC prediction (success is then any
     misclassification, as in auto-attack). targeted=True (y holds targets): each step crosses the
     boundary between the target and the class whose linearized boundary is farthest on the wrong
-    side. The first restart starts at x, later ones at a random point of the eps / 2 ball.
+    side. The first restart starts at x, later ones at a random point at distance eps / 2
+    from x (on the sphere, not inside the ball: auto-attack's start).
 
     A minimal-norm attack: attack.norms holds, per input, the norm of the smallest adversarial
     perturbation found (0 where x itself is not robust, inf where none was found); the returned
@@ -111,6 +112,9 @@ class FAB(Attack):
                 raise ValueError("n_targets (FAB-T picks its own targets) cannot be combined with targeted=True")
         self.n_targets = n_targets
         self.norms = None
+
+    def class_needs(self):
+        return [] if self.n_targets is None else [(self.n_targets + 1, f"n_targets={self.n_targets}")]
 
     def differences(self, x, own, others):
         """Per row and column k: the mean over self.eot draws of f_{others[:, k]} - f_own at x, (B, K),
@@ -191,12 +195,7 @@ class FAB(Attack):
             every = torch.arange(classes, device=x.device).expand(x.shape[0], classes)
             others = [every[every != y[:, None]].view(-1, classes - 1)]
         else:
-            # FAB-T's targets: the 2nd, 3rd, ... most likely classes of the clean MC mean prediction.
-            if self.n_targets + 1 > classes:
-                raise ValueError(f"n_targets={self.n_targets} needs at least {self.n_targets + 1} classes, "
-                                 f"the model has {classes}")
-            order = probs.argsort(dim=1, descending=True, stable=True)
-            others = [order[:, rank:rank + 1] for rank in range(1, self.n_targets + 1)]
+            others = likely_targets(probs, y, self.n_targets).split(1, dim=1)  # FAB-T: one target per run
         x_adv = x.clone()
         robust = ~self.succeeded(x, y)
         self.norms = torch.where(robust, torch.inf, 0.0).to(x.dtype)
