@@ -124,6 +124,9 @@ def test_gradient_masking_is_flagged_by_zero_gradient_and_unbounded_checks():
     verdicts = _verdicts(report)
     assert verdicts["zero gradients"] == "fail" and verdicts["unbounded attack"] == "fail"
     assert report.checks[6].numbers["inputs_with_zero_gradient"] == 1.0
+    # the unbounded attack starts at x, so without a gradient it never moves (a random start in the whole
+    # range would be a random input, fooling most of them with no gradient at all)
+    assert report.checks[4].numbers["robust_accuracy"].count == report.clean_accuracy.count
     # the same classifier without the rounding: every attack has a gradient and succeeds
     clear = audit(Template().eval(), x, y, 0.15, **BUDGET)
     assert _verdicts(clear)["zero gradients"] == _verdicts(clear)["unbounded attack"] == "pass"

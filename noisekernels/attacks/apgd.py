@@ -59,12 +59,15 @@ def _per_sample(v, x):
 class APGD(Attack):
     """APGD(model, norm="Linf", eps=8/255, steps=100, loss="ce", restarts=1, eot=1, seed=None)(x, y).
 
-    rho: the checkpoint's fraction of loss-raising steps. n_targets: target classes of
+    random_start: start each run from a random point of the eps-ball (auto-attack's, the default) or,
+    False, from x itself (where eps spans the whole input range a random start is a random input,
+    which can succeed without any gradient). rho: the checkpoint's fraction of loss-raising steps. n_targets: target classes of
     "dlr-targeted" (the n_targets most likely classes other than y, as APGD-T). targeted=True (y holds
     targets) is supported with loss="ce". Restarts (and targets) run on the points still robust.
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=100, loss="ce", restarts=1, rho=0.75, n_targets=9, **kwargs):
+    def __init__(self, model, norm="Linf", eps=8 / 255, steps=100, loss="ce", restarts=1, rho=0.75, n_targets=9,
+                 random_start=True, **kwargs):
         super().__init__(model, **kwargs)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -80,6 +83,7 @@ class APGD(Attack):
         if self.rho > 1:
             raise ValueError(f"rho must be in [0, 1], got {rho!r}")
         self.n_targets = _check_positive_int(n_targets, "n_targets")
+        self.random_start = bool(random_start)
 
     def per_input_loss(self, logits, y, target):
         if self.loss_name == "dlr":
@@ -135,9 +139,9 @@ class APGD(Attack):
         return self._project(x, x_adv + (z - x_adv) * a + momentum * (1 - a))
 
     def run_once(self, x, y, target=None):
-        """One APGD run from a random start: (highest-loss point, adversarial per the EOT draws,
+        """One APGD run (from a random start unless random_start=False): (highest-loss point, adversarial per the EOT draws,
         the last point found adversarial)."""
-        x_adv = self._start(x)
+        x_adv = self._start(x) if self.random_start else x.clone()
         x_best_adv = x_adv.clone()
         grad, loss, probs = self._eot(x_adv, y, target)
         adversarial = self._adversarial(probs, y)
