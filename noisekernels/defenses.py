@@ -261,7 +261,8 @@ def option_value(value):
 
 def build(name, dataset, *, model=None, model_options=None, options=None, seed=0):
     """(model, preset, options): the preset's architecture (or `model`) for `dataset`, with the
-    defense's noise added and test-time noise set as the paper evaluates. Weights and noise seeds
+    defense's noise added and its test-time noise set as the paper evaluates (noise layers a user's
+    model brings itself keep their own setting). Weights and noise seeds
     come from `seed` (torch's global generator is left as it was). Option values go through
     option_value, so a model trained and one rebuilt from config.json get the same ones."""
     preset = get(name)
@@ -275,8 +276,11 @@ def build(name, dataset, *, model=None, model_options=None, options=None, seed=0
         torch.manual_seed(seed)
         net = zoo.build(model or preset.model, dataset.shape, dataset.num_classes, dataset.mean, dataset.std,
                         **model_options)
+        own = {id(m) for m in noise_layers(net)}  # a user's model's own noise (nk.nn.inject) keeps its setting
         preset.apply(net, opts)
-    set_test_noise(net, preset.test_noise)
+    for m in noise_layers(net):
+        if id(m) not in own:
+            m.mc = bool(preset.test_noise)
     return net, preset, opts
 
 

@@ -533,3 +533,37 @@ def test_eval_of_a_model_drawing_from_torchs_generator_repeats_with_its_seed(tmp
     first = counts(0)
     assert counts(0) == first
     assert any(counts(seed) != first for seed in (1, 2, 3))  # the noise is real: other seeds, other counts
+
+
+OWN_NOISE = """
+from torch import nn
+import noisekernels as nk
+
+
+class NoisyNet(nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(4 * 8 * 8, num_classes))
+        nk.nn.inject(self, "rse")  # the model's own noise, on at test time (mc=True)
+
+    def forward(self, x):
+        return self.f(x)
+"""
+
+
+@pytest.mark.parametrize("defense", ["standard", "gda"])
+def test_own_noise_layers_keep_their_test_time_setting(defense, tmp_path, monkeypatch):
+    # A preset without test-time noise must not switch off the noise a user's model injects itself.
+    monkeypatch.chdir(tmp_path)
+    np.savez("d.npz", **good_arrays())
+    (tmp_path / "noisy.py").write_text(OWN_NOISE)
+    cli.main(["train", "--dataset", "d.npz", "--model", "noisy.py:NoisyNet", "--defense", defense, "--epochs", "1",
+              "--batch-size", "8", "--no-progress", "--run-dir", "run"])
+    model, _, _ = load_model("run")
+    layers = defenses.noise_layers(model)
+    assert layers and all(m.mc for m in layers)
+    model.eval()
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
