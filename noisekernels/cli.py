@@ -68,6 +68,16 @@ def _nonnegative_float(text):
     return value
 
 
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _common(parser, run_dir=True, threads=None, seed="seed of weights, noise streams and shuffling"):
     if run_dir:
         parser.add_argument("--run-dir", help="where the run's files go")
@@ -523,7 +533,7 @@ def certify(p):
          "audit.json, audit.md and plots")
 def audit(p):
     p.add_argument("run", help="run directory of a trained model (noisekernels train --run-dir)")
-    p.add_argument("--eps", type=_nonnegative_float, required=True, help="the perturbation budget (> 0)")
+    p.add_argument("--eps", type=_positive_float, required=True, help="the perturbation budget (> 0)")
     p.add_argument("--norm", default="Linf", choices=("Linf", "L2"), help="default Linf")
     p.add_argument("--limit", type=_positive_int, help="audit the first LIMIT test inputs (default: all)")
     p.add_argument("--out", help="where audit.json, audit.md and the plots go (default: the run directory)")
@@ -539,8 +549,6 @@ def audit(p):
     def run(args):
         from .audit import audit as run_audit
         _setup(args)
-        if args.eps == 0:
-            raise UsageError("--eps must be > 0")
         args.runs = [args.run]
         loaded, x, y, out, data = _load_runs(args)
         (name,), (trained,) = _names(loaded), loaded

@@ -274,8 +274,8 @@ def test_cli_writes_the_report_and_plots(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--eps", "0"], "--eps must be > 0"),
-    (["--eps", "-1"], "--eps: must be a number >= 0"),
+    (["--eps", "0"], "--eps: must be a number > 0, got '0'"),
+    (["--eps", "-1"], "--eps: must be a number > 0, got '-1'"),
     ([], "the following arguments are required: --eps"),
     (["--eps", "0.1", "--judgements", "2"], "judgements must be an int >= 3, got 2"),
     (["--eps", "0.1", "--norm", "L3"], "invalid choice: 'L3'"),
