@@ -187,7 +187,8 @@ class APGD(Attack):
 
     def forward(self, x, y):
         x_adv = x.clone()
-        robust = ~self.succeeded(x, y)
+        self.clean_fooled = self.succeeded(x, y)  # not attacked: counted fooled (judge_success)
+        robust = ~self.clean_fooled
         ranks, targets = [None], None
         if self.loss_name == "dlr-targeted":
             targets = likely_targets(ensemble.mc_predict(self.model, x, self.judge_n), y, self.n_targets)

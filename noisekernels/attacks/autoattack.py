@@ -11,10 +11,13 @@ correctly ("rand" needs judge_n >= 2: never a single draw). attack.log holds eac
 accuracy and cumulative time, as auto-attack prints them. Those running figures come from one
 noisy judgement per stage, and a point gets a chance to be judged fooled at every stage, so the
 reported result (attack.success, attack.robust_accuracy, the log's "final" line) is the base's
-last MC judgement of the returned examples on fresh noise.
+last MC judgement of the returned examples on fresh noise, except that an input no stage attacked
+(each judged x fooled first) counts fooled: a fresh judgement of x must not count it robust.
 """
 
 import time
+
+import torch
 
 from .apgd import APGD
 from .base import Attack, _check_nonnegative, _check_positive_int
@@ -85,7 +88,7 @@ class AutoAttack(Attack):
         self.log = []
         robust = ~self.succeeded(x, y)
         self._note("clean", robust, start)
-        x_adv = x.clone()
+        x_adv, attacked = x.clone(), torch.zeros_like(robust)
         for name, attack in self.stages:
             idx = robust.nonzero().squeeze(1)
             if idx.numel() > 0:
@@ -93,7 +96,11 @@ class AutoAttack(Attack):
                 fooled = attack.success
                 x_adv[idx[fooled]] = found[fooled]
                 robust[idx[fooled]] = False
+                attacked[idx] |= True if attack.clean_fooled is None else ~attack.clean_fooled
             self._note(name, robust, start)
+        # No stage attacked these (each judged x fooled before attacking): counted fooled (judge_success),
+        # or the final judgement of x on fresh noise could count an input never attacked robust.
+        self.clean_fooled = ~attacked
         return x_adv
 
     def judge_success(self, x_adv, y):

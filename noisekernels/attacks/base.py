@@ -72,6 +72,11 @@ class Attack(abc.ABC):
     eot: noise draws averaged per gradient (1 = a plain gradient). judge_n / judge: the MC
     prediction that decides success (n passes on fresh noise, "mean" or "vote"). clip: the input
     range. targeted: y holds target labels and the attack drives the prediction to them.
+
+    Attacks that skip the inputs their clean MC prediction already gets wrong (APGD, FAB,
+    AutoAttack, as auto-attack does) mark them in attack.clean_fooled, and attack.success counts
+    them fooled: x itself is their example. A fresh judgement of x must not count an input the
+    attack never touched robust.
     """
 
     def __init__(self, model, *, eot=1, targeted=False, clip=(0.0, 1.0), judge_n=JUDGE_N, judge="mean", seed=None):
@@ -88,6 +93,7 @@ class Attack(abc.ABC):
         self.clip = (lo, hi)
         self.stream = attack_stream(seed)
         self.success = None
+        self.clean_fooled = None  # per input of the last batch: skipped, x itself judged fooled
 
     def loss(self, logits, y):
         """The loss the attack ascends: cross-entropy, or minus it toward targets."""
@@ -114,8 +120,10 @@ class Attack(abc.ABC):
         return pred == y if self.targeted else pred != y
 
     def judge_success(self, x_adv, y):
-        """The success reported in attack.success (MultiSurrogate: its validators decide)."""
-        return self.succeeded(x_adv, y)
+        """The success reported in attack.success (MultiSurrogate: its validators decide): the MC
+        judgement of x_adv, and fooled wherever the attack skipped x as already fooled."""
+        success = self.succeeded(x_adv, y)
+        return success if self.clean_fooled is None else success | self.clean_fooled
 
     def project_to_range(self, x):
         return x.clamp(*self.clip)
@@ -129,6 +137,7 @@ class Attack(abc.ABC):
             raise ValueError(f"y must be a tensor of x's batch size {x.shape[0]}")
         x, y = x.detach(), y.detach()
         self._refuse_too_few_classes(x)
+        self.clean_fooled = None
         return self.forward(x, y)
 
     def class_needs(self):

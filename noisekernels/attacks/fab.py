@@ -197,7 +197,8 @@ class FAB(Attack):
         else:
             others = likely_targets(probs, y, self.n_targets).split(1, dim=1)  # FAB-T: one target per run
         x_adv = x.clone()
-        robust = ~self.succeeded(x, y)
+        self.clean_fooled = self.succeeded(x, y)  # not attacked: counted fooled (judge_success)
+        robust = ~self.clean_fooled
         self.norms = torch.where(robust, torch.inf, 0.0).to(x.dtype)
         runs = [(columns, r) for columns in others for r in range(self.restarts)]
         for i, (columns, restart) in enumerate(runs):
