@@ -201,6 +201,8 @@ def _load_runs(args):
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     out = args.out or (args.runs[0] if len(args.runs) == 1 else os.path.commonpath([os.path.abspath(r) for r in args.runs]))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file: give a directory (created if missing) for the results and plots")
     os.makedirs(out, exist_ok=True)
     return loaded, x.to(args.device), y.to(args.device), out, data_record
 

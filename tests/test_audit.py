@@ -286,6 +286,13 @@ def test_cli_bad_arguments_are_usage_errors(run_dir, capsys, argv, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cli_out_that_is_a_file_is_a_usage_error(run_dir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", str(run_dir), "--eps", "0.1", "--out", str(tmp_path / "taken")])
+    assert exit_info.value.code == 2 and "taken is a file: give a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"eps": 0.0}, "eps must be > 0"),
     ({"eps": float("nan")}, "eps must be a finite float >= 0"),
