@@ -16,7 +16,10 @@ no attack saw. An attack's figure (and
 `robust_accuracy` counts an input robust when the pooled judgement classifies it correctly clean
 and under every attack; `robust_accuracy_worst` only when every single judgement does too (AutoAttack's
 per-example worst over attacks, with no lucky draw to escape by), so it is never above the other.
-Both are metrics.Proportions with 95% Clopper-Pearson intervals; "agree" below means intervals overlap.
+Both are metrics.Proportions with 95% Clopper-Pearson intervals. Checks 2 and 3 compare two attacks on
+the same inputs, so they use a paired test (exact McNemar, one-sided: scipy's binomtest on the inputs
+only one of the two leaves robust): doubling EOT or the iterations "lowers robust accuracy" when it
+does at level LOWERED_ALPHA, far more sensitive than comparing two intervals.
 
 Fixed randomness (check 4): every pass of the model draws the same counters of a sub-stream of each
 noise stream, one the model's own passes (the judgements) never reach. Noise is drawn per element of
@@ -39,6 +42,7 @@ import os
 import time
 
 import torch
+from scipy import stats
 
 from . import distributed, ensemble, evaluate
 from .attacks import APGD, Square
@@ -55,6 +59,8 @@ ZERO_GRADIENT_FAIL = 0.1
 # Check 5: a share of inputs the unbounded attack leaves robust up to this warns (judging noise near the
 # decision boundary, too few steps); above it fails.
 UNBOUNDED_FEW = 0.01
+# Checks 2 and 3: doubling EOT or the iterations lowers robust accuracy when the paired test's p-value is below this.
+LOWERED_ALPHA = 0.05
 RANDOMNESS_PASSES = 8  # check 1: passes compared (AutoAttack's check_randomized compares two)
 _FROZEN_SUBSTREAM = 2**63  # check 4's frozen draw: this sub-stream of every noise stream
 
@@ -153,10 +159,13 @@ class Report:
         return [eot, steps]
 
 
-def _agree(a, b):
-    """Whether two Proportions' 95% intervals overlap."""
-    (a_lo, a_hi), (b_lo, b_hi) = a.interval(), b.interval()
-    return a_lo <= b_hi and b_lo <= a_hi
+def _doubling(before, after):
+    """The paired comparison of two attacks' per-input robustness (bool tensors, same inputs): the inputs
+    only `before` leaves robust (lost by doubling), those only `after` does, and the one-sided exact
+    McNemar p-value that doubling lowers robust accuracy."""
+    lost, gained = int((before & ~after).sum()), int((after & ~before).sum())
+    p = stats.binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue if lost + gained else 1.0
+    return {"lost": lost, "gained": gained, "p_value": p}
 
 
 def _below(a, b):
@@ -278,6 +287,11 @@ class _Auditor:
             self.record(name, self.apgd_examples(self.model, eot, steps))
         return self.figures[name]
 
+    def doubling(self, before, after):
+        """_doubling of two white-box runs given as (eot, steps)."""
+        robust = [self.pooled[f"APGD-CE EOT {e}, {s} steps"] & self.pooled["clean"] for e, s in (before, after)]
+        return _doubling(*robust)
+
     # ---- the checks --------------------------------------------------------------------------
 
     def randomness(self, passes=RANDOMNESS_PASSES):
@@ -305,38 +319,42 @@ class _Auditor:
                       "randomized defense." if inactive else ""))
 
     def eot_sufficiency(self):
-        curve, eot = {}, 1
+        curve, doublings, eot = {}, {}, 1
         while True:
             curve[eot] = self.white_box(eot, self.steps)
-            previous = curve.get(eot // 2)
-            if not self.stochastic or (previous is not None and _agree(previous, curve[eot])) or 2 * eot > self.eot_cap:
+            if eot > 1:
+                doublings[eot] = self.doubling((eot // 2, self.steps), (eot, self.steps))
+            settled = eot in doublings and doublings[eot]["p_value"] >= LOWERED_ALPHA
+            if not self.stochastic or settled or 2 * eot > self.eot_cap:
                 break
             eot *= 2
         self.eot, self.eot_curve = eot, curve
-        numbers = {"robust_accuracy_by_eot": curve, "eot_chosen": eot, "eot_cap": self.eot_cap}
+        numbers = {"robust_accuracy_by_eot": curve, "doubling_by_eot": doublings, "eot_chosen": eot,
+                   "eot_cap": self.eot_cap}
         if not self.stochastic:
             return Check("EOT sufficiency", "pass", numbers, "Deterministic model: one draw is the exact gradient.")
-        if eot > 1 and _agree(curve[eot // 2], curve[eot]):
-            return Check("EOT sufficiency", "pass", numbers, f"Robust accuracy at EOT {eot // 2} and {eot} agree "
-                         "within their intervals: more samples per gradient would not change the estimate; the audit "
-                         f"uses EOT {eot}.")
+        if settled:
+            return Check("EOT sufficiency", "pass", numbers, f"Doubling EOT from {eot // 2} to {eot} did not lower "
+                         f"robust accuracy (paired test, p >= {LOWERED_ALPHA}): more samples per gradient would not "
+                         f"change the estimate; the audit uses EOT {eot}.")
         if eot == 1:
             return Check("EOT sufficiency", "warn", numbers, "Only EOT 1 ran (eot_cap 1): whether more samples per "
                          "gradient lower robust accuracy is untested; raise eot_cap (--eot-cap) to at least 2.")
-        return Check("EOT sufficiency", "warn", numbers, f"Robust accuracy still changes between the last EOT values at "
-                     f"the cap of {self.eot_cap}: the gradient estimate is too noisy and the figure is an overestimate; "
-                     "raise eot_cap (--eot-cap) until two doublings agree.")
+        return Check("EOT sufficiency", "warn", numbers, f"Doubling EOT still lowered robust accuracy at the cap of "
+                     f"{self.eot_cap} (paired test, p < {LOWERED_ALPHA}): the gradient estimate is too noisy and the "
+                     "figure is an overestimate; raise eot_cap (--eot-cap) until a doubling does not lower it.")
 
     def iteration_sufficiency(self):
         base, doubled = self.white_box(self.eot, self.steps), self.white_box(self.eot, 2 * self.steps)
         self.steps_curve = {self.steps: base, 2 * self.steps: doubled}
-        numbers = {"robust_accuracy_by_steps": self.steps_curve, "eot": self.eot}
-        if _below(doubled, base):
+        doubling = self.doubling((self.eot, self.steps), (self.eot, 2 * self.steps))
+        numbers = {"robust_accuracy_by_steps": self.steps_curve, "doubling": doubling, "eot": self.eot}
+        if doubling["p_value"] < LOWERED_ALPHA:
             return Check("iteration sufficiency", "warn", numbers, f"Doubling the iterations to {2 * self.steps} "
-                         "lowered robust accuracy beyond the interval: the attack had not converged; raise steps "
-                         "(--steps).")
-        return Check("iteration sufficiency", "pass", numbers, f"Doubling the iterations to {2 * self.steps} does not "
-                     "lower robust accuracy beyond the interval.")
+                         f"lowered robust accuracy (paired test, p < {LOWERED_ALPHA}): the attack had not converged; "
+                         "raise steps (--steps).")
+        return Check("iteration sufficiency", "pass", numbers, f"Doubling the iterations to {2 * self.steps} did not "
+                     f"lower robust accuracy (paired test, p >= {LOWERED_ALPHA}).")
 
     def fixed_randomness(self):
         if not self.stochastic:

@@ -15,7 +15,7 @@ from torch import nn
 
 import noisekernels as nk
 from noisekernels import cli
-from noisekernels.audit import VERDICTS, _FixedNoise, audit
+from noisekernels.audit import VERDICTS, _doubling, _FixedNoise, audit
 from noisekernels.metrics import Proportion
 from noisekernels.random import normal, uniform
 from noisekernels.stream import Stream
@@ -155,12 +155,27 @@ def test_eot_check_flags_a_noisy_gradient_until_eot_is_large_enough():
         assert _verdicts(capped)["EOT sufficiency"] == "warn" and max(capped.curves["eot"]) == cap
         _check_figures(capped)
     untested = audit(model, x[:40], y[:40], 0.15, eot_cap=1, **BUDGET).checks[1]  # nothing compared: no claim of change
-    assert untested.verdict == "warn" and "untested" in untested.meaning and "still changes" not in untested.meaning
+    assert untested.verdict == "warn" and "untested" in untested.meaning and "still lowered" not in untested.meaning
     report = audit(model, x, y, 0.15, eot_cap=64, **BUDGET)
     _check_figures(report)
     curve = report.curves["eot"]
     assert _verdicts(report)["EOT sufficiency"] == "pass" and report.settings["eot_chosen"] >= 8
     assert curve[1] > curve[report.settings["eot_chosen"]] + 0.2  # one draw over-rated the model by far
+
+
+def test_doubling_is_a_paired_test_that_sees_what_overlapping_intervals_miss():
+    """12 of 100 robust inputs lost by doubling, none gained: the two figures' intervals overlap (the
+    rule the checks used), yet the exact paired test's p-value is 0.5 ** 12."""
+    before = torch.zeros(200, dtype=torch.bool)
+    before[:100] = True
+    after = before.clone()
+    after[:12] = False
+    a, b = (Proportion(int(v.sum()), 200) for v in (before, after))
+    assert a.interval()[0] <= b.interval()[1]  # the intervals overlap
+    assert _doubling(before, after) == {"lost": 12, "gained": 0, "p_value": 0.5**12}
+    both = after.clone()
+    both[150:162] = True  # as many gained elsewhere: no evidence that doubling lowers robust accuracy
+    assert _doubling(before, both)["p_value"] > 0.5
 
 
 def test_fixed_noise_is_one_frozen_draw_that_no_later_pass_of_the_model_sees():
