@@ -31,7 +31,8 @@ Budget: the defaults (10 APGD steps, EOT doubling up to 16, 100 Square queries, 
 passes) audit 200 digits in seconds to minutes on a CPU; every argument grows it. Every attack draws
 from a stream forked from `seed`, and the model's noise streams are reseeded from it for the audit
 (and put back after), as are torch's own generators (nn.Dropout), so an audit is reproducible from its
-seed.
+seed: bit for bit inside ensemble.fixed_chunk(k), else up to the float rounding of the chunk of
+replicas the engine measures fastest (which an attack's sign step can amplify).
 """
 
 import contextlib

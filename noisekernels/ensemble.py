@@ -63,6 +63,7 @@ _NOISE_LAYERS = (RandomSpike, _NoiseLayer, AnisotropicNoise)
 NO_CLASS = -1  # what decide() returns where the scores say nothing
 _plans = weakref.WeakKeyDictionary()
 _plans_lock = threading.Lock()
+_fixed = threading.local()  # fixed_chunk's chunk, per thread
 
 
 class Plan:
@@ -521,9 +522,28 @@ def _compiled(model):
     return dynamo is not None and any(isinstance(m, dynamo.eval_frame.OptimizedModule) for m in model.modules())
 
 
+@contextlib.contextmanager
+def fixed_chunk(k):
+    """Every engine call of this thread inside (mc_predict, eot_grad, replica_logits, MCClassifier,
+    and the attacks and the audit built on them) runs chunks of k replicas, verified as
+    always, instead of the chunk measured fastest: a candidate's values differ from another's only by
+    float rounding, but an attack's sign step can turn on that rounding, so this is how a run repeats
+    bit for bit whatever the machine's load (as torch.backends.cudnn.deterministic). A chunk= given
+    to a call wins."""
+    _check_count(k, "k")
+    before = getattr(_fixed, "chunk", None)
+    _fixed.chunk = k
+    try:
+        yield
+    finally:
+        _fixed.chunk = before
+
+
 def plan(model, x, n, *, grad=False, chunk=None):
     """The Plan for n replicas of x (with grad: forward and backward to x), tuned on the first call
     for this model state, input shape, n, device and grad, and cached. Moves no stream."""
+    if chunk is None:
+        chunk = getattr(_fixed, "chunk", None)
     _check(model, x, n, chunk)
     key = (tuple(x.shape), x.dtype, x.device, n, bool(grad), chunk, noise_is_off(), _state(model))
     with _plans_lock:
@@ -745,4 +765,4 @@ class MCClassifier(nn.Module):
         return f"n={self.n}, output={self.output!r}"
 
 
-__all__ = ["MCClassifier", "NO_CLASS", "Plan", "decide", "deterministic_predict", "eot_grad", "mc_predict", "noise_off", "plan", "replica_logits"]
+__all__ = ["MCClassifier", "NO_CLASS", "Plan", "decide", "deterministic_predict", "eot_grad", "fixed_chunk", "mc_predict", "noise_off", "plan", "replica_logits"]

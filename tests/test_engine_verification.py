@@ -151,6 +151,26 @@ def test_the_measured_choice_changes_speed_never_values():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_fixed_chunk_fixes_this_threads_calls_and_repeats_them_bit_for_bit():
+    model, x = MODELS["rse"]().eval(), torch.rand(4, 1, 28, 28)
+    start = snapshot(model)
+    with ensemble.fixed_chunk(5):
+        assert ensemble.plan(model, x, 12).chunk == 5 and ensemble.plan(model, x, 12, chunk=3).chunk == 3
+        with ensemble.fixed_chunk(4):
+            assert ensemble.plan(model, x, 12).chunk == 4
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(ensemble.plan(model, x, 12, grad=True).chunk))
+        other.start(), other.join()
+        first = ensemble.mc_predict(model, x, 12, reduce="none")
+        restore(model, start)
+        assert torch.equal(ensemble.mc_predict(model, x, 12, reduce="none"), first)
+    # another thread measured as if nothing were fixed (12's ladder has no 5), and so does this one after
+    assert seen == [ensemble.plan(model, x, 12, grad=True).chunk] and seen != [5]
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        with ensemble.fixed_chunk(0):
+            pass
+
+
 def test_close_candidates_are_settled_by_real_calls_that_equal_the_loop(monkeypatch):
     monkeypatch.setattr(ensemble, "_CLOSE", float("inf"))  # the two fastest trials always go to real calls
     model, x = MODELS["rse"]().eval(), torch.rand(4, 1, 28, 28)
