@@ -186,3 +186,31 @@ def test_rand_no_weaker_than_its_first_stage_alone_on_fresh_noise():
     assert 0.4 < alone < 0.7  # the coin flips arose
     assert ours <= alone + 0.05  # std of the difference ~0.015
     assert abs(attack.robust_accuracy - ours) <= 0.07  # one judgement of 600 coin flips: std ~0.02
+
+
+class _Scripted:
+    """A stand-in stage: returns `example` and reports `success` / `clean_fooled` (rows of the points it gets)."""
+
+    def __init__(self, example, success, clean_fooled):
+        self.example, self.outcome, self.skips = example, success, clean_fooled
+
+    def __call__(self, x, y):
+        self.success, self.clean_fooled = self.outcome[: len(x)], self.skips[: len(x)]
+        return self.example[: len(x)]
+
+    def class_needs(self):
+        return []
+
+
+def test_stage_bookkeeping_keeps_the_attacked_example():
+    # Stage 1 attacks both inputs and fools neither; stage 2 skips input 0 (its judgement of x says
+    # fooled) and attacks input 1. Input 0 must be judged on stage 1's example (not x), input 1 on
+    # stage 2's; neither is counted fooled without a judgement, since both were attacked.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 4)).eval()
+    x, y = torch.zeros(2, 1, 12, 12), model(torch.zeros(2, 1, 12, 12)).argmax(1)
+    attack = AutoAttack(model, eps=0.5, version="rand", steps=1, eot=1, judge_n=2, seed=0)
+    no, yes = torch.tensor([False, False]), torch.tensor([True, False])
+    attack.stages = [("one", _Scripted(x + 0.1, no, no)), ("two", _Scripted(x + 0.2, yes, yes))]
+    x_adv = attack.perturb(x, y)
+    assert torch.equal(x_adv[0], x[0] + 0.1) and torch.equal(x_adv[1], x[1] + 0.2)
+    assert not attack.clean_fooled.any()

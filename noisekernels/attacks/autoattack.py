@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .apgd import APGD
+from .apgd import APGD, _per_sample
 from .base import Attack, _check_nonnegative, _check_positive_int
 from .fab import FAB
 from .square import Square
@@ -97,11 +97,13 @@ class AutoAttack(Attack):
             if idx.numel() > 0:
                 found = attack(x[idx], y[idx])
                 fooled = attack.success
-                # Every point keeps the stage's example, those it leaves robust too: judged on x
-                # instead, a noisy model's final judgement would pass them almost surely.
-                x_adv[idx] = found
+                skipped = torch.zeros_like(fooled) if attack.clean_fooled is None else attack.clean_fooled
+                # Every point the stage attacked takes its example, those it leaves robust too (judged on
+                # x instead, a noisy model's final judgement would pass them almost surely); one it
+                # skipped (x judged fooled) keeps an earlier stage's.
+                x_adv[idx] = torch.where(_per_sample(skipped, found), x_adv[idx], found)
                 robust[idx[fooled]] = False
-                attacked[idx] |= True if attack.clean_fooled is None else ~attack.clean_fooled
+                attacked[idx] |= ~skipped
             self._note(name, robust, start)
         # No stage attacked these (each judged x fooled before attacking): counted fooled (judge_success),
         # or the final judgement of x on fresh noise could count an input never attacked robust.
