@@ -10,7 +10,7 @@ import torchattacks
 from torch import nn
 
 import noisekernels as nk
-from attack_models import make_data, trained
+from attack_models import coin_flip_model, make_data, trained
 from loop_reference import snapshot
 from noisekernels.attacks import APGD, FAB, AutoAttack
 
@@ -107,20 +107,6 @@ def test_too_few_classes_are_refused_before_any_stage_or_draw():
         AutoAttack(two, eps=0.2, steps=2, seed=0)(x, y % 2)
 
 
-def _coin_flip_model():
-    """A noisy model whose MC-mean decision at x = 0.5 is a coin flip between classes 0 and 1
-    (f0 - f1 = sum(x + noise) - 8, the noise's sum N(0, 1)), and which x - 0.1 fools: there the
-    mean softmax of class 0 is E[sigmoid(N(-1.6, 1))] ~ 0.23, far below 1/2, so a judgement of 20
-    passes says fooled almost surely. Class 2 is never predicted."""
-    conv, lin = nn.Conv2d(1, 1, 1, bias=False), nn.Linear(16, 3)
-    with torch.no_grad():
-        conv.weight.fill_(1.0)
-        lin.weight.zero_()
-        lin.weight[0].fill_(1.0)
-        lin.bias.copy_(torch.tensor([-8.0, 0.0, -50.0]))
-    return nk.nn.inject(nn.Sequential(conv, nn.Flatten(), lin), "rse", init_sigma=0.25).eval()
-
-
 @pytest.mark.parametrize("make", [
     lambda m: AutoAttack(m, eps=0.1, version="rand", steps=5, eot=4, judge_n=20, seed=0),
     lambda m: APGD(m, eps=0.1, steps=5, eot=4, judge_n=20, seed=0),
@@ -132,7 +118,7 @@ def test_input_never_attacked_is_not_counted_robust(make):
     from scipy import integrate, stats
     p0 = integrate.quad(lambda t: stats.norm.pdf(t, -1.6, 1) / (1 + math.exp(-t)), -12, 9)[0]
     assert p0 < 0.3
-    model = _coin_flip_model()
+    model = coin_flip_model()
     x, y = torch.full((100, 1, 4, 4), 0.5), torch.zeros(100, dtype=torch.long)
     attack = make(model)
     attack(x, y)
@@ -142,7 +128,7 @@ def test_input_never_attacked_is_not_counted_robust(make):
 
 def test_fab_input_at_norm_zero_is_counted_fooled():
     # FAB records norm 0 where x itself is judged fooled (and does not attack it): success must agree.
-    model = _coin_flip_model()
+    model = coin_flip_model()
     x, y = torch.full((100, 1, 4, 4), 0.5), torch.zeros(100, dtype=torch.long)
     fab = FAB(model, eps=0.1, steps=5, eot=4, judge_n=20, seed=0)
     fab(x, y)
