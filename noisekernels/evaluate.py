@@ -131,7 +131,8 @@ class AttackResult:
     tensor}}, one row per input in dataset order: index, label, clean_prediction,
     adversarial_prediction (the judge's; metrics.NO_CLASS where its scores are NaN), clean_correct
     (clean_prediction == label), success (adversarial_prediction != label, so also true for an
-    input misclassified before the attack: robust is clean_correct and not success), linf and l2
+    input misclassified before the attack, and true where the attack skipped an input its own clean
+    judgement found fooled, attack.clean_fooled: robust is clean_correct and not success), linf and l2
     (the adversarial example's distance to the input), and x_adv when asked for; seconds: {"attack": crafting, "judging": the judge's MC
     predictions}, summed over processes."""
     clean: metrics.Proportion
@@ -192,8 +193,16 @@ class _Clock:
         return pred
 
 
+def _fooled(attack, pred, y):
+    """Per input: the judge's prediction of the example misses y, or the attack skipped the input as
+    already fooled (attack.clean_fooled; x is its example): a fresh judgement of x must not count an
+    input the attack never touched robust."""
+    fooled = pred != y
+    return fooled if attack.clean_fooled is None else fooled | attack.clean_fooled
+
+
 def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
-    """(clean prediction, {eps: adversarial batch}, {eps: its prediction}) of one batch.
+    """(clean prediction, {eps: adversarial batch}, {eps: its prediction}, {eps: success}) of one batch.
 
     Attacks with an eps run once per eps. Minimum-norm attacks (CW) run once; their example at eps
     is the adversarial one where the attack succeeded within an L2 distortion of eps, else x."""
@@ -207,7 +216,8 @@ def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
         attacks = {eps: build({"eps": eps, **({} if ratio is None else {"alpha": eps * ratio})}) for eps in eps_list}
         clean = clock.judge(attacks[eps_list[0]], x)
         adversarial = {eps: clock.craft(attack, x, y) for eps, attack in attacks.items()}
-        return clean, adversarial, {eps: clock.judge(attacks[eps], x_adv) for eps, x_adv in adversarial.items()}
+        predicted = {eps: clock.judge(attacks[eps], x_adv) for eps, x_adv in adversarial.items()}
+        return clean, adversarial, predicted, {eps: _fooled(attacks[eps], p, y) for eps, p in predicted.items()}
     attack = build({})
     clean = clock.judge(attack, x)
     x_adv = clock.craft(attack, x, y)
@@ -216,7 +226,8 @@ def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
     if l2 is None:
         raise ValueError(f"attack {name} has neither eps nor a per-input L2 (attack.l2)")
     adversarial = {eps: torch.where((l2 <= eps).view(-1, *([1] * (x.dim() - 1))), x_adv, x) for eps in eps_list}
-    return clean, adversarial, {eps: clock.judge(attack, x_eps) for eps, x_eps in adversarial.items()}
+    predicted = {eps: clock.judge(attack, x_eps) for eps, x_eps in adversarial.items()}
+    return clean, adversarial, predicted, {eps: _fooled(attack, p, y) for eps, p in predicted.items()}
 
 
 def _empty_table(x, y, keep_adversarial):
@@ -250,13 +261,13 @@ def robust_accuracy(model, x, y, name, eps_list, options, *, judge_n=JUDGE_N, se
         for b, start, stop in batches:
             xb, yb = x[start:stop], y[start:stop]
             with distributed.reseeded(model, seed, b):
-                clean, adversarial, predicted = _attack_batch(model, name, options, ratio, eps_list, xb, yb,
+                clean, adversarial, predicted, success = _attack_batch(model, name, options, ratio, eps_list, xb, yb,
                                                               distributed.batch_seed(seed, b), clock)
             for eps, x_adv in adversarial.items():
                 distance = (x_adv.double() - xb.double()).flatten(1)
                 row = {"index": torch.arange(start, stop), "label": yb, "clean_prediction": clean,
                        "adversarial_prediction": predicted[eps], "clean_correct": clean == yb,
-                       "success": predicted[eps] != yb,
+                       "success": success[eps],
                        "linf": distance.abs().amax(1), "l2": distance.norm(dim=1)}
                 if keep_adversarial:
                     row["x_adv"] = x_adv

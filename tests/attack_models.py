@@ -46,3 +46,17 @@ def trained(seed=0, spike=False, width=8):
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def coin_flip_model():
+    """A noisy model whose MC-mean decision at x = 0.5 is a coin flip between classes 0 and 1
+    (f0 - f1 = sum(x + noise) - 8, the noise's sum N(0, 1)), and which x - 0.1 fools: there the
+    mean softmax of class 0 is E[sigmoid(N(-1.6, 1))] ~ 0.23, far below 1/2, so a judgement of 20
+    passes says fooled almost surely. Class 2 is never predicted."""
+    conv, lin = nn.Conv2d(1, 1, 1, bias=False), nn.Linear(16, 3)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        lin.weight.zero_()
+        lin.weight[0].fill_(1.0)
+        lin.bias.copy_(torch.tensor([-8.0, 0.0, -50.0]))
+    return nk.nn.inject(nn.Sequential(conv, nn.Flatten(), lin), "rse", init_sigma=0.25).eval()

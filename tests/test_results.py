@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from attack_models import make_data, trained
+from attack_models import coin_flip_model, make_data, trained
 from noisekernels import certify as smoothing
 from noisekernels import cli, data, distributed, evaluate, metrics
 from noisekernels.attacks import PGD
@@ -117,6 +117,20 @@ def test_minimum_norm_attacks_keep_x_beyond_the_budget():
                                       judge_n=4, batch_size=8, keep_adversarial=True)
     assert torch.equal(result.examples[0.0]["x_adv"], x) and (result.examples[0.0]["l2"] == 0).all()
     assert (result.examples[10.0]["l2"] > 0).any()
+
+
+@pytest.mark.parametrize("name", ["APGD", "AutoAttack"])
+def test_inputs_the_attack_skipped_as_fooled_are_not_robust(name):
+    # coin_flip_model: every attacked input is fooled (x - 0.1), while x is a coin flip for a judgement.
+    # APGD and AutoAttack skip the inputs their own clean judgement finds fooled (attack.clean_fooled,
+    # about half); robust_accuracy judged x afresh for those and counted a quarter of them robust
+    # (14% and 16% robust instead of 0).
+    model = coin_flip_model()
+    x, y = torch.full((100, 1, 4, 4), 0.5), torch.zeros(100, dtype=torch.long)
+    result = evaluate.robust_accuracy(model, x, y, name, [0.1], {"steps": 5, "eot": 4}, judge_n=20, seed=0)
+    table = result.examples[0.1]
+    assert 0.3 < result.clean < 0.7  # the coin flips arose: x alone is no verdict
+    assert result.robust[0.1] == 0 and table["success"].all()
 
 
 def test_progress_bar_draws_on_a_terminal_only(monkeypatch):

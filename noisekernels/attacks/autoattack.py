@@ -12,14 +12,17 @@ accuracy and cumulative time, as auto-attack prints them. Those running figures 
 noisy judgement per stage, and a point gets a chance to be judged fooled at every stage, so the
 reported result (attack.success, attack.robust_accuracy, the log's "final" line) is the base's
 last MC judgement of the returned examples on fresh noise, except that an input no stage attacked
-(each judged x fooled first) counts fooled: a fresh judgement of x must not count it robust.
+(each judged x fooled first) counts fooled: a fresh judgement of x must not count it robust. The
+example returned for an input no stage fooled is the last stage's (its highest-loss point), not x:
+on a noisy model the final judgement of x would pass it almost surely and rate the defense above
+its own first stage alone.
 """
 
 import time
 
 import torch
 
-from .apgd import APGD
+from .apgd import APGD, _per_sample
 from .base import Attack, _check_nonnegative, _check_positive_int
 from .fab import FAB
 from .square import Square
@@ -94,9 +97,13 @@ class AutoAttack(Attack):
             if idx.numel() > 0:
                 found = attack(x[idx], y[idx])
                 fooled = attack.success
-                x_adv[idx[fooled]] = found[fooled]
+                skipped = torch.zeros_like(fooled) if attack.clean_fooled is None else attack.clean_fooled
+                # Every point the stage attacked takes its example, those it leaves robust too (judged on
+                # x instead, a noisy model's final judgement would pass them almost surely); one it
+                # skipped (x judged fooled) keeps an earlier stage's.
+                x_adv[idx] = torch.where(_per_sample(skipped, found), x_adv[idx], found)
                 robust[idx[fooled]] = False
-                attacked[idx] |= True if attack.clean_fooled is None else ~attack.clean_fooled
+                attacked[idx] |= ~skipped
             self._note(name, robust, start)
         # No stage attacked these (each judged x fooled before attacking): counted fooled (judge_success),
         # or the final judgement of x on fresh noise could count an input never attacked robust.
