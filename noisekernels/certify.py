@@ -168,10 +168,20 @@ def _new_votes(draw, active, m):
     """draw's votes for the guess of the active inputs, m new samples each (checked: a wrong count would
     bias the bounds silently)."""
     votes = draw(torch.from_numpy(active), m).cpu().numpy()
-    if votes.shape != active.shape or not ((votes >= 0) & (votes <= m)).all():
-        raise ValueError(f"draw(active, m) must return one count in [0, m] per active input ({len(active)} inputs, "
-                         f"m={m}), got {np.array2string(votes, threshold=8)}")
+    # a fraction (a mean probability times m) would pass for a count and bias the bounds
+    if votes.shape != active.shape or not ((votes >= 0) & (votes <= m) & (votes == np.floor(votes))).all():
+        raise ValueError(f"draw(active, m) must return one whole count in [0, m] per active input ({len(active)} "
+                         f"inputs, m={m}), got {np.array2string(votes, threshold=8)}")
     return votes.astype(np.float64)
+
+
+def _check_guess(guess):
+    """guess as a numpy array of class indices (an ABSTAIN or a fraction would come back as a certified
+    'prediction' with a radius)."""
+    if not isinstance(guess, torch.Tensor) or guess.dim() != 1 or guess.is_floating_point() or (guess < 0).any():
+        shown = guess if not isinstance(guess, torch.Tensor) else f"{guess.dtype} tensor of shape {tuple(guess.shape)}"
+        raise ValueError(f"guess must be a (B,) integer tensor of class indices >= 0, got {shown}")
+    return guess.cpu().numpy()
 
 
 def _stop_at_radius(low, best, radius, sigma):
@@ -194,7 +204,7 @@ def _stop_at_largest(low, best, sigma, tolerance):
 def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=None, tolerance=None, first_look=100):
     """The sequential decision of certify_sequential on votes: draw(active, m) returns, for the
     inputs indexed by the int64 tensor `active`, how many of m new noisy samples voted for their
-    guessed class (guess, a (B,) tensor); it is called at each look with the undecided inputs
+    guessed class (guess, a (B,) tensor of class indices); it is called at each look with the undecided inputs
     only. Returns (prediction, radius, estimation samples drawn) per input.
 
     Looks at look_schedule(first_look, n_max); each of the K looks spends alpha / K (a union
@@ -210,7 +220,7 @@ def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=No
     and at the look at n_max in any case."""
     alpha, sigma, radius, tolerance, looks = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
     share = alpha / len(looks)
-    guess = guess.cpu().numpy()
+    guess = _check_guess(guess)
     votes, drawn = np.zeros(len(guess)), np.zeros(len(guess), dtype=np.int64)
     pred, radii = np.full(len(guess), ABSTAIN), np.zeros(len(guess))
     active, previous = np.arange(len(guess)), 0

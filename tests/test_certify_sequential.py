@@ -62,9 +62,17 @@ def test_a_sampler_returning_impossible_votes_is_a_clear_error():
     guess = torch.zeros(2, dtype=torch.long)
     for draw in (lambda active, m: torch.full((len(active),), m + 1),  # more votes than samples: used to abstain
                  lambda active, m: torch.full((len(active),), -1),
-                 lambda active, m: torch.zeros(len(active) + 1, dtype=torch.long)):
-        with pytest.raises(ValueError, match=r"draw\(active, m\) must return one count in \[0, m\] per active input"):
+                 lambda active, m: torch.zeros(len(active) + 1, dtype=torch.long),
+                 lambda active, m: torch.full((len(active),), 0.999 * m)):  # a fraction: used to certify
+        with pytest.raises(ValueError, match=r"draw\(active, m\) must return one whole count in \[0, m\] per active"):
             smoothing.sequential_from_votes(draw, guess, SIGMA, ALPHA, n_max=400)
+
+
+def test_a_guess_that_is_not_a_class_is_a_clear_error():
+    # an ABSTAIN guess (from predict) came back as 'prediction' ABSTAIN with radius 0.5
+    for guess in (torch.tensor([1, smoothing.ABSTAIN]), torch.tensor([1.0, 0.0]), [1, 0]):
+        with pytest.raises(ValueError, match=r"guess must be a \(B,\) integer tensor of class indices >= 0"):
+            smoothing.sequential_from_votes(all_votes, guess, SIGMA, ALPHA, n_max=400, radius=0.5)
 
 
 def all_votes(active, m):
