@@ -357,11 +357,14 @@ def certified_accuracy(results, radii):
     return [Proportion(int((ok & (results["radius"] >= r)).sum()), len(ok)) for r in radii]
 
 
-def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label=None,
+def plot_certified_accuracy(results, path, *, radius=None, max_radius=None, points=100, label=None,
                             title="certified accuracy against L2 radius", settings=None):
     """Saves the certified-accuracy-against-radius curve (Cohen et al.'s figure) to path: exact
     steps at the examples' radii, down to 0 past the largest, with the 95% Clopper-Pearson band;
-    titled with the settings (a dict or a string)."""
+    titled with the settings (a dict or a string). radius: the results answer that one radius (a run of
+    certify_sequential's radius=r), so the plot is its one point with its interval: a curve would
+    misstate, below r counting only the inputs certified at r (one given up on may hold a smaller
+    radius) and above r falling to 0 where nothing was asked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,20 +372,25 @@ def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label
 
     from .evaluate import titled
 
-    radius = results["radius"].double()
-    top = float(radius.max()) if max_radius is None and len(radius) else float(max_radius or 0.0)
-    grid = np.linspace(0.0, max(1.1 * top, 0.1), points)
-    radii = np.unique(np.concatenate([grid, radius[(radius > 0) & (radius <= grid[-1])].numpy()]))
-    accuracy = certified_accuracy(results, radii)
+    radius = _check_radius(radius)
     fig, ax = plt.subplots(figsize=(6, 4))
-    # a value at r holds on (previous r, r]: the accuracy counts the radii >= r
-    ax.plot(radii, accuracy, drawstyle="steps-pre", label=label)
-    low, high = zip(*(a.interval() for a in accuracy))
-    ax.fill_between(radii, low, high, step="pre", alpha=0.2, linewidth=0, label="95% Clopper-Pearson")
+    if radius is None:
+        radii, accuracy = _curve(results, max_radius, points)
+        # a value at r holds on (previous r, r]: the accuracy counts the radii >= r
+        ax.plot(radii, accuracy, drawstyle="steps-pre", label=label)
+        low, high = zip(*(a.interval() for a in accuracy))
+        ax.fill_between(radii, low, high, step="pre", alpha=0.2, linewidth=0, label="95% Clopper-Pearson")
+        right = radii[-1]
+    else:
+        (accuracy,) = certified_accuracy(results, [radius])
+        low, high = accuracy.interval()
+        ax.errorbar([radius], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="o", capsize=4,
+                    label=f"{label or 'certified accuracy'} at r = {radius:g}, 95% Clopper-Pearson")
+        right = max(1.1 * max(radius, max_radius or 0.0), 0.1)
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlim(0, radii[-1])
+    ax.set_xlim(0, right)
     ax.grid(alpha=0.3)
     titled(ax, title, settings)
     ax.legend(fontsize=8)
@@ -390,6 +398,16 @@ def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label
     fig.savefig(path, dpi=100, metadata={"Title": title, "Description": str(settings or "")})
     plt.close(fig)
     return path
+
+
+def _curve(results, max_radius, points):
+    """(radii, certified accuracy at each) of the curve: a grid up to past the largest radius (or max_radius)
+    and the examples' radii, where the steps are."""
+    radius = results["radius"].double()
+    top = float(radius.max()) if max_radius is None and len(radius) else float(max_radius or 0.0)
+    grid = np.linspace(0.0, max(1.1 * top, 0.1), points)
+    radii = np.unique(np.concatenate([grid, radius[(radius > 0) & (radius <= grid[-1])].numpy()]))
+    return radii, certified_accuracy(results, radii)
 
 
 def plot_samples(results, path, *, label=None, title="noisy samples per input", settings=None):
