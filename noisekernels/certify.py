@@ -13,8 +13,10 @@ certify_sequential: the same guarantee with far fewer samples on clear inputs, e
 growing batches until its answer is decided (a fixed schedule of looks, alpha split over them).
 
 Each chunk of samples is one fused pass: noise_add writes m noisy replicas of the B inputs
-(replica-major) from the stream, the base classifier runs once on the m*B rows, and replica_reduce
-counts the votes on the device; only the final (B, C) counts reach the host for the tests.
+(replica-major) from the stream, the base classifier runs once on the m*B rows (each a replica of
+its own: f is a function of one input, so a layer's batch statistics or batch-shared draws never mix
+inputs), and replica_reduce counts the votes on the device; only the final (B, C) counts reach the host
+for the tests.
 """
 
 import numpy as np
@@ -66,7 +68,9 @@ def sample_counts(model, x, sigma, n, stream, *, batch_size=1000):
     for start in range(0, n, per_pass):
         m = min(per_pass, n - start)
         noisy = noise_add(x, sigma, stream=stream, replicas=m)
-        with replicas(m):
+        # every row a pass of its own (module docstring): else an input's pA would depend on the other
+        # inputs, and in certify_sequential change as they leave the batch
+        with replicas(m * x.shape[0] or 1):
             logits = model(noisy)
         votes = vote_counts(logits.reshape(m, x.shape[0], logits.shape[-1]))
         counts = votes if counts is None else counts + votes

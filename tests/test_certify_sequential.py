@@ -15,6 +15,7 @@ from torch import nn
 import noisekernels as nk
 from noisekernels import certify as smoothing
 from noisekernels import distributed
+from noisekernels.replicas import current as replicas_in_pass
 
 SIGMA, ALPHA, TRIALS = 1.0, 0.1, 400  # a large alpha: false certificates are common enough to count
 P_A = 0.9
@@ -230,6 +231,27 @@ def test_inputs_leaving_the_batch_keep_their_own_guess():
                                                               stream=nk.Stream(8))
         assert pred.tolist() == [1, 1, 0, 0] and samples.min() < samples.max()  # leaving at different looks
         assert (granted <= torch.tensor([3.0, 0.8, 0.8, 3.0], dtype=torch.float64)).all()
+
+
+def test_an_input_is_certified_as_if_alone_whatever_shares_its_passes():
+    # f of one input: a layer's batch statistic (RandomSpike's min/max) or batch-shared draw must see that
+    # input only. Here f says 1 where its pass holds more than one row: alone, every input is class 0. Run
+    # as replicas of the whole batch it certified class 1, and its inputs' f changed as others left.
+    class RowsInPass(nn.Module):
+        def forward(self, rows):
+            more = rows.shape[0] // replicas_in_pass() > 1
+            return torch.tensor([[0.0, 1.0 if more else -1.0]]).repeat(rows.shape[0], 1)
+
+    x = torch.tensor([[0.5, 0.0], [3.0, 0.0], [-1.0, 0.0]])
+    for radius in (0.25, None):
+        alone = [smoothing.certify_sequential(RowsInPass(), x[i:i + 1], SIGMA, 0.01, n_max=1000, radius=radius,
+                                              stream=nk.Stream(9)) for i in range(3)]
+        together = smoothing.certify_sequential(RowsInPass(), x, SIGMA, 0.01, n_max=1000, radius=radius,
+                                                stream=nk.Stream(9))
+        assert together[0].tolist() == [int(a[0]) for a in alone] == [0, 0, 0]
+        assert torch.equal(together[1], torch.cat([a[1] for a in alone]))
+    pred, _ = smoothing.certify(RowsInPass(), x, SIGMA, 10, 200, 0.01, stream=nk.Stream(9))  # the same sampler
+    assert pred.tolist() == [0, 0, 0]
 
 
 def test_one_look_is_certify():
