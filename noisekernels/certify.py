@@ -13,8 +13,10 @@ certify_sequential: the same guarantee with far fewer samples on clear inputs, e
 growing batches until its answer is decided (a fixed schedule of looks, alpha split over them).
 
 Each chunk of samples is one fused pass: noise_add writes m noisy replicas of the B inputs
-(replica-major) from the stream, the base classifier runs once on the m*B rows, and replica_reduce
-counts the votes on the device; only the final (B, C) counts reach the host for the tests.
+(replica-major) from the stream, the base classifier runs once on the m*B rows (each a replica of
+its own: f is a function of one input, so a layer's batch statistics or batch-shared draws never mix
+inputs), and replica_reduce counts the votes on the device; only the final (B, C) counts reach the host
+for the tests.
 """
 
 import numpy as np
@@ -66,7 +68,9 @@ def sample_counts(model, x, sigma, n, stream, *, batch_size=1000):
     for start in range(0, n, per_pass):
         m = min(per_pass, n - start)
         noisy = noise_add(x, sigma, stream=stream, replicas=m)
-        with replicas(m):
+        # every row a pass of its own (module docstring): else an input's pA would depend on the other
+        # inputs, and in certify_sequential change as they leave the batch
+        with replicas(m * x.shape[0] or 1):
             logits = model(noisy)
         votes = vote_counts(logits.reshape(m, x.shape[0], logits.shape[-1]))
         counts = votes if counts is None else counts + votes
@@ -168,10 +172,20 @@ def _new_votes(draw, active, m):
     """draw's votes for the guess of the active inputs, m new samples each (checked: a wrong count would
     bias the bounds silently)."""
     votes = draw(torch.from_numpy(active), m).cpu().numpy()
-    if votes.shape != active.shape or not ((votes >= 0) & (votes <= m)).all():
-        raise ValueError(f"draw(active, m) must return one count in [0, m] per active input ({len(active)} inputs, "
-                         f"m={m}), got {np.array2string(votes, threshold=8)}")
+    # a fraction (a mean probability times m) would pass for a count and bias the bounds
+    if votes.shape != active.shape or not ((votes >= 0) & (votes <= m) & (votes == np.floor(votes))).all():
+        raise ValueError(f"draw(active, m) must return one whole count in [0, m] per active input ({len(active)} "
+                         f"inputs, m={m}), got {np.array2string(votes, threshold=8)}")
     return votes.astype(np.float64)
+
+
+def _check_guess(guess):
+    """guess as a numpy array of class indices (an ABSTAIN or a fraction would come back as a certified
+    'prediction' with a radius)."""
+    if not isinstance(guess, torch.Tensor) or guess.dim() != 1 or guess.is_floating_point() or (guess < 0).any():
+        shown = guess if not isinstance(guess, torch.Tensor) else f"{guess.dtype} tensor of shape {tuple(guess.shape)}"
+        raise ValueError(f"guess must be a (B,) integer tensor of class indices >= 0, got {shown}")
+    return guess.cpu().numpy()
 
 
 def _stop_at_radius(low, best, radius, sigma):
@@ -194,7 +208,7 @@ def _stop_at_largest(low, best, sigma, tolerance):
 def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=None, tolerance=None, first_look=100):
     """The sequential decision of certify_sequential on votes: draw(active, m) returns, for the
     inputs indexed by the int64 tensor `active`, how many of m new noisy samples voted for their
-    guessed class (guess, a (B,) tensor); it is called at each look with the undecided inputs
+    guessed class (guess, a (B,) tensor of class indices); it is called at each look with the undecided inputs
     only. Returns (prediction, radius, estimation samples drawn) per input.
 
     Looks at look_schedule(first_look, n_max); each of the K looks spends alpha / K (a union
@@ -210,7 +224,7 @@ def sequential_from_votes(draw, guess, sigma, alpha, *, n_max=100_000, radius=No
     and at the look at n_max in any case."""
     alpha, sigma, radius, tolerance, looks = _check_sequential(alpha, sigma, n_max, radius, tolerance, first_look)
     share = alpha / len(looks)
-    guess = guess.cpu().numpy()
+    guess = _check_guess(guess)
     votes, drawn = np.zeros(len(guess)), np.zeros(len(guess), dtype=np.int64)
     pred, radii = np.full(len(guess), ABSTAIN), np.zeros(len(guess))
     active, previous = np.arange(len(guess)), 0
@@ -347,11 +361,14 @@ def certified_accuracy(results, radii):
     return [Proportion(int((ok & (results["radius"] >= r)).sum()), len(ok)) for r in radii]
 
 
-def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label=None,
+def plot_certified_accuracy(results, path, *, radius=None, max_radius=None, points=100, label=None,
                             title="certified accuracy against L2 radius", settings=None):
     """Saves the certified-accuracy-against-radius curve (Cohen et al.'s figure) to path: exact
     steps at the examples' radii, down to 0 past the largest, with the 95% Clopper-Pearson band;
-    titled with the settings (a dict or a string)."""
+    titled with the settings (a dict or a string). radius: the results answer that one radius (a run of
+    certify_sequential's radius=r), so the plot is its one point with its interval: a curve would
+    misstate, below r counting only the inputs certified at r (one given up on may hold a smaller
+    radius) and above r falling to 0 where nothing was asked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,20 +376,25 @@ def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label
 
     from .evaluate import titled
 
-    radius = results["radius"].double()
-    top = float(radius.max()) if max_radius is None and len(radius) else float(max_radius or 0.0)
-    grid = np.linspace(0.0, max(1.1 * top, 0.1), points)
-    radii = np.unique(np.concatenate([grid, radius[(radius > 0) & (radius <= grid[-1])].numpy()]))
-    accuracy = certified_accuracy(results, radii)
+    radius = _check_radius(radius)
     fig, ax = plt.subplots(figsize=(6, 4))
-    # a value at r holds on (previous r, r]: the accuracy counts the radii >= r
-    ax.plot(radii, accuracy, drawstyle="steps-pre", label=label)
-    low, high = zip(*(a.interval() for a in accuracy))
-    ax.fill_between(radii, low, high, step="pre", alpha=0.2, linewidth=0, label="95% Clopper-Pearson")
+    if radius is None:
+        radii, accuracy = _curve(results, max_radius, points)
+        # a value at r holds on (previous r, r]: the accuracy counts the radii >= r
+        ax.plot(radii, accuracy, drawstyle="steps-pre", label=label)
+        low, high = zip(*(a.interval() for a in accuracy))
+        ax.fill_between(radii, low, high, step="pre", alpha=0.2, linewidth=0, label="95% Clopper-Pearson")
+        right = radii[-1]
+    else:
+        (accuracy,) = certified_accuracy(results, [radius])
+        low, high = accuracy.interval()
+        ax.errorbar([radius], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="o", capsize=4,
+                    label=f"{label or 'certified accuracy'} at r = {radius:g}, 95% Clopper-Pearson")
+        right = max(1.1 * max(radius, max_radius or 0.0), 0.1)
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlim(0, radii[-1])
+    ax.set_xlim(0, right)
     ax.grid(alpha=0.3)
     titled(ax, title, settings)
     ax.legend(fontsize=8)
@@ -380,6 +402,16 @@ def plot_certified_accuracy(results, path, *, max_radius=None, points=100, label
     fig.savefig(path, dpi=100, metadata={"Title": title, "Description": str(settings or "")})
     plt.close(fig)
     return path
+
+
+def _curve(results, max_radius, points):
+    """(radii, certified accuracy at each) of the curve: a grid up to past the largest radius (or max_radius)
+    and the examples' radii, where the steps are."""
+    radius = results["radius"].double()
+    top = float(radius.max()) if max_radius is None and len(radius) else float(max_radius or 0.0)
+    grid = np.linspace(0.0, max(1.1 * top, 0.1), points)
+    radii = np.unique(np.concatenate([grid, radius[(radius > 0) & (radius <= grid[-1])].numpy()]))
+    return radii, certified_accuracy(results, radii)
 
 
 def plot_samples(results, path, *, label=None, title="noisy samples per input", settings=None):

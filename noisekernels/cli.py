@@ -512,6 +512,7 @@ def certify(p):
             rows.append([name, run.preset.name] + [_pct(a) for a in accuracy] + [f"{samples:.0f}"])
             if rank == 0:
                 smoothing.plot_certified_accuracy(per_example, os.path.join(out, f"certified_{name}.png"), label=name,
+                                                  radius=args.radius,
                                                   title=f"{name}: certified accuracy against L2 radius "
                                                         f"({len(y)} inputs)", settings=shown)
                 if args.method == "sequential":

@@ -15,6 +15,7 @@ from torch import nn
 import noisekernels as nk
 from noisekernels import certify as smoothing
 from noisekernels import distributed
+from noisekernels.replicas import current as replicas_in_pass
 
 SIGMA, ALPHA, TRIALS = 1.0, 0.1, 400  # a large alpha: false certificates are common enough to count
 P_A = 0.9
@@ -62,9 +63,17 @@ def test_a_sampler_returning_impossible_votes_is_a_clear_error():
     guess = torch.zeros(2, dtype=torch.long)
     for draw in (lambda active, m: torch.full((len(active),), m + 1),  # more votes than samples: used to abstain
                  lambda active, m: torch.full((len(active),), -1),
-                 lambda active, m: torch.zeros(len(active) + 1, dtype=torch.long)):
-        with pytest.raises(ValueError, match=r"draw\(active, m\) must return one count in \[0, m\] per active input"):
+                 lambda active, m: torch.zeros(len(active) + 1, dtype=torch.long),
+                 lambda active, m: torch.full((len(active),), 0.999 * m)):  # a fraction: used to certify
+        with pytest.raises(ValueError, match=r"draw\(active, m\) must return one whole count in \[0, m\] per active"):
             smoothing.sequential_from_votes(draw, guess, SIGMA, ALPHA, n_max=400)
+
+
+def test_a_guess_that_is_not_a_class_is_a_clear_error():
+    # an ABSTAIN guess (from predict) came back as 'prediction' ABSTAIN with radius 0.5
+    for guess in (torch.tensor([1, smoothing.ABSTAIN]), torch.tensor([1.0, 0.0]), [1, 0]):
+        with pytest.raises(ValueError, match=r"guess must be a \(B,\) integer tensor of class indices >= 0"):
+            smoothing.sequential_from_votes(all_votes, guess, SIGMA, ALPHA, n_max=400, radius=0.5)
 
 
 def all_votes(active, m):
@@ -222,6 +231,27 @@ def test_inputs_leaving_the_batch_keep_their_own_guess():
                                                               stream=nk.Stream(8))
         assert pred.tolist() == [1, 1, 0, 0] and samples.min() < samples.max()  # leaving at different looks
         assert (granted <= torch.tensor([3.0, 0.8, 0.8, 3.0], dtype=torch.float64)).all()
+
+
+def test_an_input_is_certified_as_if_alone_whatever_shares_its_passes():
+    # f of one input: a layer's batch statistic (RandomSpike's min/max) or batch-shared draw must see that
+    # input only. Here f says 1 where its pass holds more than one row: alone, every input is class 0. Run
+    # as replicas of the whole batch it certified class 1, and its inputs' f changed as others left.
+    class RowsInPass(nn.Module):
+        def forward(self, rows):
+            more = rows.shape[0] // replicas_in_pass() > 1
+            return torch.tensor([[0.0, 1.0 if more else -1.0]]).repeat(rows.shape[0], 1)
+
+    x = torch.tensor([[0.5, 0.0], [3.0, 0.0], [-1.0, 0.0]])
+    for radius in (0.25, None):
+        alone = [smoothing.certify_sequential(RowsInPass(), x[i:i + 1], SIGMA, 0.01, n_max=1000, radius=radius,
+                                              stream=nk.Stream(9)) for i in range(3)]
+        together = smoothing.certify_sequential(RowsInPass(), x, SIGMA, 0.01, n_max=1000, radius=radius,
+                                                stream=nk.Stream(9))
+        assert together[0].tolist() == [int(a[0]) for a in alone] == [0, 0, 0]
+        assert torch.equal(together[1], torch.cat([a[1] for a in alone]))
+    pred, _ = smoothing.certify(RowsInPass(), x, SIGMA, 10, 200, 0.01, stream=nk.Stream(9))  # the same sampler
+    assert pred.tolist() == [0, 0, 0]
 
 
 def test_one_look_is_certify():

@@ -76,7 +76,11 @@ def test_certify(runs, capsys, tmp_path):
     assert (tmp_path / "certified_standard.png").stat().st_size > 1000
 
 
-def test_certify_sequential(runs, capsys, tmp_path):
+def test_certify_sequential(runs, capsys, tmp_path, monkeypatch):
+    import matplotlib.figure
+    saved, savefig = {}, matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: (saved.__setitem__(os.path.basename(path), fig), savefig(fig, path, **kw)))
     cli.main(["certify", str(runs / "standard"), "--sigma", "0.25", "--N0", "10", "--method", "sequential",
               "--radius", "0.25", "--n-max", "400", "--alpha", "0.01", "--limit", "4", "--batch-size", "200",
               "--out", str(tmp_path)])
@@ -88,6 +92,8 @@ def test_certify_sequential(runs, capsys, tmp_path):
     assert result["mean_samples"] == sum(examples["samples"]) / 4
     assert report["settings"]["method"] == "sequential" and report["settings"]["n"] == 400
     assert list(result["certified_accuracy"]) == ["0.25"]  # a run at one radius answers for that radius only
+    # and so does its plot: the point at 0.25 (it drew a curve, the same value down to radius 0, 0 above)
+    assert all(list(line.get_xdata()) == [0.25] for line in saved["certified_standard.png"].axes[0].get_lines())
     assert (tmp_path / "certified_standard.png").stat().st_size > 1000
     assert (tmp_path / "samples_standard.png").stat().st_size > 1000
 

@@ -270,6 +270,22 @@ def test_plots_have_titles_settings_bands_and_distinct_lines(tmp_path, figures):
     assert len(ax.collections) == 1
 
 
+def test_a_run_at_one_radius_is_plotted_as_that_one_point(tmp_path, figures):
+    # a run of certify_sequential(radius=0.25): 0.25 or 0 per input. Its curve used to claim 1/4 certified at
+    # radius 0 (inputs given up on may hold a smaller radius) and 0 above 0.25, where nothing was asked
+    results = {"radius": torch.tensor([0.0, 0.25, 0.25, 0.0], dtype=torch.float64),
+               "correct": torch.tensor([True, True, False, False])}
+    smoothing.plot_certified_accuracy(results, tmp_path / "r.png", radius=0.25, label="seq")
+    ax = figures[-1].axes[0]
+    assert all(list(line.get_xdata()) == [0.25] for line in ax.get_lines())  # the point and its caps, nowhere else
+    assert list(ax.get_lines()[0].get_ydata()) == [0.25]  # 1 of 4 certified correct at 0.25
+    bar = ax.collections[0].get_segments()[0][:, 1]  # the error bar: Clopper-Pearson's 95% interval of 1 in 4
+    assert (bar.min(), bar.max()) == pytest.approx(metrics.Proportion(1, 4).interval())
+    assert len(ax.collections) == 1 and "at r = 0.25" in ax.get_legend().get_texts()[0].get_text()
+    with pytest.raises(ValueError, match="radius must be None or a finite float >= 0"):
+        smoothing.plot_certified_accuracy(results, tmp_path / "bad.png", radius=-1.0)
+
+
 def test_accuracy_against_n_reaches_the_n_asked_for():
     assert cli._ns_up_to(100) == [1, 2, 5, 10, 20, 50, 100] and cli._ns_up_to(7) == [1, 2, 5, 7]
     assert cli._ns_up_to(1) == [1]
