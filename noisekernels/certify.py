@@ -106,7 +106,7 @@ def certify_from_counts(counts0, counts, sigma, alpha, *, n=None):
     n = c.sum(1).numpy() if n is None else _check_int(n, "n")
     p_a = lower_confidence_bound(c.gather(1, guess[:, None]).squeeze(1).numpy(), n, alpha)
     certified = p_a >= 0.5
-    radius = np.where(certified, sigma * stats.norm.ppf(np.clip(p_a, 0.5, None)), 0.0)
+    radius = np.where(certified, _radius_of(p_a, sigma), 0.0)
     pred = torch.where(torch.from_numpy(certified), guess, torch.full_like(guess, ABSTAIN))
     return pred, torch.from_numpy(radius)
 

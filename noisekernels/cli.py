@@ -557,9 +557,7 @@ def audit(p):
         (name,), (trained,) = _names(loaded), loaded
         report = run_audit(trained.model, x, y, args.eps, args.norm, steps=args.steps, eot_cap=args.eot_cap,
                            queries=args.queries, judge_n=args.judge_n, judgements=args.judgements, seed=args.seed)
-        plots = report.plot(out)
-        with open(os.path.join(out, "audit.md"), "w") as f:
-            f.write(report.to_markdown(f"Audit of {name} ({trained.preset.name})", map(os.path.basename, plots)))
+        plots = report.write(out, f"Audit of {name} ({trained.preset.name})")
         _report(os.path.join(out, "audit.json"), _settings(args, x, data, **report.settings),
                 {name: {**trained.record, **report.to_json()}})
         for check in report.checks:

@@ -117,9 +117,7 @@ def _audit(model, ds, s, seed, device, run_dir):
     x, y = ds.x_test[:s.audit_inputs].to(device), ds.y_test[:s.audit_inputs].to(device)
     start = time.perf_counter()
     report = audit(model, x, y, AUDIT_EPS, seed=seed, **s.audit_budget)
-    plots = report.plot(run_dir)
-    with open(os.path.join(run_dir, "audit.md"), "w") as f:
-        f.write(report.to_markdown(f"Audit of {AUDITED} (demo)", [os.path.basename(p) for p in plots]))
+    report.write(run_dir, f"Audit of {AUDITED} (demo)")
     print(f"\naudit of {AUDITED} at L-inf eps {AUDIT_EPS:g} on {len(y)} inputs ({time.perf_counter() - start:.1f} s): "
           + ", ".join(f"{c.name} {c.verdict}" for c in report.checks))
     print(f"  robust accuracy {_pct(report.robust_accuracy)} (worst case {_pct(report.robust_accuracy_worst)})")

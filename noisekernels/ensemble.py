@@ -637,14 +637,20 @@ def mc_predict(model, x, n, reduce="mean", *, chunk=None):
     if reduce not in (*MODES, "none"):
         raise ValueError(f"reduce must be one of {(*MODES, 'none')}, got {reduce!r}")
     p = plan(model, x, n, chunk=chunk)
-    needs, hint = f"reduce={reduce!r}", "; use reduce='none' for other outputs"
-    if reduce != "none" and p.out_shape is not None:  # known from the plan: refused before any draw
+    if reduce == "none":
+        return _run(model, x, n, p)
+    return replica_reduce(_run_logits(model, x, n, p, f"reduce={reduce!r}", "; use reduce='none' for other outputs"),
+                          reduce)
+
+
+def _run_logits(model, x, n, p, needs, hint=""):
+    """_run's (n, B, C) logits, refused before any draw where the plan knows the outputs are not
+    (B, C), and after the run where it does not (a compiled model's plan)."""
+    if p.out_shape is not None:
         _check_logits(needs, p.out_shape, hint)
     logits = _run(model, x, n, p)
-    if reduce == "none":
-        return logits
-    _check_logits(needs, logits.shape[1:], hint)  # a compiled model's plan does not know its outputs
-    return replica_reduce(logits, reduce)
+    _check_logits(needs, logits.shape[1:], hint)
+    return logits
 
 
 def _check_logits(needs, shape, hint=""):
@@ -751,10 +757,7 @@ class MCClassifier(nn.Module):
 
     def forward(self, x):
         p = plan(self.model, x, self.n, grad=_records_graph(self.model, x))
-        if p.out_shape is not None:  # known from the plan: refused before any draw
-            _check_logits("MCClassifier", p.out_shape)
-        logits = _run(self.model, x, self.n, p)  # (n, B, C)
-        _check_logits("MCClassifier", logits.shape[1:])  # a compiled model's plan does not know its outputs
+        logits = _run_logits(self.model, x, self.n, p, "MCClassifier")
         if self.output == "logits":
             return logits.mean(0)
         if self.output == "prob":

@@ -193,14 +193,6 @@ class _Clock:
         return pred
 
 
-def _fooled(attack, pred, y):
-    """Per input: the judge's prediction of the example misses y, or the attack skipped the input as
-    already fooled (attack.clean_fooled; x is its example): a fresh judgement of x must not count an
-    input the attack never touched robust."""
-    fooled = pred != y
-    return fooled if attack.clean_fooled is None else fooled | attack.clean_fooled
-
-
 def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
     """(clean prediction, {eps: adversarial batch}, {eps: its prediction}, {eps: success}) of one batch.
 
@@ -217,7 +209,7 @@ def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
         clean = clock.judge(attacks[eps_list[0]], x)
         adversarial = {eps: clock.craft(attack, x, y) for eps, attack in attacks.items()}
         predicted = {eps: clock.judge(attacks[eps], x_adv) for eps, x_adv in adversarial.items()}
-        return clean, adversarial, predicted, {eps: _fooled(attacks[eps], p, y) for eps, p in predicted.items()}
+        return clean, adversarial, predicted, {eps: attacks[eps].with_skipped(p != y) for eps, p in predicted.items()}
     attack = build({})
     clean = clock.judge(attack, x)
     x_adv = clock.craft(attack, x, y)
@@ -227,7 +219,7 @@ def _attack_batch(model, name, options, ratio, eps_list, x, y, seed, clock):
         raise ValueError(f"attack {name} has neither eps nor a per-input L2 (attack.l2)")
     adversarial = {eps: torch.where((l2 <= eps).view(-1, *([1] * (x.dim() - 1))), x_adv, x) for eps in eps_list}
     predicted = {eps: clock.judge(attack, x_eps) for eps, x_eps in adversarial.items()}
-    return clean, adversarial, predicted, {eps: _fooled(attack, p, y) for eps, p in predicted.items()}
+    return clean, adversarial, predicted, {eps: attack.with_skipped(p != y) for eps, p in predicted.items()}
 
 
 def _empty_table(x, y, keep_adversarial):

@@ -139,8 +139,8 @@ class APGD(Attack):
         return self._project(x, x_adv + (z - x_adv) * a + momentum * (1 - a))
 
     def run_once(self, x, y, target=None):
-        """One APGD run (from a random start unless random_start=False): (highest-loss point, adversarial per the EOT draws,
-        the last point found adversarial)."""
+        """One APGD run (from a random start unless random_start=False): (its example, adversarial per
+        the EOT draws): the last point found adversarial where there is one, else the highest-loss point."""
         x_adv = self._start(x) if self.random_start else x.clone()
         x_best_adv = x_adv.clone()
         grad, loss, probs = self._eot(x_adv, y, target)
@@ -175,7 +175,7 @@ class APGD(Attack):
                 step_size = torch.where(reduce, step_size / 2, step_size)
                 x_adv = torch.where(_per_sample(reduce, x), x_best, x_adv)
                 grad = torch.where(_per_sample(reduce, x), grad_best, grad)
-        return x_best, adversarial, x_best_adv
+        return torch.where(_per_sample(adversarial, x), x_best_adv, x_best), adversarial
 
     def class_needs(self):
         # DLR divides by the gap between the 1st and 3rd logits; its targeted form uses the 4th.
@@ -200,8 +200,7 @@ class APGD(Attack):
                 break
             xs, ys = x[idx], y[idx]
             target = None if rank is None else targets[idx, rank]
-            x_best, adversarial, x_best_adv = self.run_once(xs, ys, target)
-            found = torch.where(_per_sample(adversarial, xs), x_best_adv, x_best)
+            found, _ = self.run_once(xs, ys, target)
             x_adv[idx] = found
             if i + 1 < len(runs):  # which points the next run attacks: MC on noise the run never saw
                 robust[idx] = ~self.succeeded(found, ys)

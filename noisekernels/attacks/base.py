@@ -122,7 +122,11 @@ class Attack(abc.ABC):
     def judge_success(self, x_adv, y):
         """The success reported in attack.success (MultiSurrogate: its validators decide): the MC
         judgement of x_adv, and fooled wherever the attack skipped x as already fooled."""
-        success = self.succeeded(x_adv, y)
+        return self.with_skipped(self.succeeded(x_adv, y))
+
+    def with_skipped(self, success):
+        """success, and fooled wherever this attack skipped x as already fooled (clean_fooled): a fresh
+        judgement of x must not count an input the attack never touched robust."""
         return success if self.clean_fooled is None else success | self.clean_fooled
 
     def project_to_range(self, x):
